@@ -1,0 +1,33 @@
+# make demo: create .venv if missing, install, run the demo sweep and write its report.
+# make test: same set-up, then the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo_runs
+
+.PHONY: demo test install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(BIN)/cltk run -m benchmark=split_digits benchmark.scenario=class-il \
+		strategy=naive,replay,joint seed=0,1 quiet=true output_root=$(DEMO_DIR)
+	$(BIN)/cltk report $(DEMO_DIR)/sweep
+	@echo "Open $(DEMO_DIR)/sweep/report.html"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) runs

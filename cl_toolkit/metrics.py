@@ -1,0 +1,92 @@
+"""Continual-learning metrics as pure functions of the accuracy matrix.
+
+``R[i, j]`` is the accuracy on task j after learning task i (i, j = 0..T-1) and ``b[j]`` the
+accuracy on task j before any training (the runner's row ``-1``). Definitions follow
+Lopez-Paz & Ranzato, GEM (https://arxiv.org/abs/1706.08840) and Chaudhry et al., RWalk
+(https://arxiv.org/abs/1801.10112):
+
+- ACC  = mean_j R[T-1, j]
+- running ACC_k = mean_{j<=k} R[k, j]
+- BWT  = mean_{j<T-1} (R[T-1, j] - R[j, j])
+- FWT  = mean_{j>0} (R[j-1, j] - b[j])
+- forgetting (max-based) = mean_{j<T-1} (max_{l<T-1} R[l, j] - R[T-1, j])
+- learning accuracy = mean_j R[j, j]
+
+Avalanche's "forgetting" uses R[j, j] instead of the max over earlier rows, i.e. -BWT; ours is
+the max-based one and reports label it as such. Metrics that need a task that does not exist
+(BWT and forgetting with T=1, FWT with T=1) are ``None`` rather than a made-up 0.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def _matrix(R) -> np.ndarray:
+    R = np.asarray(R, dtype=np.float64)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] == 0:
+        raise ValueError(f"The accuracy matrix must be square [T, T] with T >= 1; got shape "
+                         f"{R.shape}.")
+    return R
+
+
+def accuracy(R) -> float:
+    R = _matrix(R)
+    return float(R[-1].mean())
+
+
+def running_accuracy(R) -> list[float]:
+    R = _matrix(R)
+    return [float(R[k, : k + 1].mean()) for k in range(R.shape[0])]
+
+
+def learning_accuracy(R) -> float:
+    return float(np.diag(_matrix(R)).mean())
+
+
+def backward_transfer(R) -> float | None:
+    R = _matrix(R)
+    T = R.shape[0]
+    if T < 2:
+        return None
+    return float(np.mean(R[T - 1, : T - 1] - np.diag(R)[: T - 1]))
+
+
+def forward_transfer(R, b: Sequence[float]) -> float | None:
+    R = _matrix(R)
+    b = np.asarray(b, dtype=np.float64)
+    if b.shape != (R.shape[0],):
+        raise ValueError(f"The before-training row needs {R.shape[0]} entries; got {b.shape}.")
+    T = R.shape[0]
+    if T < 2:
+        return None
+    return float(np.mean([R[j - 1, j] - b[j] for j in range(1, T)]))
+
+
+def forgetting(R) -> float | None:
+    """Max-based forgetting; use `forgetting_per_task` for the per-task values."""
+    per_task = forgetting_per_task(R)
+    return None if not per_task else float(np.mean(per_task))
+
+
+def forgetting_per_task(R) -> list[float]:
+    """``max_{l<T-1} R[l, j] - R[T-1, j]`` for every j < T-1."""
+    R = _matrix(R)
+    T = R.shape[0]
+    return [float(R[: T - 1, j].max() - R[T - 1, j]) for j in range(T - 1)]
+
+
+def summary(R, b: Sequence[float] | None = None) -> dict:
+    """All scalar metrics of one run (JSON-friendly)."""
+    out = {
+        "acc": accuracy(R),
+        "bwt": backward_transfer(R),
+        "forgetting": forgetting(R),
+        "learning_acc": learning_accuracy(R),
+        "running_acc": running_accuracy(R),
+        "forgetting_per_task": forgetting_per_task(R),
+    }
+    if b is not None:
+        out["fwt"] = forward_transfer(R, b)
+    return out

@@ -1,0 +1,146 @@
+"""Backbones and the classifier that puts heads on them.
+
+A backbone maps inputs ``[B, *input_shape]`` to features ``[B, feat_dim]`` and exposes
+``feat_dim``. `Classifier` adds either one head over the global label space or one head per
+task (multi-head), and in task-il masks the logits of classes outside the sample's task, so
+``model(x, t)`` always returns ``[B, num_classes]`` logits in global class ids.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Flatten -> (Linear -> ReLU -> Dropout) per hidden layer. ``feat_dim`` = last hidden."""
+
+    def __init__(self, input_shape: Sequence[int], hidden: Sequence[int] = (256, 256),
+                 dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = math.prod(input_shape)
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        self.net = nn.Sequential(*layers)
+        self.feat_dim = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """Conv(3x3)-BN-ReLU-MaxPool blocks, global average pool; works from 8x8 inputs up."""
+
+    def __init__(self, input_shape: Sequence[int], channels: Sequence[int] = (32, 64, 128)):
+        super().__init__()
+        in_ch, blocks = input_shape[0], []
+        for i, c in enumerate(channels):
+            blocks += [nn.Conv2d(in_ch, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                       nn.ReLU()]
+            if i < len(channels) - 1:
+                blocks.append(nn.MaxPool2d(2))
+            in_ch = c
+        self.net = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feat_dim = in_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ReducedResNet18(nn.Module):
+    """ResNet18 with ``nf`` base filters (nf=20 gives 160-d features), the reduced network of
+    Lopez-Paz & Ranzato (GEM, https://arxiv.org/abs/1706.08840) used by KCL and most of the CL
+    literature: a 3x3 stem without max-pool, four stages of two blocks (nf, 2nf, 4nf, 8nf,
+    strides 1, 2, 2, 2) and global average pooling (= 4x4 average pooling on 32x32 inputs)."""
+
+    def __init__(self, input_shape: Sequence[int], nf: int = 20, blocks=(2, 2, 2, 2)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(input_shape[0], nf, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(nf)
+        stages, in_planes = [], nf
+        for i, n in enumerate(blocks):
+            planes = nf * 2 ** i
+            for j in range(n):
+                stages.append(BasicBlock(in_planes, planes, (1 if i == 0 else 2) if j == 0 else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*stages)
+        self.feat_dim = in_planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+
+class Classifier(nn.Module):
+    """Backbone + head(s).
+
+    - ``heads=1``: one linear layer over the global label space (class-il, domain-il, or
+      task-il with masking).
+    - ``heads=n_tasks``: one linear head per task, stored as one ``Linear`` with
+      ``n_tasks * num_classes`` outputs so a mixed-task batch costs one matmul and a gather.
+    - ``mask [n_tasks, num_classes]``: additive 0 / -inf per task (task-il): logits of classes
+      outside a sample's task are -inf, so argmax and cross-entropy see only the task's classes.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, heads: int = 1,
+                 mask: torch.Tensor | None = None):
+        super().__init__()
+        self.backbone, self.num_classes, self.heads = backbone, num_classes, heads
+        self.head = nn.Linear(backbone.feat_dim, heads * num_classes)
+        self.register_buffer("mask", mask, persistent=False)
+        self.backbone_uses_task_id = getattr(backbone, "uses_task_id", False)
+        self.uses_task_id = heads > 1 or mask is not None or self.backbone_uses_task_id
+
+    @property
+    def feat_dim(self) -> int:
+        return self.backbone.feat_dim
+
+    def features(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        return self.backbone(x, t) if self.backbone_uses_task_id else self.backbone(x)
+
+    def classify(self, h: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.head(h)
+        if self.heads > 1:
+            if t is None:
+                raise ValueError("A multi-head classifier needs the task id of every sample "
+                                 "(t); use a single head for class-il / domain-il streams.")
+            logits = logits.view(h.shape[0], self.heads, self.num_classes)
+            logits = logits[torch.arange(h.shape[0], device=h.device), t]
+        if self.mask is not None and t is not None:
+            logits = logits + self.mask[t]
+        return logits
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classify(self.features(x, t), t)
+
+
+def task_mask(stream) -> torch.Tensor:
+    """``[n_tasks, num_classes]`` additive mask: 0 on each task's classes, -inf elsewhere."""
+    mask = torch.full((len(stream), stream.num_classes), float("-inf"))
+    for task in stream:
+        mask[task.index, list(task.classes)] = 0.0
+    return mask

@@ -1,0 +1,108 @@
+"""Explicit registries: one table per kind, name -> "module:attribute", imported lazily.
+
+Nothing registers itself by import side effect: the tables below list every built-in, and
+installed third-party packages add entries through the entry-point groups in `GROUPS`, e.g. in a
+plugin's pyproject.toml::
+
+    [project.entry-points."cl_toolkit.strategies"]
+    my_method = "my_package.module:MyStrategy"
+
+after which ``cltk run strategy=my_method`` works.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+from .errors import ConfigError, PluginError, suggest, unknown_name
+
+BUILTINS: dict[str, dict[str, str]] = {
+    "strategy": {
+        "naive": "cl_toolkit.strategies.naive:Naive",
+        "joint": "cl_toolkit.strategies.joint:Joint",
+        "replay": "cl_toolkit.strategies.replay:Replay",
+        "avalanche": "cl_toolkit.strategies.avalanche:AvalancheStrategy",
+    },
+    "stream": {
+        "split_digits": "cl_toolkit.benchmarks.digits:split_digits",
+        "split_fashion_mnist": "cl_toolkit.benchmarks.fashion_mnist:split_fashion_mnist",
+        "permuted_fashion_mnist": "cl_toolkit.benchmarks.fashion_mnist:permuted_fashion_mnist",
+        "rotated_fashion_mnist": "cl_toolkit.benchmarks.fashion_mnist:rotated_fashion_mnist",
+        "split_cifar100": "cl_toolkit.benchmarks.cifar100:split_cifar100",
+        "avalanche": "cl_toolkit.benchmarks.avalanche_adapter:avalanche_stream",
+    },
+    "model": {
+        "mlp": "cl_toolkit.models:MLP",
+        "cnn": "cl_toolkit.models:SmallCNN",
+        "resnet18_reduced": "cl_toolkit.models:ReducedResNet18",
+    },
+}
+
+GROUPS = {
+    "strategy": "cl_toolkit.strategies",
+    "stream": "cl_toolkit.streams",
+    "model": "cl_toolkit.models",
+}
+
+
+def _plugins(kind: str) -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=GROUPS[kind])}
+
+
+def names(kind: str) -> list[str]:
+    """Every name usable for ``kind``: built-ins first, then installed plugins."""
+    return sorted(set(BUILTINS[kind]) | set(_plugins(kind)))
+
+
+def resolve(kind: str, name: str) -> Any:
+    """The class or function registered as ``name``; clear errors for unknown names and for
+    plugins that fail to import."""
+    if kind not in BUILTINS:
+        raise ValueError(f"Unknown registry kind {kind!r}; use one of {sorted(BUILTINS)}.")
+    if name in BUILTINS[kind]:
+        module, attr = BUILTINS[kind][name].split(":")
+        return getattr(importlib.import_module(module), attr)
+    plugins = _plugins(kind)
+    if name in plugins:
+        try:
+            return plugins[name].load()
+        except Exception as exc:
+            raise PluginError(
+                f"The {kind} plugin {name!r} ({plugins[name].value}, entry-point group "
+                f"{GROUPS[kind]!r}) failed to load: {type(exc).__name__}: {exc}. Fix or "
+                "uninstall the package that provides it."
+            ) from exc
+    raise unknown_name(kind, name, names(kind))
+
+
+def check_kwargs(fn: Callable, kwargs: dict, where: str) -> None:
+    """Refuse keyword arguments that ``fn`` does not take, naming the closest valid ones."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+    for key in kwargs:
+        if key not in valid:
+            raise ConfigError(
+                f"Unknown config key {where}.{key}.{suggest(key, valid)} Valid keys for "
+                f"{where}: {', '.join(valid)}."
+            )
+
+
+def build(kind: str, name: str, /, *args: Any, **kwargs: Any) -> Any:
+    """Resolve ``name`` and call it with checked keyword arguments."""
+    target = resolve(kind, name)
+    check_kwargs(target, kwargs, kind)
+    try:
+        return target(*args, **kwargs)
+    except (ConfigError, PluginError):
+        raise
+    except Exception as exc:
+        if name in BUILTINS[kind]:
+            raise
+        raise PluginError(
+            f"The {kind} plugin {name!r} raised {type(exc).__name__}: {exc} while being built."
+        ) from exc

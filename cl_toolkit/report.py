@@ -1,0 +1,215 @@
+"""``cltk report``: aggregate runs into ``report.md`` and a self-contained ``report.html``.
+
+Runs are grouped by everything in their config except the seed, so a sweep over seeds (or task
+orders) becomes one row with mean ± std and the number of runs. Plots per group: the mean
+accuracy matrix as a heatmap, running ACC over tasks and forgetting per task. Forgetting is the
+max-based one (see `cl_toolkit.metrics`).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .store import RESULTS, read_json
+
+COLUMNS = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forgetting (max)"),
+           ("learning_acc", "Learning acc")]
+GROUP_EXCLUDE = {"seed", "resume", "overwrite", "quiet", "output_root", "tensorboard"}
+
+
+def find_results(paths) -> list[Path]:
+    found = []
+    for p in map(Path, paths):
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(p.rglob(RESULTS)))
+        else:
+            raise FileNotFoundError(f"{p} does not exist; pass run or sweep directories or "
+                                    "results.json files.")
+    if not found:
+        raise FileNotFoundError(f"No {RESULTS} under {', '.join(map(str, paths))}.")
+    return found
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def group_runs(results: list[dict]) -> dict[str, list[dict]]:
+    """Group by config minus the seed; label each group by strategy, benchmark and the config
+    values that tell groups apart."""
+    keyed = defaultdict(list)
+    flats = {}
+    for r in results:
+        flat = {k: v for k, v in _flatten(r["config"]).items()
+                if k.split(".")[0] not in GROUP_EXCLUDE}
+        key = json.dumps(flat, sort_keys=True, default=str)
+        keyed[key].append(r)
+        flats[key] = flat
+    family = defaultdict(list)  # groups of one strategy on one benchmark
+    for key, flat in flats.items():
+        family[(flat.get("strategy.name"), flat.get("benchmark.name"))].append(flat)
+    groups = {}
+    for key, runs in keyed.items():
+        flat = flats[key]
+        siblings = family[(flat.get("strategy.name"), flat.get("benchmark.name"))]
+        varying = sorted(k for k in flat if len({json.dumps(g.get(k), default=str)
+                                                 for g in siblings}) > 1)
+        extra = ", ".join(f"{k}={flat.get(k)}" for k in varying)
+        label = f"{flat.get('strategy.name')} @ {flat.get('benchmark.name')}"
+        groups[label + (f" ({extra})" if extra else "")] = runs
+    return dict(sorted(groups.items()))
+
+
+def _mean_std(values) -> tuple[float, float] | None:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def _fmt(ms, scale: float = 100.0) -> str:
+    if ms is None:
+        return "n/a"
+    return f"{ms[0] * scale:.2f} ± {ms[1] * scale:.2f}"
+
+
+def summarize(groups: dict[str, list[dict]]) -> list[dict]:
+    rows = []
+    for label, runs in groups.items():
+        row = {"method": label, "runs": len(runs),
+               "partial": sum(r.get("status") != "done" for r in runs)}
+        for key, _ in COLUMNS:
+            row[key] = _mean_std([r["metrics"].get(key) for r in runs])
+        row["memory_mb"] = _mean_std([r["memory_bytes"][-1] / 2**20 if r["memory_bytes"] else 0
+                                      for r in runs])
+        row["train_s"] = _mean_std([sum(r["timings"]["train_s"]) for r in runs])
+        rows.append(row)
+    return rows
+
+
+def _markdown_table(rows: list[dict]) -> str:
+    head = ["Method", "Runs"] + [name for _, name in COLUMNS] + ["Memory (MiB)", "Train (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        runs = f"{r['runs']}" + (f" ({r['partial']} partial)" if r["partial"] else "")
+        cells = [r["method"], runs] + [_fmt(r[k]) for k, _ in COLUMNS]
+        cells += [_fmt(r["memory_mb"], 1.0), _fmt(r["train_s"], 1.0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _figures(groups: dict[str, list[dict]]) -> dict[str, bytes]:
+    """PNG bytes of every plot, keyed by file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, runs in groups.items():
+        curves = [r["metrics"]["running_acc"] for r in runs]
+        k = min(map(len, curves))
+        arr = np.asarray([c[:k] for c in curves]) * 100
+        x = np.arange(1, k + 1)
+        ax.plot(x, arr.mean(0), marker="o", label=label)
+        ax.fill_between(x, arr.mean(0) - arr.std(0), arr.mean(0) + arr.std(0), alpha=0.2)
+    ax.set(xlabel="tasks learned", ylabel="running ACC (%)", title="Running accuracy")
+    ax.legend(fontsize=7)
+    figs["running_acc.png"] = png(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    width = 0.8 / max(len(groups), 1)
+    for i, (label, runs) in enumerate(groups.items()):
+        per = [r["metrics"]["forgetting_per_task"] for r in runs]
+        k = min(map(len, per))
+        if k == 0:
+            continue
+        arr = np.asarray([p[:k] for p in per]) * 100
+        ax.bar(np.arange(k) + i * width, arr.mean(0), width, yerr=arr.std(0), label=label)
+    ax.set(xlabel="task", ylabel="forgetting (%, max-based)", title="Forgetting per task")
+    ax.legend(fontsize=7)
+    figs["forgetting.png"] = png(fig)
+
+    for i, (label, runs) in enumerate(groups.items()):
+        mats = [np.asarray(r["matrix"]) for r in runs]
+        k = min(m.shape[0] for m in mats)
+        mean = np.mean([m[:k] for m in mats], axis=0) * 100
+        fig, ax = plt.subplots(figsize=(0.5 * mean.shape[1] + 2.5, 0.5 * k + 1.8))
+        im = ax.imshow(mean, vmin=0, vmax=100, cmap="viridis")
+        if mean.size <= 400:
+            for (a, b), v in np.ndenumerate(mean):
+                ax.text(b, a, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 60 else "black")
+        ax.set(xlabel="evaluated on task j", ylabel="after learning task i", title=label)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        figs[f"matrix_{i}.png"] = png(fig)
+    return figs
+
+
+def write_report(paths, out: str | None = None) -> tuple[Path, Path]:
+    files = find_results(paths)
+    results = [read_json(f) for f in files]
+    groups = group_runs(results)
+    rows = summarize(groups)
+    out_dir = Path(out) if out else (Path(paths[0]) if Path(paths[0]).is_dir()
+                                      else Path(paths[0]).parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs = _figures(groups)
+    for name, data in figs.items():
+        (out_dir / name).write_bytes(data)
+    table = _markdown_table(rows)
+    matrices = [n for n in figs if n.startswith("matrix_")]
+    md = ["# cl_toolkit report", "",
+          f"{len(results)} run(s) from {len(files)} results file(s). Metrics in %, mean ± std over "
+          "runs (seeds / task orders). Forgetting is max-based: mean over j < T-1 of "
+          "max_{l<T-1} R[l, j] - R[T-1, j].", "", table, "",
+          "![running accuracy](running_acc.png)", "", "![forgetting](forgetting.png)", ""]
+    md += [f"![{label}]({name})" for label, name in zip(groups, matrices)]
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(md) + "\n")
+
+    def img(name: str, alt: str) -> str:
+        data = base64.b64encode(figs[name]).decode()
+        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+    head = ["Method", "Runs"] + [n for _, n in COLUMNS] + ["Memory (MiB)", "Train (s)"]
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in
+                         [r["method"], r["runs"]] + [_fmt(r[k]) for k, _ in COLUMNS]
+                         + [_fmt(r["memory_mb"], 1.0), _fmt(r["train_s"], 1.0)]) + "</tr>"
+        for r in rows)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cl_toolkit report</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
+img{{max-width:100%;margin:1em 0}}</style></head><body>
+<h1>cl_toolkit report</h1><p>{len(results)} run(s). Metrics in %, mean ± std over runs.
+Forgetting is max-based.</p>
+<table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>{body}</table>
+{img('running_acc.png', 'running accuracy')}{img('forgetting.png', 'forgetting')}
+{''.join(img(n, label) for label, n in zip(groups, matrices))}
+</body></html>"""
+    html_path = out_dir / "report.html"
+    html_path.write_text(page)
+    return md_path, html_path

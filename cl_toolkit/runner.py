@@ -1,0 +1,263 @@
+"""The loop of one run (DESIGN.md section 2) and the evaluator.
+
+    build stream -> build model -> build strategy -> evaluate before training (row b)
+    for each task t: strategy.learn(task); R[t, j] = accuracy on every task j; commit
+
+Every commit writes the checkpoint and ``results.json`` atomically, so a crash or kill loses at
+most the task in progress, and ``resume=true`` continues from the last finished task with the
+same random state, giving the same final results as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import metrics, registry
+from .errors import ClToolkitError, ConfigError, PluginError, ResumeError
+from .models import Classifier, task_mask
+from .store import RunStore
+from .strategy import RunContext, Strategy
+from .stream import Task, TaskStream
+
+FORMAT = 1
+# Keys that do not change what a run computes: a resumed run may differ in them.
+NON_SEMANTIC_KEYS = ("resume", "quiet", "output_root", "tensorboard", "overwrite")
+
+
+def semantic_config(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
+
+
+def _split_name(node: Any, kind: str) -> tuple[str, dict]:
+    if not isinstance(node, dict) or "name" not in node:
+        raise ConfigError(f"The {kind} config needs a 'name' key (one of "
+                          f"{', '.join(registry.names(kind))}); got {node!r}.")
+    kwargs = dict(node)
+    return kwargs.pop("name"), kwargs
+
+
+def build_stream(cfg: dict) -> TaskStream:
+    name, kwargs = _split_name(cfg["benchmark"], "stream")
+    import inspect
+
+    target = registry.resolve("stream", name)
+    if "seed" in inspect.signature(target).parameters and "seed" not in kwargs:
+        kwargs["seed"] = cfg.get("seed", 0)
+    return registry.build("stream", name, **kwargs)
+
+
+def build_model(cfg: dict, stream: TaskStream) -> Classifier:
+    """Backbone from the registry plus heads. ``heads``: ``single`` (one head over the global
+    label space) or ``multi`` (one per task). In task-il the logits are masked to each task's
+    classes either way."""
+    name, kwargs = _split_name(cfg["model"], "model")
+    heads = kwargs.pop("heads", "single")
+    if heads not in ("single", "multi"):
+        raise ConfigError(f"model.heads must be 'single' or 'multi'; got {heads!r}.")
+    backbone = registry.build("model", name, tuple(stream.input_shape), **kwargs)
+    mask = task_mask(stream) if stream.task_il else None
+    if mask is not None and bool((mask == 0).all()):
+        mask = None
+    return Classifier(backbone, stream.num_classes, len(stream) if heads == "multi" else 1, mask)
+
+
+def build_strategy(cfg: dict) -> Strategy:
+    name, kwargs = _split_name(cfg["strategy"], "strategy")
+    strategy = registry.build("strategy", name, **kwargs)
+    if not isinstance(strategy, Strategy):
+        raise PluginError(f"Strategy {name!r} built a {type(strategy).__name__}, which does not "
+                          "subclass cl_toolkit.strategy.Strategy; derive it from that class.")
+    return strategy
+
+
+@torch.no_grad()
+def evaluate(strategy: Strategy, task: Task, batch_size: int, device: torch.device) -> float:
+    """Top-1 accuracy of ``strategy.predict`` on ``task.test``."""
+    model = getattr(strategy, "model", None)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    correct = 0
+    for x, y, _ in task.test.batches(batch_size):
+        logits = strategy.predict(x.to(device), task)
+        correct += int((logits.argmax(1).cpu() == y).sum())
+    return correct / max(len(task.test), 1)
+
+
+def _rng_state(ctx: RunContext) -> dict:
+    return {"torch": torch.get_rng_state(), "generator": ctx.generator.get_state(),
+            "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict, ctx: RunContext) -> None:
+    torch.set_rng_state(state["torch"])
+    ctx.generator.set_state(state["generator"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dict:
+    """Run (or resume) one experiment described by the plain-dict config ``cfg``."""
+    cfg = copy.deepcopy(cfg)
+    store = RunStore(run_dir)
+    resume = bool(cfg.get("resume", False))
+    checkpoint = None
+    if store.has_progress():
+        if not resume and not cfg.get("overwrite", False):
+            raise ResumeError(
+                f"{store.root} already holds a run. Pass resume=true to continue it, "
+                "overwrite=true to start it over, or choose another output directory."
+            )
+        if resume and store.checkpoint_path.exists():
+            if store.results_path.exists():
+                store.load_results()  # refuse a damaged results.json with a clear message
+            checkpoint = store.load_checkpoint()
+            old, new = checkpoint["config"], semantic_config(cfg)
+            if old != new:
+                raise ResumeError(_config_diff_message(store.root, old, new))
+
+    seed = int(cfg.get("seed", 0))
+    seed_everything(seed)
+    device = torch.device(cfg.get("device", "cpu"))
+    stream = build_stream(cfg)
+    model = build_model(cfg, stream)
+    strategy = build_strategy(cfg)
+    ctx = RunContext(device=device, seed=seed, generator=torch.Generator().manual_seed(seed),
+                     progress=progress)
+    if hooks is not None:
+        ctx.hooks = hooks
+    _guard_plugin(strategy, "setup", lambda: strategy.setup(stream, model, ctx))
+    eval_bs = int(cfg.get("eval_batch_size", 1024))
+    T = len(stream)
+    writer = _tensorboard(cfg, store.root)
+
+    if checkpoint is not None:
+        strategy.load_state_dict(checkpoint["strategy"])
+        _set_rng_state(checkpoint["rng"], ctx)
+        state = checkpoint["state"]
+    else:
+        before = [evaluate(strategy, t, eval_bs, device) for t in stream]
+        state = {"before": before, "matrix": [], "train_s": [], "eval_s": [], "memory": []}
+
+    if progress is not None:
+        progress.start(stream, strategy, start=len(state["matrix"]))
+    for task in stream.tasks[len(state["matrix"]):]:
+        if progress is not None:
+            progress.task_started(task)
+        ctx.hooks.call("before_task", strategy=strategy, task=task)
+        t0 = time.perf_counter()
+        _guard_plugin(strategy, f"learn (task {task.index})", lambda: strategy.learn(task))
+        t1 = time.perf_counter()
+        row = [evaluate(strategy, other, eval_bs, device) for other in stream]
+        t2 = time.perf_counter()
+        ctx.hooks.call("after_task", strategy=strategy, task=task)
+        state["matrix"].append(row)
+        state["train_s"].append(t1 - t0)
+        state["eval_s"].append(t2 - t1)
+        state["memory"].append(int(strategy.memory_bytes()))
+        results = _results(cfg, stream, strategy, model, state, T)
+        store.commit(results, {"format": FORMAT, "config": semantic_config(cfg),
+                               "strategy": strategy.state_dict(), "rng": _rng_state(ctx),
+                               "state": state})
+        if writer is not None:
+            _log_tensorboard(writer, results, task.index)
+        if progress is not None:
+            progress.task_done(task, row)
+    if progress is not None:
+        progress.finish()
+    results = _results(cfg, stream, strategy, model, state, T)
+    if writer is not None:
+        writer.close()
+    return results
+
+
+def _results(cfg, stream, strategy, model, state, T) -> dict:
+    R = np.asarray(state["matrix"], dtype=np.float64)
+    k = R.shape[0]
+    square = R[:, :k]
+    return {
+        "format": FORMAT,
+        "status": "done" if k == T else "running",
+        "finished_tasks": k,
+        "config": cfg,
+        "stream": stream.describe(),
+        "strategy": cfg["strategy"]["name"],
+        "model_params": sum(p.numel() for p in model.parameters()),
+        "before": state["before"],
+        "matrix": state["matrix"],
+        "metrics": metrics.summary(square, state["before"][:k]),
+        "memory_bytes": state["memory"],
+        "timings": {"train_s": state["train_s"], "eval_s": state["eval_s"]},
+    }
+
+
+def _guard_plugin(strategy: Strategy, what: str, fn) -> None:
+    """Built-in strategies raise as they are; a third-party strategy's exception is wrapped so
+    the message says whose code failed."""
+    module = type(strategy).__module__
+    if module.startswith("cl_toolkit."):
+        fn()
+        return
+    try:
+        fn()
+    except ClToolkitError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"Strategy plugin {type(strategy).__name__} ({module}) raised in {what}: "
+            f"{type(exc).__name__}: {exc}. Results of the tasks finished before it are saved; "
+            "fix the plugin and rerun with resume=true."
+        ) from exc
+
+
+def _config_diff_message(root, old: dict, new: dict) -> str:
+    diffs = []
+
+    def walk(a, b, prefix=""):
+        for key in sorted(set(a) | set(b), key=str):
+            va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+            if isinstance(va, dict) and isinstance(vb, dict):
+                walk(va, vb, f"{prefix}{key}.")
+            elif va != vb:
+                diffs.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+
+    walk(old, new)
+    return (f"Refusing to resume {root}: its config differs from this one "
+            f"({'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}). Resume with the "
+            "original config, or choose another output directory for the new one.")
+
+
+def _tensorboard(cfg: dict, root: Path):
+    if not cfg.get("tensorboard", False):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ConfigError("tensorboard=true needs the tensorboard package: "
+                          "pip install 'cl_toolkit[tensorboard]'.") from exc
+    return SummaryWriter(str(Path(root) / "tensorboard"))
+
+
+def _log_tensorboard(writer, results: dict, step: int) -> None:
+    m = results["metrics"]
+    writer.add_scalar("acc", m["acc"], step)
+    for j, acc in enumerate(results["matrix"][-1]):
+        writer.add_scalar(f"task_acc/{j}", acc, step)
+    if m["forgetting"] is not None:
+        writer.add_scalar("forgetting", m["forgetting"], step)
+    writer.add_scalar("memory_bytes", results["memory_bytes"][-1], step)
+    writer.flush()

@@ -1,0 +1,100 @@
+"""One directory per run: ``results.json`` (human-readable, rewritten after every task) and
+``checkpoint.pt`` (everything needed to continue after the last finished task).
+
+Both are written atomically (temporary file in the same directory, flush, fsync, rename, fsync
+of the directory), so a crash or a kill leaves either the previous version or the new one, never
+half a file. The checkpoint is the source of truth on resume; it also carries the accuracy rows
+so the two files cannot disagree about which task finished last.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ResumeError
+
+RESULTS = "results.json"
+CHECKPOINT = "checkpoint.pt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ResumeError(
+            f"{path} is corrupt or truncated ({exc}). cl_toolkit writes it atomically, so it was "
+            "damaged outside a run; delete it (it is rebuilt from checkpoint.pt on resume) or "
+            "delete the whole run directory to start over."
+        ) from exc
+
+
+class RunStore:
+    """The files of one run directory."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.results_path = self.root / RESULTS
+        self.checkpoint_path = self.root / CHECKPOINT
+
+    def has_progress(self) -> bool:
+        return self.checkpoint_path.exists() or self.results_path.exists()
+
+    def commit(self, results: dict, checkpoint: dict) -> None:
+        """Checkpoint first, then results: results.json never names a task that the checkpoint
+        does not hold."""
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        atomic_write_bytes(self.checkpoint_path, buf.getvalue())
+        atomic_write_json(self.results_path, results)
+
+    def write_results(self, results: dict) -> None:
+        atomic_write_json(self.results_path, results)
+
+    def load_results(self) -> dict:
+        return read_json(self.results_path)
+
+    def load_checkpoint(self) -> dict:
+        try:
+            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise ResumeError(
+                f"Checkpoint {self.checkpoint_path} is corrupt or truncated "
+                f"({type(exc).__name__}: {exc}). Delete it and results.json to start this run "
+                "over (resume=false), or restore the file from a backup."
+            ) from exc

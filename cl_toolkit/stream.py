@@ -1,0 +1,142 @@
+"""Task streams: the one abstraction every method consumes.
+
+A `TaskStream` is an ordered list of `Task`s plus the scenario that says what the learner is told
+at test time:
+
+- ``task-il``: the task id is given (multi-head or masked single head);
+- ``class-il``: it is not, and every class seen so far competes;
+- ``domain-il``: every task has the same label space, the input distribution shifts.
+
+Datasets are held as in-memory tensors (`TensorData`) because every stream we ship fits in RAM
+and indexing a tensor is the fastest data path on a CPU: no DataLoader, no per-sample Python.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+SCENARIOS = ("task-il", "class-il", "domain-il")
+
+
+@dataclass
+class TensorData:
+    """Inputs ``x`` ``[N, ...]`` (float), global integer labels ``y`` ``[N]`` and the task id of
+    every sample ``t`` ``[N]`` (replay buffers and joint training mix tasks in one batch, and
+    multi-head models need to know which head each sample belongs to)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor | None = None
+
+    def __post_init__(self):
+        n = self.x.shape[0]
+        if self.y.shape[0] != n or (self.t is not None and self.t.shape[0] != n):
+            raise ValueError(
+                f"TensorData has {n} inputs, {self.y.shape[0]} labels and "
+                f"{None if self.t is None else self.t.shape[0]} task ids; all must have the "
+                "same first dimension."
+            )
+        if self.y.dtype != torch.long:
+            self.y = self.y.long()
+        if self.t is None:
+            self.t = torch.zeros(n, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def subset(self, index: torch.Tensor) -> "TensorData":
+        return TensorData(self.x[index], self.y[index], self.t[index])
+
+    @staticmethod
+    def cat(parts: Sequence["TensorData"]) -> "TensorData":
+        return TensorData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]),
+                          torch.cat([p.t for p in parts]))
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None,
+                shuffle: bool = False
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Mini-batches ``(x, y, t)`` by tensor indexing; one randperm per epoch if shuffling."""
+        n = len(self)
+        if shuffle:
+            order = torch.randperm(n, generator=generator)
+            for s in range(0, n, batch_size):
+                idx = order[s:s + batch_size]
+                yield self.x[idx], self.y[idx], self.t[idx]
+        else:
+            for s in range(0, n, batch_size):
+                yield self.x[s:s + batch_size], self.y[s:s + batch_size], self.t[s:s + batch_size]
+
+
+@dataclass
+class Task:
+    """One step of a stream.
+
+    ``classes`` are the global class ids present in the task; ``class_names`` has one name per
+    global class id of the whole stream (CLIP heads are built from them).
+    """
+
+    index: int
+    name: str
+    train: TensorData
+    test: TensorData
+    classes: tuple[int, ...]
+    class_names: tuple[str, ...] = ()
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class TaskStream:
+    """Ordered tasks plus the scenario. ``num_classes`` is the size of the global label space."""
+
+    name: str
+    tasks: list[Task]
+    scenario: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    seed: int = 0
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.scenario not in SCENARIOS:
+            raise ValueError(
+                f"Unknown scenario {self.scenario!r}; choose one of {', '.join(SCENARIOS)}."
+            )
+        if not self.tasks:
+            raise ValueError(f"Stream {self.name!r} has no tasks.")
+        for i, t in enumerate(self.tasks):
+            if t.index != i:
+                raise ValueError(f"Task {t.name!r} has index {t.index} but sits at position {i}.")
+            t.train.t = torch.full((len(t.train),), i, dtype=torch.long)
+            t.test.t = torch.full((len(t.test),), i, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(self.tasks)
+
+    def __getitem__(self, i: int) -> Task:
+        return self.tasks[i]
+
+    @property
+    def task_il(self) -> bool:
+        return self.scenario == "task-il"
+
+    def describe(self) -> dict:
+        """JSON-friendly description stored with every result."""
+        return {
+            "name": self.name,
+            "scenario": self.scenario,
+            "num_tasks": len(self.tasks),
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "seed": self.seed,
+            "tasks": [
+                {"name": t.name, "classes": list(t.classes), "train": len(t.train),
+                 "test": len(t.test)}
+                for t in self.tasks
+            ],
+            **({"info": self.info} if self.info else {}),
+        }

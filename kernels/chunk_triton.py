@@ -1,0 +1,472 @@
+"""Triton kernels of the chunkwise gated delta rule and (gated) linear attention.
+
+Both ops share one state recurrence over chunks, so they share the kernels here; ``DELTA``
+switches the delta-rule parts (WY transform, V' = U - W h) on. The math is DESIGN.md section 7
+and ``chunk_torch.py``; states are stored as h = S^T, [K, V]. All tensors are flattened to
+[total, H, D] with the sequence layout in ``SeqLayout`` (chunks never cross sequences).
+
+Forward:  prep (gate cumsum, T = (I + A)^-1, W, U)  ->  state scan over chunks (h per chunk,
+V')  ->  output (parallel over chunks).
+Backward: recompute prep and the state scan (per-chunk states are not kept from the forward),
+reverse scan for dh and dV', then one parallel pass per chunk for dq, dk, dv, dbeta, dg.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import SeqLayout, autotune_configs, new_buffer
+
+
+def _configs():
+    return autotune_configs([triton.Config({}, num_warps=w, num_stages=s)
+                             for w in (4, 8) for s in (2, 3)])
+
+
+@triton.jit
+def _chunk_rows(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
+    """Global token rows of chunk i_c, their validity mask, and the chunk's last valid row."""
+    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < eos - bos
+    last = tl.minimum(i_t * BT + BT, eos - bos) - 1 - i_t * BT
+    return bos + o_t, m_t, last
+
+
+@triton.jit
+def _inverse_unit_lower(b_A, BT: tl.constexpr):
+    """(I + A)^-1 for strictly lower A [BT, BT]: forward substitution, one row per step.
+
+    With N = (I + A)^-1 - I, row i of N is -A_i - sum_j A_ij N_j over the rows j < i already
+    done; rows not yet done still hold -A and meet zeros of A_i, so one masked sum suffices.
+    """
+    o = tl.arange(0, BT)
+    b_N = -b_A
+    for i in range(1, BT):
+        sel = o[:, None] == i
+        row = tl.sum(tl.where(sel, b_N, 0.0), 0)
+        row = row + tl.sum(row[:, None] * b_N, 0)
+        b_N = tl.where(sel, row[None, :], b_N)
+    return b_N + tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def _wy_inverse(b_k, b_beta, b_G, BT: tl.constexpr, PREC: tl.constexpr):
+    """T = (I + strictly_lower(diag(beta) (K K^T * exp(G_t - G_i))))^-1 in fp32."""
+    o = tl.arange(0, BT)
+    strict = o[:, None] > o[None, :]
+    b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    b_A = tl.where(strict, b_beta[:, None] * b_kk * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
+    return _inverse_unit_lower(b_A, BT)
+
+
+@triton.autotune(configs=_configs(), key=["BT", "BK", "BV", "USE_G"])
+@triton.jit
+def _prep_kernel(k, v, g, beta, gcum, w, u, cu_seqlens, chunk_indices, H,
+                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr,
+                 PREC: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    if USE_G:
+        b_G = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), 0)
+        tl.store(gcum + rows * H + i_h, b_G, mask=m_t)
+    else:
+        b_G = tl.zeros([BT], dtype=tl.float32)
+    if DELTA:
+        o_k = tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        dt = b_k.dtype
+        b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        b_T = _wy_inverse(b_k, b_beta, b_G, BT, PREC).to(dt)
+        b_kb = (b_k * (b_beta * tl.exp(b_G))[:, None]).to(dt)
+        b_w = tl.dot(b_T, b_kb, input_precision=PREC)
+        tl.store(w + p_k, b_w.to(w.dtype.element_ty), mask=m_tk)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_tv = m_t[:, None] & (o_v < V)[None, :]
+            p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
+            b_v = tl.load(v + p_v, mask=m_tv, other=0.0)
+            b_u = tl.dot(b_T, (b_v * b_beta[:, None]).to(dt), input_precision=PREC)
+            tl.store(u + p_v, b_u.to(u.dtype.element_ty), mask=m_tv)
+
+
+@triton.autotune(configs=_configs(), key=["BT", "BK", "BV", "USE_G", "DELTA"])
+@triton.jit
+def _fwd_h_kernel(k, u, w, gcum, h_all, v_new, h0, ht, cu_seqlens, chunk_offsets, H,
+                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, USE_G: tl.constexpr, USE_H0: tl.constexpr,
+                  DELTA: tl.constexpr, PREC: tl.constexpr):
+    """Sequential scan over one sequence's chunks for one head and one block of V."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seqlen = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+    for i_t in range(0, tl.cdiv(seqlen, BT)):
+        i_t = tl.cast(i_t, tl.int64)
+        tl.store(h_all + ((boh + i_t) * H + i_h) * K * V + p_kv,
+                 b_h.to(h_all.dtype.element_ty), mask=m_kv)
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < seqlen
+        rows = bos + o_t
+        p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        b_e = tl.load(u + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        if DELTA:
+            b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
+            b_e -= tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
+            tl.store(v_new + p_v, b_e.to(v_new.dtype.element_ty), mask=m_tv)
+        if USE_G:
+            b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
+            g_last = tl.load(gcum + (bos + tl.minimum(i_t * BT + BT, seqlen) - 1) * H + i_h)
+            b_e = b_e * tl.exp(g_last - b_G)[:, None]
+            b_h = b_h * tl.exp(g_last)
+        b_h += tl.dot(tl.trans(b_k), b_e.to(b_k.dtype), input_precision=PREC)
+    tl.store(ht + i_nh.to(tl.int64) * K * V + p_kv, b_h, mask=m_kv)
+
+
+@triton.autotune(configs=_configs(), key=["BT", "BK", "BV", "USE_G"])
+@triton.jit
+def _fwd_o_kernel(q, k, e, gcum, h_all, o, cu_seqlens, chunk_indices, scale, H,
+                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
+    """O = scale ((Q exp(G)) h + causal(Q K^T * exp(G_t - G_i)) V') for one chunk."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
+    m_tk = m_t[:, None] & (o_k < K)[None, :]
+    p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
+    m_tv = m_t[:, None] & (o_v < V)[None, :]
+    b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+    b_h = tl.load(h_all + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                  mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
+    b_o = tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    o_i = tl.arange(0, BT)
+    causal = o_i[:, None] >= o_i[None, :]
+    if USE_G:
+        b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
+        b_o = b_o * tl.exp(b_G)[:, None]
+        b_s = tl.where(causal, b_s * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
+    else:
+        b_s = tl.where(causal, b_s, 0.0)
+    b_e = tl.load(e + p_v, mask=m_tv, other=0.0)
+    b_o = (b_o + tl.dot(b_s.to(b_e.dtype), b_e, input_precision=PREC)) * scale
+    tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_tv)
+
+
+@triton.autotune(configs=_configs(), key=["BT", "BK", "BV", "USE_G", "DELTA"])
+@triton.jit
+def _bwd_dh_kernel(q, k, w, gcum, do, de, dh_all, dht, dh0, cu_seqlens, chunk_offsets, scale, H,
+                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, USE_G: tl.constexpr, USE_DHT: tl.constexpr,
+                   DELTA: tl.constexpr, PREC: tl.constexpr):
+    """Reverse scan: dh (w.r.t. the state after each chunk) and dV' = P^T dO + K~ dh."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seqlen = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    nt = tl.cdiv(seqlen, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    o_i = tl.arange(0, BT)
+    causal_t = o_i[:, None] <= o_i[None, :]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
+    for i_s in range(0, nt):
+        i_t = nt - 1 - tl.cast(i_s, tl.int64)
+        tl.store(dh_all + ((boh + i_t) * H + i_h) * K * V + p_kv,
+                 b_dh.to(dh_all.dtype.element_ty), mask=m_kv)
+        o_t = i_t * BT + o_i
+        m_t = o_t < seqlen
+        rows = bos + o_t
+        p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+        dt = b_q.dtype
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [i, t] = k_i . q_t
+        b_qf = b_q.to(tl.float32) * scale
+        b_kf = b_k.to(tl.float32)
+        if USE_G:
+            b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
+            g_last = tl.load(gcum + (bos + tl.minimum(i_t * BT + BT, seqlen) - 1) * H + i_h)
+            b_st = tl.where(causal_t, b_st * tl.exp(b_G[None, :] - b_G[:, None]), 0.0)
+            b_qf = b_qf * tl.exp(b_G)[:, None]
+            b_kf = b_kf * tl.exp(g_last - b_G)[:, None]
+        else:
+            b_st = tl.where(causal_t, b_st, 0.0)
+        b_de = tl.dot(b_st.to(dt), b_do, input_precision=PREC) * scale
+        b_de += tl.dot(b_kf.to(dt), b_dh.to(dt), input_precision=PREC)
+        tl.store(de + p_v, b_de.to(de.dtype.element_ty), mask=m_tv)
+        b_dh_new = tl.dot(tl.trans(b_qf.to(dt)), b_do, input_precision=PREC)
+        if DELTA:
+            b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
+            b_dh_new -= tl.dot(tl.trans(b_w), b_de.to(dt), input_precision=PREC)
+        if USE_G:
+            b_dh = b_dh * tl.exp(g_last)
+        b_dh += b_dh_new
+    tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_kv, b_dh, mask=m_kv)
+
+
+@triton.autotune(configs=_configs(), key=["BT", "BK", "BV", "USE_G", "DELTA"])
+@triton.jit
+def _bwd_chunk_kernel(q, k, v, e, gcum, beta, h_all, dh_all, do, de, dq, dk, dv, dg, dbeta,
+                      cu_seqlens, chunk_indices, scale, H,
+                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr,
+                      PREC: tl.constexpr):
+    """Per-chunk gradients given h (state before), dh (grad of the state after) and dV'."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    o_i = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
+    m_tk = m_t[:, None] & (o_k < K)[None, :]
+    b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+    dt = b_q.dtype
+    b_qf = b_q.to(tl.float32)
+    b_kf = b_k.to(tl.float32)
+    if USE_G:
+        b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
+        g_last = tl.sum(tl.where(o_i == last, b_G, 0.0), 0)
+    else:
+        b_G = tl.zeros([BT], dtype=tl.float32)
+    if DELTA:
+        b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        b_T = _wy_inverse(b_k, b_beta, b_G, BT, PREC)
+        b_Tt = tl.trans(b_T).to(dt)
+        b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dT = tl.zeros([BT, BT], dtype=tl.float32)
+        b_db = tl.zeros([BT], dtype=tl.float32)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dP = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dgl = tl.zeros([BK], dtype=tl.float32)
+    p_h = h_all + (i_c.to(tl.int64) * H + i_h) * K * V
+    p_dh = dh_all + (i_c.to(tl.int64) * H + i_h) * K * V
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        m_vk = (o_v < V)[:, None] & (o_k < K)[None, :]
+        b_e = tl.load(e + p_v, mask=m_tv, other=0.0)
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+        b_ht = tl.load(p_h + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0.0).to(dt)
+        b_dht = tl.load(p_dh + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0.0).to(dt)
+        b_dq += tl.dot(b_do, b_ht, input_precision=PREC)
+        b_dk += tl.dot(b_e, b_dht, input_precision=PREC)
+        b_dP += tl.dot(b_do, tl.trans(b_e), input_precision=PREC)
+        b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
+        if DELTA:
+            b_de = tl.load(de + p_v, mask=m_tv, other=0.0)
+            b_v = tl.load(v + p_v, mask=m_tv, other=0.0)
+            b_dw -= tl.dot(b_de, b_ht, input_precision=PREC)
+            b_dT += tl.dot(b_de, tl.trans((b_v * b_beta[:, None]).to(dt)), input_precision=PREC)
+            b_dvb = tl.dot(b_Tt, b_de, input_precision=PREC)
+            tl.store(dv + p_v, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+            b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
+    causal = o_i[:, None] >= o_i[None, :]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    if USE_G:
+        b_E = tl.exp(b_G)
+        b_dS = tl.where(causal, b_dP * tl.exp(b_G[:, None] - b_G[None, :]), 0.0) * scale
+        b_dq = b_dq * (b_E * scale)[:, None]
+        b_dk = b_dk * tl.exp(g_last - b_G)[:, None]
+        b_dG = tl.sum(b_dq * b_qf, 1) - tl.sum(b_dk * b_kf, 1)
+        b_dglast = tl.sum(b_dk * b_kf) + tl.sum(b_dgl) * tl.exp(g_last)
+        b_Y = b_dS * b_s
+        b_dG += tl.sum(b_Y, 1) - tl.sum(b_Y, 0)
+    else:
+        b_E = tl.full([BT], 1.0, dtype=tl.float32)
+        b_dS = tl.where(causal, b_dP, 0.0) * scale
+        b_dq = b_dq * scale
+    b_dq += tl.dot(b_dS.to(dt), b_k, input_precision=PREC)
+    b_dk += tl.dot(tl.trans(b_dS).to(dt), b_q, input_precision=PREC)
+    if DELTA:
+        b_bE = b_beta * b_E
+        b_dkb = tl.dot(b_Tt, b_dw.to(dt), input_precision=PREC)
+        b_dk += b_dkb * b_bE[:, None]
+        b_tmp = tl.sum(b_dkb * b_kf, 1)
+        b_db += b_tmp * b_E
+        b_dT += tl.dot(b_dw.to(dt), tl.trans((b_kf * b_bE[:, None]).to(dt)), input_precision=PREC)
+        strict = o_i[:, None] > o_i[None, :]
+        b_dA = tl.dot(tl.dot(tl.trans(b_T), b_dT, input_precision=PREC), tl.trans(b_T),
+                      input_precision=PREC)
+        b_Ds = tl.where(strict, tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
+        b_dA = -tl.where(strict, b_dA, 0.0) * b_Ds
+        b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+        b_Z = (b_dA * b_beta[:, None]).to(dt)
+        b_dk += tl.dot(b_Z, b_k, input_precision=PREC) + tl.dot(tl.trans(b_Z), b_k,
+                                                                 input_precision=PREC)
+        b_db += tl.sum(b_dA * b_kk, 1)
+        if USE_G:
+            b_dG += b_tmp * b_bE
+            b_Y = b_dA * b_beta[:, None] * b_kk
+            b_dG += tl.sum(b_Y, 1) - tl.sum(b_Y, 0)
+        tl.store(dbeta + rows * H + i_h, b_db, mask=m_t)
+    if USE_G:
+        b_dG += tl.where(o_i == last, b_dglast, 0.0)
+        b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG
+        tl.store(dg + rows * H + i_h, b_dg, mask=m_t)
+    tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+
+
+def _blocks(K: int, V: int):
+    BK = max(16, triton.next_power_of_2(K))
+    if BK > 256:
+        raise ValueError(f"head dim K={K} is too large for the chunk kernels (at most 256)")
+    BV = max(16, min(64, triton.next_power_of_2(V)))
+    return BK, BV
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # fp32 inputs keep full fp32 products; half types use the tensor cores as they are.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _forward_states(q, k, v, g, beta, h0, layout: SeqLayout, delta: bool):
+    """prep + state scan: gcum, e (= V' or V), h_all [NT, H, K, V], ht [N, H, K, V], W (or k)."""
+    TT, H, K = q.shape
+    V = v.shape[-1]
+    BT = layout.chunk_size
+    BK, BV = _blocks(K, V)
+    prec = _prec(q.dtype)
+    dev = q.device
+    use_g = g is not None
+    gcum = new_buffer((TT, H), torch.float32, dev) if use_g else q
+    w, u = k, v
+    if delta:
+        w, u = new_buffer(k.shape, k.dtype, dev), new_buffer(v.shape, v.dtype, dev)
+    if layout.num_chunks and (use_g or delta):
+        _prep_kernel[(layout.num_chunks, H)](
+            k, v, g if use_g else q, beta if delta else q, gcum, w, u, layout.cu_seqlens,
+            layout.chunk_indices, H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DELTA=delta,
+            PREC=prec)
+    h_all = new_buffer((layout.num_chunks, H, K, V), q.dtype, dev)
+    e = new_buffer(v.shape, v.dtype, dev) if delta else v
+    ht = new_buffer((layout.num_seqs, H, K, V), torch.float32, dev)
+    bv_h = 32 if layout.num_seqs * H * triton.cdiv(V, 64) < 256 else BV
+    bv_h = min(bv_h, BV)
+    _fwd_h_kernel[(triton.cdiv(V, bv_h), layout.num_seqs * H)](
+        k, u, w, gcum, h_all, e, h0 if h0 is not None else q, ht, layout.cu_seqlens,
+        layout.chunk_offsets, H, K=K, V=V, BT=BT, BK=BK, BV=bv_h, USE_G=use_g,
+        USE_H0=h0 is not None, DELTA=delta, PREC=prec)
+    return gcum, e, h_all, ht, w
+
+
+def chunk_fwd(q, k, v, g, beta, h0, layout: SeqLayout, scale: float, delta: bool):
+    """q, k: [total, H, K]; v: [total, H, V]; g, beta: [total, H]; h0: [N, H, K, V].
+
+    Returns o [total, H, V] and the final states [N, H, K, V] (fp32).
+    """
+    TT, H, K = q.shape
+    V = v.shape[-1]
+    BK, BV = _blocks(K, V)
+    gcum, e, h_all, ht, _ = _forward_states(q, k, v, g, beta, h0, layout, delta)
+    o = new_buffer(v.shape, v.dtype, q.device)
+    if layout.num_chunks:
+        _fwd_o_kernel[(triton.cdiv(V, BV), layout.num_chunks, H)](
+            q, k, e, gcum, h_all, o, layout.cu_seqlens, layout.chunk_indices, scale, H, K=K, V=V,
+            BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g is not None, PREC=_prec(q.dtype))
+    return o, ht
+
+
+def chunk_bwd(q, k, v, g, beta, h0, do, dht: Optional[torch.Tensor], layout: SeqLayout,
+              scale: float, delta: bool):
+    """Gradients of :func:`chunk_fwd`: dq, dk, dv, dg (fp32 or None), dbeta (fp32 or None), dh0."""
+    TT, H, K = q.shape
+    V = v.shape[-1]
+    BK, BV = _blocks(K, V)
+    BT = layout.chunk_size
+    prec = _prec(q.dtype)
+    dev = q.device
+    use_g = g is not None
+    gcum, e, h_all, _, w = _forward_states(q, k, v, g, beta, h0, layout, delta)
+    dh_all = new_buffer((layout.num_chunks, H, K, V), q.dtype, dev)
+    de = new_buffer(v.shape, v.dtype, dev)
+    dh0 = new_buffer((layout.num_seqs, H, K, V), torch.float32, dev)
+    bv_h = 32 if layout.num_seqs * H * triton.cdiv(V, 64) < 256 else BV
+    bv_h = min(bv_h, BV)
+    _bwd_dh_kernel[(triton.cdiv(V, bv_h), layout.num_seqs * H)](
+        q, k, w, gcum, do, de, dh_all, dht if dht is not None else q, dh0, layout.cu_seqlens,
+        layout.chunk_offsets, scale, H, K=K, V=V, BT=BT, BK=BK, BV=bv_h, USE_G=use_g,
+        USE_DHT=dht is not None, DELTA=delta, PREC=prec)
+    dq = new_buffer(q.shape, q.dtype, dev)
+    dk = new_buffer(k.shape, k.dtype, dev)
+    dv = new_buffer(v.shape, v.dtype, dev) if delta else de
+    dg = new_buffer((TT, H), torch.float32, dev) if use_g else None
+    dbeta = new_buffer((TT, H), torch.float32, dev) if delta else None
+    if layout.num_chunks:
+        _bwd_chunk_kernel[(layout.num_chunks, H)](
+            q, k, v, e, gcum, beta if delta else q, h_all, dh_all, do, de, dq, dk, dv,
+            dg if use_g else q, dbeta if delta else q, layout.cu_seqlens, layout.chunk_indices,
+            scale, H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DELTA=delta, PREC=prec)
+    return dq, dk, dv, dg, dbeta, dh0
+
+
+@dataclass(frozen=True)
+class ChunkOptions:
+    """Static settings of one chunk call (kept out of the autograd Function's argument list)."""
+    delta: bool
+    scale: float
+    layout: SeqLayout
+
+
+class ChunkFunction(torch.autograd.Function):
+    """Autograd glue: forward keeps only the inputs; backward recomputes the chunk states.
+
+    Tensors are flattened: q, k [total, H, K], v [total, H, V], g, beta [total, H] (or None),
+    h0 [N, H, K, V] (or None). Returns o [total, H, V] and final states [N, H, K, V] fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, opts: ChunkOptions, q, k, v, g, beta, h0):
+        o, ht = chunk_fwd(q, k, v, g, beta, h0, opts.layout, opts.scale, opts.delta)
+        ctx.save_for_backward(q, k, v, g, beta, h0)
+        ctx.opts = opts
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, h0 = ctx.saved_tensors
+        opts = ctx.opts
+        dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(
+            q, k, v, g, beta, h0, do.contiguous(), dht.contiguous() if dht is not None else None,
+            opts.layout, opts.scale, opts.delta)
+        return (None, dq, dk, dv,
+                dg.to(g.dtype) if g is not None else None,
+                dbeta.to(beta.dtype) if beta is not None and opts.delta else None,
+                dh0.to(h0.dtype) if h0 is not None else None)

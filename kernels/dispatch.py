@@ -1,0 +1,96 @@
+"""Validation and device dispatch shared by the public chunk functions of both ops."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .utils import check_cu_seqlens, check_qkv, check_tensor, make_layout, resolve_backend
+
+
+def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
+              initial_state: Optional[torch.Tensor], output_final_state: bool,
+              cu_seqlens: Optional[torch.Tensor], chunk_size: int, backend: str
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Validate, then run 'triton' | 'torch' | 'naive' (see the public functions' docs)."""
+    backend = resolve_backend(backend, q.device)
+    triton_path = backend == "triton"
+    check_qkv(q, k, v, triton_path)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if chunk_size not in (16, 32, 64, 128):
+        raise ValueError(f"chunk_size must be one of 16, 32, 64, 128, got {chunk_size}")
+    check_cu_seqlens(cu_seqlens, T, B)
+    if cu_seqlens is not None and cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    n = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if g is not None:
+        check_tensor("g", g, (B, T, H), q.device, floats, contiguous=triton_path)
+    if beta is not None:
+        check_tensor("beta", beta, (B, T, H), q.device, floats, contiguous=triton_path)
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, (n, H, V, K), q.device, floats,
+                     contiguous=False)
+    scale = K ** -0.5 if scale is None else float(scale)
+    if backend == "naive":
+        from .gated_delta_rule.naive import naive_gated_delta_rule
+        from .linear_attn.naive import naive_linear_attn
+        kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  cu_seqlens=cu_seqlens)
+        if delta:
+            return naive_gated_delta_rule(q, k, v, g, beta, **kw)
+        return naive_linear_attn(q, k, v, g, **kw)
+    if backend == "torch":
+        from .chunk_torch import chunk_forward_torch
+        return chunk_forward_torch(q, k, v, g, beta, delta=delta, scale=scale,
+                                   initial_state=initial_state,
+                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                   chunk_size=chunk_size)
+    from .chunk_triton import ChunkFunction, ChunkOptions
+    layout = make_layout(B, T, cu_seqlens, chunk_size, q.device)
+    if delta and beta is None:
+        beta = q.new_ones(B, T, H)
+    h0 = initial_state.transpose(-1, -2).contiguous() if initial_state is not None else None
+    flat = lambda x: x.reshape((B * T,) + tuple(x.shape[2:])) if x is not None else None
+    o, ht = ChunkFunction.apply(ChunkOptions(delta, scale, layout), flat(q), flat(k), flat(v),
+                                flat(g), flat(beta) if delta else None, h0)
+    final = ht.transpose(-1, -2) if output_final_state else None
+    return o.view(B, T, H, V), final
+
+
+def run_recurrent(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
+                  initial_state: Optional[torch.Tensor], output_final_state: bool,
+                  cu_seqlens: Optional[torch.Tensor], backend: str
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Forward-only token loop for decoding: 'triton' fused kernel, else the naive reference."""
+    backend = resolve_backend(backend, q.device)
+    if backend != "triton":
+        return run_chunk(q, k, v, g, beta, delta=delta, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                         chunk_size=64, backend="naive")
+    if torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)):
+        raise ValueError("the fused recurrent kernel is forward-only (decoding); use the chunk "
+                         "function for training, or wrap the call in torch.no_grad()")
+    check_qkv(q, k, v, True)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    check_cu_seqlens(cu_seqlens, T, B)
+    n = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    if g is not None:
+        check_tensor("g", g, (B, T, H), q.device, floats)
+    if beta is not None:
+        check_tensor("beta", beta, (B, T, H), q.device, floats)
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, (n, H, V, K), q.device, floats,
+                     contiguous=False)
+    from .recurrent_triton import recurrent_fwd
+    cu = (torch.arange(0, B + 1, device=q.device, dtype=torch.int32) * T
+          if cu_seqlens is None else cu_seqlens.to(torch.int32))
+    h0 = initial_state.transpose(-1, -2).contiguous() if initial_state is not None else None
+    flat = lambda x: x.reshape((B * T,) + tuple(x.shape[2:])) if x is not None else None
+    o, ht = recurrent_fwd(flat(q), flat(k), flat(v), flat(g), flat(beta) if delta else None, h0,
+                          cu, K ** -0.5 if scale is None else float(scale), delta)
+    return o.view(B, T, H, V), ht.transpose(-1, -2) if output_final_state else None

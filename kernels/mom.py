@@ -1,0 +1,259 @@
+"""Mixture-of-Memories (MoM) layer on the chunk kernels of this package.
+
+MoM (Du et al., 2025, https://arxiv.org/abs/2502.13685): a router sends every token to k of E
+memories; each memory is a gated-delta-rule (https://arxiv.org/abs/2412.06464) or gated
+linear-attention state with its own k/v/beta/gate projections (q is shared) and is updated
+only by its own tokens. A shared memory sees every token and is added with weight 1.
+
+Efficient form: (token, memory) pairs are sorted with a *stable* sort so time order inside a
+memory survives (an unstable sort scrambles it), each (memory, batch) run becomes one segment
+of a packed variable-length batch, one kernel call processes all of them, and the outputs are
+scattered back weighted by the routing weights. Segments are ordered memory-major
+(key = memory * B + batch), which keeps each memory's tokens contiguous so its projections are
+one matmul; the segment order does not change the result.
+
+Decoding reuses the same path with T = 1: a memory that receives no token has an empty
+segment, and an empty segment returns its initial state untouched (no decay), so only the
+activated memories change. The short convolution runs inside each segment and carries the
+last ``conv_size - 1`` inputs of every memory in the cache, so training and decoding agree.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .gated_delta_rule.chunk import chunk_gated_delta_rule
+from .gated_delta_rule.recurrent import fused_recurrent_gated_delta_rule
+from .linear_attn.chunk import chunk_linear_attn
+from .linear_attn.recurrent import fused_recurrent_linear_attn
+from .utils import l2norm
+
+MEMORY_TYPES = ("gated_delta", "gla")
+
+
+def switch_aux_loss(probs: torch.Tensor, topi: torch.Tensor, num_memories: int) -> torch.Tensor:
+    """Switch-Transformer load balancing, E * sum_e f_e P_e (https://arxiv.org/abs/2101.03961).
+
+    probs: [N, E] router probabilities; topi: [N, k] chosen memories. f_e is the fraction of the
+    N*k assignments that went to e, P_e the mean probability of e. Equals 1 when balanced.
+    """
+    counts = torch.zeros(num_memories, device=probs.device, dtype=torch.float32)
+    counts.scatter_add_(0, topi.reshape(-1), torch.ones(topi.numel(), device=probs.device))
+    frac = counts / topi.numel()
+    return num_memories * (frac * probs.float().mean(0)).sum()
+
+
+def segment_conv(x: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor,
+                 lens: torch.Tensor, starts: torch.Tensor, cache: Optional[torch.Tensor]
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise convolution that never looks across segment boundaries.
+
+    x: [P, C] packed rows; weight: [C, W]; seg/pos: [P] segment id and position inside it;
+    lens/starts: [S]; cache: [S, C, W-1] inputs that precede each segment (oldest first) or
+    None (zeros). Returns silu(conv) [P, C] and the new cache [S, C, W-1] (last W-1 inputs).
+    """
+    P, C = x.shape
+    W = weight.shape[1]
+    S = lens.numel()
+    if cache is None:
+        cache = x.new_zeros(S, C, W - 1)
+    y = x * weight[:, W - 1]
+    for j in range(1, W):
+        shifted = F.pad(x, (0, 0, j, 0))[:P]
+        from_cache = cache[seg, :, (W - 1 - j + pos).clamp_min(0)]
+        y = y + torch.where((pos >= j)[:, None], shifted, from_cache) * weight[:, W - 1 - j]
+    # New cache: the W-1 most recent inputs of each segment, reaching into the old cache.
+    idx = lens[:, None] - (W - 1) + torch.arange(W - 1, device=x.device)[None, :]  # [S, W-1]
+    rows = (starts[:, None] + idx).clamp(0, max(P - 1, 0))
+    from_x = x[rows] if P else x.new_zeros(S, W - 1, C)
+    old = cache.transpose(1, 2).gather(
+        1, (lens[:, None] + torch.arange(W - 1, device=x.device)[None, :]).clamp(max=W - 2)
+        [:, :, None].expand(S, W - 1, C))
+    new_cache = torch.where((idx >= 0)[:, :, None], from_x, old).transpose(1, 2)
+    return F.silu(y), new_cache
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over the head dim, then multiplied by silu(gate): keeps memory outputs in scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float() * F.silu(gate.float())).to(x.dtype)
+
+
+class MoMLayer(nn.Module):
+    """Token mixer with E routed memories plus an optional shared one. x: [B, T, D] -> [B, T, D].
+
+    forward returns (y, aux_loss, cache); aux_loss is already multiplied by aux_loss_weight.
+    memory_mask [B, E] (bool) restricts the router per sample (task routing); each row must
+    allow at least ``topk`` memories. cache (from ``use_cache=True``) holds one state per
+    (memory, sample) and the convolution tails.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: Optional[int] = None,
+                 expand_v: float = 1.0, num_memories: int = 4, topk: int = 2,
+                 shared_memory: bool = True, memory_type: str = "gated_delta",
+                 use_short_conv: bool = True, conv_size: int = 4, aux_loss_weight: float = 0.01,
+                 norm_eps: float = 1e-5, chunk_size: int = 64, backend: str = "auto"):
+        super().__init__()
+        if memory_type not in MEMORY_TYPES:
+            raise ValueError(f"memory_type={memory_type!r} is not one of {MEMORY_TYPES}")
+        if not 1 <= topk <= num_memories:
+            raise ValueError(f"topk={topk} must be in [1, num_memories={num_memories}]")
+        if conv_size < 2 and use_short_conv:
+            raise ValueError(f"conv_size={conv_size} must be >= 2 with use_short_conv")
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_k = head_dim or hidden_size // num_heads
+        self.head_v = int(self.head_k * expand_v)
+        self.num_memories, self.topk, self.shared_memory = num_memories, topk, shared_memory
+        self.num_slots = num_memories + int(shared_memory)
+        self.memory_type, self.delta = memory_type, memory_type == "gated_delta"
+        self.use_short_conv, self.conv_size = use_short_conv, conv_size
+        self.aux_loss_weight, self.chunk_size, self.backend = aux_loss_weight, chunk_size, backend
+        H, K, V, M = num_heads, self.head_k, self.head_v, self.num_slots
+        self.router = nn.Linear(hidden_size, num_memories, bias=False)
+        self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
+        self.k_proj = nn.Parameter(torch.empty(M, H * K, hidden_size))
+        self.v_proj = nn.Parameter(torch.empty(M, H * V, hidden_size))
+        self.a_proj = nn.Parameter(torch.empty(M, H, hidden_size))
+        self.b_proj = nn.Parameter(torch.empty(M, H, hidden_size)) if self.delta else None
+        for p in (self.k_proj, self.v_proj, self.a_proj, self.b_proj):
+            if p is not None:
+                nn.init.uniform_(p, -hidden_size ** -0.5, hidden_size ** -0.5)
+        # Mamba-2 / Gated DeltaNet decay init: A in [1, 16], dt in [1e-3, 1e-1].
+        self.A_log = nn.Parameter(torch.empty(M, H).uniform_(1, 16).log())
+        dt = torch.exp(torch.empty(M, H).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        if use_short_conv:
+            self.q_conv = nn.Parameter(torch.empty(H * K, conv_size))
+            self.k_conv = nn.Parameter(torch.empty(M, H * K, conv_size))
+            self.v_conv = nn.Parameter(torch.empty(M, H * V, conv_size))
+            for p in (self.q_conv, self.k_conv, self.v_conv):
+                nn.init.uniform_(p, -conv_size ** -0.5, conv_size ** -0.5)
+        self.g_proj = nn.Linear(hidden_size, H * V, bias=False)
+        self.o_norm = GatedRMSNorm(V, norm_eps)
+        self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
+
+    def route(self, x: torch.Tensor, memory_mask: Optional[torch.Tensor] = None):
+        """Router in fp32: returns top-k weights [B, T, k] (renormalised), ids [B, T, k], aux."""
+        B, T, _ = x.shape
+        logits = self.router(x).float()
+        if memory_mask is not None:
+            if memory_mask.shape != (B, self.num_memories):
+                raise ValueError(f"memory_mask must be [B, E] = [{B}, {self.num_memories}], "
+                                 f"got {tuple(memory_mask.shape)}")
+            allowed = memory_mask.sum(-1)
+            if (allowed < self.topk).any():
+                raise ValueError(f"every sample must allow at least topk={self.topk} memories; "
+                                 f"allowed counts {allowed.tolist()}")
+            logits = logits.masked_fill(~memory_mask[:, None, :], float("-inf"))
+        probs = logits.softmax(-1)
+        topv, topi = probs.topk(self.topk, dim=-1)
+        weights = topv / topv.sum(-1, keepdim=True)
+        aux = switch_aux_loss(probs.reshape(B * T, -1), topi.reshape(B * T, -1),
+                              self.num_memories)
+        return weights, topi, aux * self.aux_loss_weight
+
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> Dict[str, torch.Tensor]:
+        H, K, V, M, W = self.num_heads, self.head_k, self.head_v, self.num_slots, self.conv_size
+        cache = {"state": torch.zeros(M * batch_size, H, V, K, device=device, dtype=torch.float32)}
+        if self.use_short_conv:
+            cache["conv_q"] = torch.zeros(batch_size, H * K, W - 1, device=device, dtype=dtype)
+            cache["conv_k"] = torch.zeros(M * batch_size, H * K, W - 1, device=device, dtype=dtype)
+            cache["conv_v"] = torch.zeros(M * batch_size, H * V, W - 1, device=device, dtype=dtype)
+        return cache
+
+    def forward(self, x: torch.Tensor, memory_mask: Optional[torch.Tensor] = None,
+                cache: Optional[Dict[str, torch.Tensor]] = None, use_cache: bool = False
+                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+        B, T, D = x.shape
+        H, K, V, E, M = self.num_heads, self.head_k, self.head_v, self.num_memories, self.num_slots
+        dev = x.device
+        if cache is None and use_cache:
+            cache = self.init_cache(B, dev, x.dtype)
+        weights, topi, aux = self.route(x, memory_mask)
+
+        # (token, memory, weight) pairs; the shared memory takes every token with weight 1.
+        tok = torch.arange(B * T, device=dev)
+        pair_tok = tok.repeat_interleave(self.topk)
+        pair_mem = topi.reshape(-1)
+        pair_w = weights.reshape(-1)
+        if self.shared_memory:
+            pair_tok = torch.cat([pair_tok, tok])
+            pair_mem = torch.cat([pair_mem, torch.full_like(tok, E)])
+            pair_w = torch.cat([pair_w, torch.ones(B * T, device=dev)])
+        key = pair_mem * B + pair_tok // T
+        order = torch.sort(key, stable=True).indices
+        p_tok, p_mem, p_w = pair_tok[order], pair_mem[order], pair_w[order]
+        lens = torch.bincount(key, minlength=M * B)
+        cu = F.pad(lens.cumsum(0), (1, 0))
+        seg = torch.repeat_interleave(torch.arange(M * B, device=dev), lens)
+        pos = torch.arange(seg.numel(), device=dev) - cu[seg]
+        cu_host = cu.tolist()
+
+        xf = x.reshape(B * T, D)
+        q = self.q_proj(xf)
+        new_cache: Dict[str, torch.Tensor] = {}
+        if self.use_short_conv:
+            q, new_cache["conv_q"] = segment_conv(
+                q, self.q_conv, tok // T, tok % T, torch.full((B,), T, device=dev),
+                torch.arange(B, device=dev) * T, cache.get("conv_q") if cache else None)
+        xp = xf[p_tok]
+        ks, vs, gs, bs, ck, cv = [], [], [], [], [], []
+        for m in range(M):
+            lo, hi = cu_host[m * B], cu_host[(m + 1) * B]
+            xm = xp[lo:hi]
+            km, vm = xm @ self.k_proj[m].T, xm @ self.v_proj[m].T
+            if self.use_short_conv:
+                sl = slice(m * B, (m + 1) * B)
+                s_lens, s_starts = lens[sl], cu[m * B:(m + 1) * B] - lo
+                km, c_k = segment_conv(km, self.k_conv[m], seg[lo:hi] - m * B, pos[lo:hi], s_lens,
+                                       s_starts, cache["conv_k"][sl] if cache else None)
+                vm, c_v = segment_conv(vm, self.v_conv[m], seg[lo:hi] - m * B, pos[lo:hi], s_lens,
+                                       s_starts, cache["conv_v"][sl] if cache else None)
+                ck.append(c_k)
+                cv.append(c_v)
+            ks.append(km)
+            vs.append(vm)
+            gs.append(-self.A_log[m].float().exp() * F.softplus(
+                (xm @ self.a_proj[m].T).float() + self.dt_bias[m].float()))
+            if self.delta:
+                bs.append(torch.sigmoid(xm @ self.b_proj[m].T))
+        if self.use_short_conv:
+            new_cache["conv_k"], new_cache["conv_v"] = torch.cat(ck), torch.cat(cv)
+        P = xp.shape[0]
+        qp = l2norm(q[p_tok].view(1, P, H, K))
+        kp = l2norm(torch.cat(ks).view(1, P, H, K))
+        vp = torch.cat(vs).view(1, P, H, V)
+        gp = torch.cat(gs).view(1, P, H)
+        h0 = cache["state"] if cache is not None else None
+        kw = dict(initial_state=h0, output_final_state=use_cache, cu_seqlens=cu,
+                  backend=self.backend)
+        if cache is not None and T == 1:
+            run = fused_recurrent_gated_delta_rule if self.delta else fused_recurrent_linear_attn
+        else:
+            run = chunk_gated_delta_rule if self.delta else chunk_linear_attn
+            kw["chunk_size"] = self.chunk_size
+        if self.delta:
+            bp = torch.cat(bs).view(1, P, H)
+            o, state = run(qp, kp, vp, gp, bp, **kw)
+        else:
+            o, state = run(qp, kp, vp, gp, **kw)
+        o = o[0] * p_w[:, None, None].to(o.dtype)
+        out = o.new_zeros(B * T, H, V).index_add_(0, p_tok, o)
+        gate = self.g_proj(xf).view(B * T, H, V)
+        y = self.o_proj(self.o_norm(out, gate).reshape(B * T, H * V)).view(B, T, D)
+        if use_cache:
+            new_cache["state"] = state
+            return y, aux, new_cache
+        return y, aux, None

@@ -1,0 +1,180 @@
+"""Shared helpers for the kernels: validation, chunk bookkeeping, autotune policy.
+
+Everything here depends on torch (and triton only where a kernel is launched).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "naive")
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def autotune_configs(configs: Sequence):
+    """Under the interpreter there is no driver to time on: keep a single config."""
+    return list(configs[:1]) if is_interpreter() else list(configs)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto': CUDA -> 'triton', CPU -> 'torch'. 'triton' on CPU needs the interpreter."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "torch"
+    if backend == "triton" and device.type != "cuda" and not is_interpreter():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 "
+            "to run the Triton kernels on CPU, or use backend='torch'"
+        )
+    return backend
+
+
+def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], total: int, batch: int) -> None:
+    """cu_seqlens must be a 1-D integer tensor, start at 0, never decrease, end at ``total``.
+
+    Zero-length sequences are allowed (the MoM layer packs possibly empty segments).
+    """
+    if cu_seqlens is None:
+        return
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}"
+        )
+    if batch != 1:
+        raise ValueError(
+            f"with cu_seqlens the inputs must be packed as [1, total, H, D]; got batch size {batch}"
+        )
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
+    if cu[-1] != total:
+        raise ValueError(f"cu_seqlens must end at the total length {total}, got {cu[-1]}")
+    bad = [i for i in range(1, len(cu)) if cu[i] < cu[i - 1]]
+    if bad:
+        i = bad[0]
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing; cu_seqlens[{i - 1}]={cu[i - 1]} > cu_seqlens[{i}]={cu[i]}"
+        )
+
+
+def check_tensor(name: str, x: torch.Tensor, shape: Sequence[int], device: torch.device,
+                 dtypes: Optional[Sequence[torch.dtype]] = None, contiguous: bool = True) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but q is on {device}; move it with .to(q.device)")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {x.dtype}; expected one of {list(dtypes)}")
+    if contiguous and not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (strides {x.stride()}); call .contiguous() first")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, triton_path: bool) -> None:
+    """q, k: [B, T, H, K]; v: [B, T, H, V]; one floating dtype, one device."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, K], got shape {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    allowed = (torch.float16, torch.bfloat16, torch.float32) if triton_path else None
+    if not q.is_floating_point():
+        raise ValueError(f"q must be floating point, got {q.dtype}")
+    if allowed is not None and q.dtype not in allowed:
+        raise ValueError(f"the Triton path supports float16/bfloat16/float32, got {q.dtype}; "
+                         "use backend='torch' or 'naive' for float64")
+    check_tensor("q", q, (B, T, H, K), q.device, contiguous=triton_path)
+    check_tensor("k", k, (B, T, H, K), q.device, (q.dtype,), contiguous=triton_path)
+    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V], got shape {tuple(v.shape)}")
+    check_tensor("v", v, tuple(v.shape), q.device, (q.dtype,), contiguous=triton_path)
+
+
+@dataclass(frozen=True)
+class SeqLayout:
+    """How the flattened [B*T] token axis splits into sequences and chunks.
+
+    cu_seqlens: [N+1] int32 sequence starts; chunk_indices: [NT, 2] int32 (sequence, chunk
+    within sequence) for every chunk; chunk_offsets: [N+1] int32 first global chunk of each
+    sequence. Chunks never straddle two sequences.
+    """
+    cu_seqlens: torch.Tensor
+    chunk_indices: torch.Tensor
+    chunk_offsets: torch.Tensor
+    num_seqs: int
+    num_chunks: int
+    chunk_size: int
+
+
+def make_layout(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor], chunk_size: int,
+                device: torch.device) -> SeqLayout:
+    if cu_seqlens is None:
+        # Equal lengths: everything is arithmetic, no host sync.
+        nt = (seqlen + chunk_size - 1) // chunk_size
+        cu = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * seqlen
+        seq = torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(nt)
+        chk = torch.arange(nt, device=device, dtype=torch.int32).repeat(batch)
+        offsets = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * nt
+        return SeqLayout(cu, torch.stack([seq, chk], 1).contiguous(), offsets, batch, batch * nt,
+                         chunk_size)
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    nts = [(int(n) + chunk_size - 1) // chunk_size for n in lens.tolist()]
+    n = len(nts)
+    offsets = [0]
+    for c in nts:
+        offsets.append(offsets[-1] + c)
+    seq = [i for i, c in enumerate(nts) for _ in range(c)]
+    chk = [j for c in nts for j in range(c)]
+    idx = torch.tensor(list(zip(seq, chk)) or [], dtype=torch.int32, device=device).reshape(-1, 2)
+    return SeqLayout(cu_seqlens.to(device=device, dtype=torch.int32).contiguous(), idx.contiguous(),
+                     torch.tensor(offsets, dtype=torch.int32, device=device), n, offsets[-1],
+                     chunk_size)
+
+
+def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, but NaN-filled when CLTK_KERNELS_POISON=1 (tests) so unwritten outputs fail."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("CLTK_KERNELS_POISON", "0") == "1" and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """L2-normalise the last dim in fp32 (the delta rule needs ||k|| = 1 for stability)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def gdn_gate(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """Log-decay of Gated DeltaNet: g = -exp(A_log) * softplus(a + dt_bias), in fp32.
+
+    a: [B, T, H]; A_log, dt_bias: [H]. https://arxiv.org/abs/2412.06464
+    """
+    return -A_log.float().exp() * torch.nn.functional.softplus(a.float() + dt_bias.float())
+
+
+def split_seqs(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int):
+    """List of (batch index, start, end) triples that the token loops of the references walk."""
+    if cu_seqlens is None:
+        return [(b, 0, seqlen) for b in range(batch)]
+    cu = cu_seqlens.tolist()
+    return [(0, cu[i], cu[i + 1]) for i in range(len(cu) - 1)]

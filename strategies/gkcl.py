@@ -1,0 +1,197 @@
+"""Generative kernel continual learning (GKCL): Derakhshani, Zhen, Shao, Snoek, 2021,
+https://arxiv.org/abs/2112.13410.
+
+No public code of GKCL exists: this strategy is our reconstruction from the paper. It is KCL
+(`kcl.KCL`, same extractor, same per-task kernel machines, linear kernel by default) without
+coresets: a conditional VAE (`cvae.ConditionalVAE`) generates each task's support set when the
+task is evaluated, so the memory is the generator's weights and does not grow with the tasks.
+
+- Training support (the task's real data is available while it is learned):
+  ``support="sample"`` draws ``support_per_class`` real samples per class at every step (nothing
+  is kept afterwards), the batch is the query; ``support="batch"`` splits the batch in halves.
+- Supervised contrastive regularisation (`supcon.SupConLoss`) on the normalised features of
+  support and query, weighted by ``supcon_weight``, keeps the features (and thus the generated
+  supports) class-discriminative.
+- After the extractor has learned task t, the generator is trained on t's data, mixed with
+  samples of all earlier (task, class) conditions from a frozen copy of itself (generative
+  replay on the generator only, Shin et al. 2017, https://arxiv.org/abs/1705.08690); the real and
+  replayed losses are weighted by the share of new and old conditions.
+- The generator is conditioned on (task, class) pairs, not on classes alone, so that streams
+  whose tasks share class ids (permuted / rotated) get one support set per task.
+- ``generator_space="pixel"`` (default) generates raw inputs that go through the current
+  extractor; ``"feature"`` generates extractor features directly (smaller generator, but the
+  features of earlier tasks are those of the extractor at the time they were learned).
+- Evaluation draws ``generated_per_class`` samples per class with a noise seed fixed per task, so
+  predictions are deterministic and a resumed run predicts exactly as the original.
+
+``memory_bytes()`` = bytes of the generator's parameters and buffers (nothing else is kept).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from cl_toolkit.errors import ConfigError, NonFiniteLossError
+from cl_toolkit.strategy import RunContext, tensor_bytes
+from cl_toolkit.stream import Task, TaskStream, TensorData
+
+from .cvae import ConditionalVAE
+from .kcl import KCL
+from .supcon import SupConLoss
+
+
+class GKCL(KCL):
+    name = "gkcl"
+    support_modes = ("sample", "batch")
+
+    def __init__(self, kernel: str = "linear", support: str = "sample",
+                 support_per_class: int = 20, generated_per_class: int = 20,
+                 generator_space: str = "pixel", z_dim: int = 32,
+                 generator_hidden: Sequence[int] = (400,), likelihood: str | None = None,
+                 generator_epochs: int = 5, generator_batch_size: int = 64,
+                 generator_lr: float = 1e-3, supcon_weight: float = 0.1,
+                 supcon_temperature: float = 0.1, num_features: int = 1024,
+                 bandwidth: float = 1.0, tau: float = 1e-4, lambda_init: float = 0.1,
+                 lambda_min: float = 0.01, vrf_hidden: int = 256, epochs: int = 1,
+                 batch_size: int = 10, lr: float = 0.1, lr_decay: float = 0.5,
+                 lr_min: float = 5e-5, optimizer: str = "sgd", momentum: float = 0.8,
+                 weight_decay: float = 0.0, eval_batch_size: int = 1024):
+        super().__init__(kernel=kernel, coreset_per_class=support_per_class,
+                         num_features=num_features, bandwidth=bandwidth, tau=tau,
+                         lambda_init=lambda_init, lambda_min=lambda_min, vrf_hidden=vrf_hidden,
+                         support=support, epochs=epochs, batch_size=batch_size, lr=lr,
+                         lr_decay=lr_decay, lr_min=lr_min, optimizer=optimizer,
+                         momentum=momentum, weight_decay=weight_decay,
+                         eval_batch_size=eval_batch_size)
+        if generator_space not in ("pixel", "feature"):
+            raise ConfigError(f"generator_space={generator_space!r}; choose 'pixel' or 'feature'.")
+        if likelihood is None:
+            likelihood = "bernoulli" if generator_space == "pixel" else "gaussian"
+        if generator_space == "feature" and likelihood == "bernoulli":
+            raise ConfigError("likelihood='bernoulli' needs data in [0, 1]; extractor features "
+                              "are not: use likelihood='gaussian' with generator_space='feature'.")
+        if generated_per_class < 1:
+            raise ConfigError(f"generated_per_class must be at least 1, got {generated_per_class}.")
+        self.generated_per_class, self.generator_space = generated_per_class, generator_space
+        self.generator_kwargs = dict(z_dim=z_dim, hidden=tuple(generator_hidden),
+                                     likelihood=likelihood)
+        self.generator_epochs, self.generator_batch_size = generator_epochs, generator_batch_size
+        self.generator_lr, self.supcon_weight = generator_lr, supcon_weight
+        self.supcon = SupConLoss(supcon_temperature)
+
+    def setup(self, stream: TaskStream, model: nn.Module, ctx: RunContext) -> None:
+        super().setup(stream, model, ctx)
+        sizes = [len(t.classes) for t in stream]
+        # Condition id of (task t, local class c) = offset[t] + c.
+        self.cond_offset = [sum(sizes[:i]) for i in range(len(sizes))]
+        shape = stream.input_shape if self.generator_space == "pixel" else (model.feat_dim,)
+        self.generator = ConditionalVAE(shape, sum(sizes), **self.generator_kwargs).to(ctx.device)
+        self.generator.eval()
+
+    # ----------------------------------------------------------------------------- learning
+    def begin_task(self, task: Task) -> TensorData:
+        data = task.train
+        if self.generator_space == "pixel" and self.generator.likelihood == "bernoulli":
+            lo, hi = float(data.x.min()), float(data.x.max())
+            if lo < 0 or hi > 1:
+                raise ConfigError(
+                    f"Task {task.index} ({task.name!r}) has inputs in [{lo:.3g}, {hi:.3g}] but "
+                    "likelihood='bernoulli' needs pixels in [0, 1]; set "
+                    "strategy.likelihood=gaussian or use unnormalised pixels."
+                )
+        if self.support == "sample":
+            m, idx = self.coreset_per_class, []
+            for c in task.classes:
+                ic = (data.y == c).nonzero().flatten()
+                if len(ic) < m:
+                    raise ConfigError(
+                        f"support_per_class={m} but class {c} of task {task.index} "
+                        f"({task.name!r}) has only {len(ic)} training samples; lower it."
+                    )
+                idx.append(ic)
+            # [C, max_n] index table, padded; padded slots are never drawn (see support_query).
+            self._table = nn.utils.rnn.pad_sequence(idx, batch_first=True)
+            self._pad = nn.utils.rnn.pad_sequence(
+                [torch.zeros(len(i), dtype=torch.bool) for i in idx], batch_first=True,
+                padding_value=True)
+            self._train = data
+        return data
+
+    def support_query(self, task: Task, x: torch.Tensor, y: torch.Tensor):
+        if self.support != "sample":
+            return super().support_query(task, x, y)
+        # m distinct random samples per class: the m smallest of uniform scores per row.
+        r = torch.rand(self._table.shape, generator=self.ctx.generator).masked_fill(self._pad, 2.0)
+        pick = self._table.gather(1, r.topk(self.coreset_per_class, 1, largest=False).indices)
+        pick = pick.flatten()
+        dev = self.ctx.device
+        return self._train.x[pick].to(dev), self._train.y[pick].to(dev), x, y
+
+    def extra_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:
+        if self.supcon_weight == 0:
+            return 0.0
+        return self.supcon_weight * self.supcon(h, y)
+
+    def conditions(self, task: Task, y: torch.Tensor) -> torch.Tensor:
+        """Generator condition ids ``[N]`` of global labels ``y`` of ``task``."""
+        return self.cond_offset[task.index] + self.local_labels(task).to(y.device)[y]
+
+    def end_task(self, task: Task, train: TensorData) -> None:
+        """Train the generator on the task's data plus replay of all earlier conditions."""
+        self._table = self._pad = self._train = None
+        ctx, gen, dev = self.ctx, self.generator, self.ctx.device
+        x = train.x if self.generator_space == "pixel" else self.features(train.x, task.index)
+        data = TensorData(x.cpu(), self.conditions(task, train.y))
+        n_old = self.cond_offset[task.index]
+        old = copy.deepcopy(gen).eval() if n_old > 0 else None
+        w_new = len(task.classes) / (len(task.classes) + n_old)
+        opt = torch.optim.Adam(gen.parameters(), lr=self.generator_lr)
+        gen.train()
+        for epoch in range(self.generator_epochs):
+            for step, (xb, cb, _) in enumerate(data.batches(self.generator_batch_size,
+                                                            ctx.generator, True)):
+                loss = gen.loss(xb.to(dev), cb.to(dev))
+                if old is not None:
+                    cr = torch.randint(n_old, (len(cb),), generator=ctx.generator).to(dev)
+                    loss = w_new * loss + (1 - w_new) * gen.loss(old.sample(cr, ctx.generator), cr)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"gkcl: generator loss became {loss.item()} in task {task.index} "
+                        f"({task.name!r}), generator epoch {epoch}, step {step}. Results of the "
+                        "tasks finished before it are saved. Lower strategy.generator_lr or "
+                        "check the inputs for NaN/Inf."
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        gen.eval()
+
+    # ---------------------------------------------------------------------------- inference
+    def support_features(self, ti: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generated support of task ``ti``: features ``[C_t * n, d]``, global labels."""
+        task, n, dev = self.stream[ti], self.generated_per_class, self.ctx.device
+        local = torch.arange(len(task.classes), device=dev).repeat_interleave(n)
+        noise = torch.Generator().manual_seed(self.ctx.seed * 1_000_003 + ti)
+        x = self.generator.sample(self.cond_offset[ti] + local, noise)
+        if not torch.isfinite(x).all():
+            raise NonFiniteLossError(
+                f"gkcl: the generator produced NaN/Inf samples for the support of task {ti} "
+                f"({task.name!r}); its training diverged. Lower strategy.generator_lr."
+            )
+        h = self.features(x, ti) if self.generator_space == "pixel" else x
+        return h, torch.tensor(task.classes, device=dev)[local]
+
+    # -------------------------------------------------------------------- state and memory
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "generator": self.generator.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.generator.load_state_dict(state["generator"])
+        self.generator.eval()
+
+    def memory_bytes(self) -> int:
+        return tensor_bytes(*self.generator.parameters(), *self.generator.buffers())

@@ -1,0 +1,81 @@
+"""Experience replay with a class-balanced buffer of at most ``buffer_size`` samples.
+
+Each training step adds a batch drawn from the buffer to the current batch. After a task the
+buffer is rebuilt so every class seen so far gets an equal share of the budget; within a class
+the kept samples are a uniform random subset (reservoir sampling, done in one draw since the
+whole task is in memory).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cl_toolkit.stream import Task, TensorData
+from cl_toolkit.strategy import SupervisedStrategy, tensor_bytes
+
+
+class ClassBalancedBuffer:
+    """A fixed budget in samples, split evenly over classes (the remainder goes to the first
+    classes in id order)."""
+
+    def __init__(self, size: int):
+        if size < 0:
+            raise ValueError(f"buffer_size must be >= 0; got {size}.")
+        self.size = size
+        self.data: TensorData | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.data is None else len(self.data)
+
+    def update(self, new: TensorData, generator: torch.Generator) -> None:
+        pool = new if self.data is None else TensorData.cat([self.data, new])
+        classes = pool.y.unique(sorted=True)
+        quota = [self.size // len(classes) + (i < self.size % len(classes))
+                 for i in range(len(classes))]
+        keep = []
+        for c, q in zip(classes.tolist(), quota):
+            idx = (pool.y == c).nonzero().squeeze(1)
+            keep.append(idx[torch.randperm(len(idx), generator=generator)[:q]])
+        self.data = pool.subset(torch.cat(keep))
+
+    def sample(self, n: int, generator: torch.Generator) -> TensorData:
+        idx = torch.randint(len(self.data), (n,), generator=generator)
+        return self.data.subset(idx)
+
+    def nbytes(self) -> int:
+        return 0 if self.data is None else tensor_bytes(self.data.x, self.data.y, self.data.t)
+
+
+class Replay(SupervisedStrategy):
+    name = "replay"
+
+    def __init__(self, buffer_size: int = 200, replay_batch_size: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.buffer = ClassBalancedBuffer(buffer_size)
+        self.replay_batch_size = replay_batch_size
+
+    def loss(self, x, y, t, task: Task) -> torch.Tensor:
+        if len(self.buffer):
+            mem = self.buffer.sample(self.replay_batch_size or x.shape[0], self.ctx.generator)
+            dev = x.device
+            x = torch.cat([x, mem.x.to(dev)])
+            y = torch.cat([y, mem.y.to(dev)])
+            t = torch.cat([t, mem.t.to(dev)])
+        return F.cross_entropy(self.model(x, t if self.model.uses_task_id else None), y)
+
+    def after_task(self, task: Task) -> None:
+        self.buffer.update(task.train, self.ctx.generator)
+
+    def memory_bytes(self) -> int:
+        return self.buffer.nbytes()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        b = self.buffer.data
+        state["buffer"] = None if b is None else {"x": b.x, "y": b.y, "t": b.t}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        b = state["buffer"]
+        self.buffer.data = None if b is None else TensorData(b["x"], b["y"], b["t"])

@@ -1,0 +1,61 @@
+"""Metrics against matrices worked out by hand."""
+import math
+
+import numpy as np
+import pytest
+
+from cl_toolkit import metrics
+
+# R[i, j]: accuracy on task j after task i. b: before training.
+R3 = [[0.9, 0.1, 0.2],
+      [0.6, 0.8, 0.3],
+      [0.7, 0.5, 0.9]]
+B3 = [0.1, 0.2, 0.25]
+
+
+def test_three_tasks_by_hand():
+    s = metrics.summary(R3, B3)
+    assert s["acc"] == pytest.approx((0.7 + 0.5 + 0.9) / 3)
+    # BWT: ((0.7-0.9) + (0.5-0.8)) / 2
+    assert s["bwt"] == pytest.approx(-0.25)
+    # FWT: ((R[0,1]-b1) + (R[1,2]-b2)) / 2 = ((0.1-0.2) + (0.3-0.25)) / 2
+    assert s["fwt"] == pytest.approx(-0.025)
+    # Forgetting: task0 max(0.9, 0.6) - 0.7 = 0.2; task1 max(0.1, 0.8) - 0.5 = 0.3
+    assert s["forgetting_per_task"] == pytest.approx([0.2, 0.3])
+    assert s["forgetting"] == pytest.approx(0.25)
+    assert s["learning_acc"] == pytest.approx((0.9 + 0.8 + 0.9) / 3)
+    assert s["running_acc"] == pytest.approx([0.9, 0.7, 0.7])
+
+
+def test_max_based_forgetting_differs_from_avalanche_style():
+    # Accuracy on task 0 rises after task 1, then drops: the max is 0.95, not R[0,0] = 0.5.
+    R = [[0.5, 0.0, 0.0], [0.95, 0.9, 0.0], [0.6, 0.9, 0.8]]
+    assert metrics.forgetting_per_task(R)[0] == pytest.approx(0.35)
+    assert -metrics.backward_transfer(R) == pytest.approx(((0.5 - 0.6) + 0.0) / 2)
+
+
+def test_single_task_edge_case():
+    s = metrics.summary([[0.8]], [0.1])
+    assert s["acc"] == 0.8 and s["learning_acc"] == 0.8
+    assert s["bwt"] is None and s["fwt"] is None and s["forgetting"] is None
+    assert s["forgetting_per_task"] == [] and s["running_acc"] == [0.8]
+
+
+def test_two_tasks_edge_case():
+    s = metrics.summary([[0.9, 0.3], [0.4, 0.8]], [0.5, 0.2])
+    assert s["acc"] == pytest.approx(0.6)
+    assert s["bwt"] == pytest.approx(-0.5)
+    assert s["fwt"] == pytest.approx(0.1)
+    assert s["forgetting"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("bad", [[], [[0.1, 0.2]], np.zeros((2, 3))])
+def test_non_square_matrix_is_refused(bad):
+    with pytest.raises(ValueError, match="square"):
+        metrics.accuracy(bad)
+
+
+def test_before_row_length_checked():
+    with pytest.raises(ValueError, match="3 entries"):
+        metrics.forward_transfer(R3, [0.1, 0.2])
+    assert not math.isnan(metrics.accuracy(R3))
