@@ -20,7 +20,7 @@ from .store import RESULTS, read_json
 
 COLUMNS = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forgetting (max)"),
            ("learning_acc", "Learning acc")]
-GROUP_EXCLUDE = {"seed", "resume", "overwrite", "quiet", "output_root", "tensorboard"}
+GROUP_EXCLUDE = {"seed", "resume", "overwrite", "quiet", "output_root", "tensorboard", "threads"}
 
 
 def find_results(paths) -> list[Path]:

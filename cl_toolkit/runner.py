@@ -27,7 +27,7 @@ from .stream import Task, TaskStream
 
 FORMAT = 1
 # Keys that do not change what a run computes: a resumed run may differ in them.
-NON_SEMANTIC_KEYS = ("resume", "quiet", "output_root", "tensorboard", "overwrite")
+NON_SEMANTIC_KEYS = ("resume", "quiet", "output_root", "tensorboard", "overwrite", "threads")
 
 
 def semantic_config(cfg: dict) -> dict:
@@ -130,6 +130,8 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
             if old != new:
                 raise ResumeError(_config_diff_message(store.root, old, new))
 
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
     seed = int(cfg.get("seed", 0))
     seed_everything(seed)
     device = torch.device(cfg.get("device", "cpu"))

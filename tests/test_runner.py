@@ -1,0 +1,151 @@
+"""Runner, run store and resume: determinism, atomic commits, refusals, NaN stops."""
+import json
+
+import pytest
+import torch
+
+from cl_toolkit import registry
+from cl_toolkit.errors import ConfigError, NonFiniteLossError, ResumeError
+from cl_toolkit.runner import build_model, build_stream, run
+from cl_toolkit.strategy import Hooks
+
+
+def cfg(**strategy):
+    return {"seed": 0, "benchmark": {"name": "split_digits", "scenario": "class-il"},
+            "model": {"name": "mlp", "hidden": [32]},
+            "strategy": {"name": "naive", "epochs": 2, "batch_size": 32, "lr": 0.1, **strategy}}
+
+
+def strip_timings(results):
+    return {k: v for k, v in results.items() if k != "timings"}
+
+
+def test_results_have_full_matrix_and_metrics(tmp_path):
+    r = run(cfg(), tmp_path)
+    assert r["status"] == "done" and r["finished_tasks"] == 5
+    assert len(r["before"]) == 5 and len(r["matrix"]) == 5
+    assert all(len(row) == 5 for row in r["matrix"])
+    assert len(r["timings"]["train_s"]) == 5 and r["memory_bytes"] == [0] * 5
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["matrix"] == r["matrix"] and on_disk["config"] == r["config"]
+    # Naive fine-tuning in class-il forgets the earlier tasks almost entirely.
+    assert r["metrics"]["forgetting"] > 0.5 and r["matrix"][-1][-1] > 0.7
+
+
+def test_same_seed_gives_identical_results(tmp_path):
+    a = run(cfg(), tmp_path / "a")
+    b = run(cfg(), tmp_path / "b")
+    assert strip_timings(a) == strip_timings(b)
+    ja = json.loads((tmp_path / "a" / "results.json").read_text())
+    jb = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert strip_timings(ja) == strip_timings(jb)
+    c = run({**cfg(), "seed": 1}, tmp_path / "c")
+    assert c["matrix"] != a["matrix"]
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    full = run(cfg(name="replay", buffer_size=50), tmp_path / "full")
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_third_task(strategy, task, epoch, step, loss):
+        if task.index == 2 and step == 3:
+            raise Stop
+
+    hooks = Hooks(after_batch=[stop_in_third_task])
+    with pytest.raises(Stop):
+        run(cfg(name="replay", buffer_size=50), tmp_path / "cut", hooks=hooks)
+    partial = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert partial["status"] == "running" and partial["finished_tasks"] == 2
+    resumed = run({**cfg(name="replay", buffer_size=50), "resume": True}, tmp_path / "cut")
+    assert strip_timings(resumed) == strip_timings({**full, "config": resumed["config"]})
+    assert resumed["matrix"] == full["matrix"]
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path):
+    run(cfg(), tmp_path)
+    with pytest.raises(ResumeError, match="resume=true"):
+        run(cfg(), tmp_path)
+    run({**cfg(), "overwrite": True}, tmp_path)
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    run(cfg(), tmp_path)
+    with pytest.raises(ResumeError, match=r"strategy\.lr: 0\.1 -> 0\.2"):
+        run({**cfg(lr=0.2), "resume": True}, tmp_path)
+
+
+def test_corrupt_results_and_checkpoint_are_reported(tmp_path):
+    run(cfg(), tmp_path)
+    (tmp_path / "results.json").write_text('{"matrix": [[0.1, ')
+    with pytest.raises(ResumeError, match="results.json is corrupt or truncated"):
+        run({**cfg(), "resume": True}, tmp_path)
+    (tmp_path / "results.json").unlink()
+    data = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ResumeError, match="checkpoint.pt is corrupt or truncated"):
+        run({**cfg(), "resume": True}, tmp_path)
+
+
+def test_nan_loss_stops_with_task_epoch_step_and_keeps_finished_tasks(tmp_path):
+    def poison(strategy, task):
+        if task.index == 1:
+            with torch.no_grad():
+                next(strategy.model.parameters()).fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match=r"task 1 .*epoch 0, step 0"):
+        run(cfg(), tmp_path, hooks=Hooks(before_task=[poison]))
+    kept = json.loads((tmp_path / "results.json").read_text())
+    assert kept["finished_tasks"] == 1
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ConfigError, match="Unknown strategy 'naiv'. Did you mean 'naive'"):
+        registry.build("strategy", "naiv")
+    with pytest.raises(ConfigError, match="Valid stream names: .*split_digits"):
+        build_stream({"benchmark": {"name": "nope"}})
+    stream = build_stream(cfg())
+    with pytest.raises(ConfigError, match="Unknown model 'resnet'.*resnet18_reduced"):
+        build_model({"model": {"name": "resnet"}}, stream)
+
+
+def test_misspelt_config_key_names_the_key_and_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"strategy\.lrr\. Did you mean 'lr'"):
+        run(cfg(lrr=0.1), tmp_path)
+    with pytest.raises(ConfigError, match=r"model\.hiden"):
+        run({**cfg(), "model": {"name": "mlp", "hiden": [3]}}, tmp_path / "b")
+
+
+def test_replay_buffer_is_class_balanced_and_counted(tmp_path):
+    r = run(cfg(name="replay", buffer_size=200, epochs=4), tmp_path)
+    assert r["memory_bytes"][-1] > 0
+    from cl_toolkit.strategies.replay import ClassBalancedBuffer
+    from cl_toolkit.stream import TensorData
+
+    buf = ClassBalancedBuffer(10)
+    g = torch.Generator().manual_seed(0)
+    buf.update(TensorData(torch.randn(40, 2), torch.arange(40) % 2), g)
+    assert sorted(buf.data.y.tolist()) == [0] * 5 + [1] * 5
+    buf.update(TensorData(torch.randn(40, 2), 2 + torch.arange(40) % 3), g)
+    counts = torch.bincount(buf.data.y).tolist()
+    assert counts == [2, 2, 2, 2, 2]
+    # Replay beats naive fine-tuning in class-il.
+    naive = run(cfg(epochs=4), tmp_path / "naive")
+    assert r["metrics"]["acc"] > naive["metrics"]["acc"] + 0.25
+
+
+def test_multi_head_and_task_masks(tmp_path):
+    stream = build_stream({**cfg(), "benchmark": {"name": "split_digits"}})
+    model = build_model({"model": {"name": "mlp", "hidden": [8], "heads": "multi"}}, stream)
+    x = torch.randn(4, 1, 8, 8)
+    t = torch.tensor([0, 1, 2, 4])
+    logits = model(x, t)
+    h = model.features(x)
+    for i in range(4):
+        task = stream[int(t[i])]
+        w = model.head.weight.view(5, 10, -1)[t[i]]
+        b = model.head.bias.view(5, 10)[t[i]]
+        expected = torch.full((10,), float("-inf"))
+        expected[list(task.classes)] = (h[i] @ w.T + b)[list(task.classes)]
+        assert torch.allclose(logits[i], expected)
