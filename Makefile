@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/cltk run -m benchmark=split_digits benchmark.scenario=class-il \
-		strategy=naive,replay,joint seed=0,1 quiet=true output_root=$(DEMO_DIR)
+		strategy=naive,replay,joint seed=0,1 threads=1 quiet=true output_root=$(DEMO_DIR)
 	$(BIN)/cltk report $(DEMO_DIR)/sweep
 	@echo "Open $(DEMO_DIR)/sweep/report.html"
 

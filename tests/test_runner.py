@@ -149,3 +149,15 @@ def test_multi_head_and_task_masks(tmp_path):
         expected = torch.full((10,), float("-inf"))
         expected[list(task.classes)] = (h[i] @ w.T + b)[list(task.classes)]
         assert torch.allclose(logits[i], expected)
+
+
+def test_tensorboard_logging_writes_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    run({**cfg(epochs=1), "tensorboard": True}, tmp_path)
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("acc")] == [0, 1, 2, 3, 4]
