@@ -136,6 +136,7 @@ def _figures(groups: dict[str, list[dict]]) -> dict[str, bytes]:
         ax.plot(x, arr.mean(0), marker="o", label=label)
         ax.fill_between(x, arr.mean(0) - arr.std(0), arr.mean(0) + arr.std(0), alpha=0.2)
     ax.set(xlabel="tasks learned", ylabel="running ACC (%)", title="Running accuracy")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
     figs["running_acc.png"] = png(fig)
 
@@ -147,9 +148,11 @@ def _figures(groups: dict[str, list[dict]]) -> dict[str, bytes]:
         if k == 0:
             continue
         arr = np.asarray([p[:k] for p in per]) * 100
-        ax.bar(np.arange(k) + i * width, arr.mean(0), width, yerr=arr.std(0), label=label)
+        offset = (i - (len(groups) - 1) / 2) * width
+        ax.bar(np.arange(k) + offset, arr.mean(0), width, yerr=arr.std(0), label=label)
     ax.set(xlabel="task", ylabel="forgetting (%, max-based)", title="Forgetting per task")
-    ax.legend(fontsize=7)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7, loc="best")
     figs["forgetting.png"] = png(fig)
 
     for i, (label, runs) in enumerate(groups.items()):
