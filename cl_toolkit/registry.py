@@ -24,6 +24,13 @@ BUILTINS: dict[str, dict[str, str]] = {
         "joint": "cl_toolkit.strategies.joint:Joint",
         "replay": "cl_toolkit.strategies.replay:Replay",
         "avalanche": "cl_toolkit.strategies.avalanche:AvalancheStrategy",
+        "kcl": "cl_toolkit.strategies.kcl:KCL",
+        "gkcl": "cl_toolkit.strategies.gkcl:GKCL",
+        "merge_average": "cl_toolkit.merging.strategies:MergeAverage",
+        "merge_ta": "cl_toolkit.merging.strategies:MergeTA",
+        "merge_ties": "cl_toolkit.merging.strategies:MergeTIES",
+        "opcm": "cl_toolkit.merging.strategies:OPCM",
+        "atlas": "cl_toolkit.merging.strategies:ATLAS",
     },
     "stream": {
         "split_digits": "cl_toolkit.benchmarks.digits:split_digits",
@@ -37,6 +44,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "mlp": "cl_toolkit.models:MLP",
         "cnn": "cl_toolkit.models:SmallCNN",
         "resnet18_reduced": "cl_toolkit.models:ReducedResNet18",
+        "mom": "cl_toolkit.kernels.backbones:MoMImageClassifierBackbone",
     },
 }
 
@@ -77,13 +85,26 @@ def resolve(kind: str, name: str) -> Any:
     raise unknown_name(kind, name, names(kind))
 
 
+def accepted_kwargs(fn: Callable) -> list[str] | None:
+    """Keyword names ``fn`` accepts; for a class whose ``__init__`` forwards ``**kwargs`` to its
+    parent, the parents' names too. ``None`` when anything goes."""
+    inits = [c.__init__ for c in fn.__mro__ if "__init__" in vars(c)] if isinstance(fn, type) \
+        else [fn]
+    names: list[str] = []
+    for init in inits:
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.name != "self"
+                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
 def check_kwargs(fn: Callable, kwargs: dict, where: str) -> None:
     """Refuse keyword arguments that ``fn`` does not take, naming the closest valid ones."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    valid = accepted_kwargs(fn)
+    if valid is None:
         return
-    valid = [n for n, p in params.items()
-             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
     for key in kwargs:
         if key not in valid:
             raise ConfigError(

@@ -161,3 +161,9 @@ def test_tensorboard_logging_writes_events(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("acc")] == [0, 1, 2, 3, 4]
+
+
+def test_misspelt_key_of_a_subclass_forwarding_kwargs(tmp_path):
+    # Replay forwards **kwargs to SupervisedStrategy: both signatures are checked.
+    with pytest.raises(ConfigError, match=r"strategy\.epoch\. Did you mean 'epochs'"):
+        run(cfg(name="replay", epoch=3), tmp_path)
