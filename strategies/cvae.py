@@ -53,7 +53,9 @@ class ConditionalVAE(nn.Module):
         hidden = list(hidden)
         self.encoder = _mlp([self.data_dim + num_classes, *hidden, 2 * z_dim])
         self.decoder = _mlp([z_dim + num_classes, *hidden[::-1], self.data_dim])
-        self.prior_mu = nn.Parameter(torch.zeros(num_classes, z_dim))
+        # Prior means start apart (N(0, I) draws) so that the classes are separated in z-space
+        # from the first step instead of all sharing N(0, I).
+        self.prior_mu = nn.Parameter(torch.randn(num_classes, z_dim))
         self.prior_logvar = nn.Parameter(torch.zeros(num_classes, z_dim))
         if likelihood == "gaussian":
             self.log_scale = nn.Parameter(torch.zeros(()))

@@ -58,14 +58,15 @@ class GKCL(KCL):
                  lambda_min: float = 0.01, vrf_hidden: int = 256, epochs: int = 1,
                  batch_size: int = 10, lr: float = 0.1, lr_decay: float = 0.5,
                  lr_min: float = 5e-5, optimizer: str = "sgd", momentum: float = 0.8,
-                 weight_decay: float = 0.0, eval_batch_size: int = 1024):
+                 weight_decay: float = 0.0, feature_norm: str = "l2",
+                 eval_batch_size: int = 1024):
         super().__init__(kernel=kernel, coreset_per_class=support_per_class,
                          num_features=num_features, bandwidth=bandwidth, tau=tau,
                          lambda_init=lambda_init, lambda_min=lambda_min, vrf_hidden=vrf_hidden,
                          support=support, epochs=epochs, batch_size=batch_size, lr=lr,
                          lr_decay=lr_decay, lr_min=lr_min, optimizer=optimizer,
                          momentum=momentum, weight_decay=weight_decay,
-                         eval_batch_size=eval_batch_size)
+                         feature_norm=feature_norm, eval_batch_size=eval_batch_size)
         if generator_space not in ("pixel", "feature"):
             raise ConfigError(f"generator_space={generator_space!r}; choose 'pixel' or 'feature'.")
         if likelihood is None:
@@ -75,6 +76,7 @@ class GKCL(KCL):
                               "are not: use likelihood='gaussian' with generator_space='feature'.")
         if generated_per_class < 1:
             raise ConfigError(f"generated_per_class must be at least 1, got {generated_per_class}.")
+        self.support_per_class = support_per_class
         self.generated_per_class, self.generator_space = generated_per_class, generator_space
         self.generator_kwargs = dict(z_dim=z_dim, hidden=tuple(generator_hidden),
                                      likelihood=likelihood)
@@ -90,8 +92,8 @@ class GKCL(KCL):
         shape = stream.input_shape if self.generator_space == "pixel" else (model.feat_dim,)
         self.generator = ConditionalVAE(shape, sum(sizes), **self.generator_kwargs).to(ctx.device)
         self.generator.eval()
+        self.support_seed = ctx.seed  # saved with the state: a resumed run draws the same supports
 
-    # ----------------------------------------------------------------------------- learning
     def begin_task(self, task: Task) -> TensorData:
         data = task.train
         if self.generator_space == "pixel" and self.generator.likelihood == "bernoulli":
@@ -103,7 +105,7 @@ class GKCL(KCL):
                     "strategy.likelihood=gaussian or use unnormalised pixels."
                 )
         if self.support == "sample":
-            m, idx = self.coreset_per_class, []
+            m, idx = self.support_per_class, []
             for c in task.classes:
                 ic = (data.y == c).nonzero().flatten()
                 if len(ic) < m:
@@ -117,7 +119,8 @@ class GKCL(KCL):
             self._pad = nn.utils.rnn.pad_sequence(
                 [torch.zeros(len(i), dtype=torch.bool) for i in idx], batch_first=True,
                 padding_value=True)
-            self._train = data
+            dev = self.ctx.device
+            self._train = TensorData(data.x.to(dev), data.y.to(dev))
         return data
 
     def support_query(self, task: Task, x: torch.Tensor, y: torch.Tensor):
@@ -125,10 +128,9 @@ class GKCL(KCL):
             return super().support_query(task, x, y)
         # m distinct random samples per class: the m smallest of uniform scores per row.
         r = torch.rand(self._table.shape, generator=self.ctx.generator).masked_fill(self._pad, 2.0)
-        pick = self._table.gather(1, r.topk(self.coreset_per_class, 1, largest=False).indices)
+        pick = self._table.gather(1, r.topk(self.support_per_class, 1, largest=False).indices)
         pick = pick.flatten()
-        dev = self.ctx.device
-        return self._train.x[pick].to(dev), self._train.y[pick].to(dev), x, y
+        return self._train.x[pick], self._train.y[pick], x, y
 
     def extra_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:
         if self.supcon_weight == 0:
@@ -144,7 +146,7 @@ class GKCL(KCL):
         self._table = self._pad = self._train = None
         ctx, gen, dev = self.ctx, self.generator, self.ctx.device
         x = train.x if self.generator_space == "pixel" else self.features(train.x, task.index)
-        data = TensorData(x.cpu(), self.conditions(task, train.y))
+        data = TensorData(x, self.conditions(task, train.y))
         n_old = self.cond_offset[task.index]
         old = copy.deepcopy(gen).eval() if n_old > 0 else None
         w_new = len(task.classes) / (len(task.classes) + n_old)
@@ -153,7 +155,7 @@ class GKCL(KCL):
         for epoch in range(self.generator_epochs):
             for step, (xb, cb, _) in enumerate(data.batches(self.generator_batch_size,
                                                             ctx.generator, True)):
-                loss = gen.loss(xb.to(dev), cb.to(dev))
+                loss = gen.loss(xb, cb)
                 if old is not None:
                     cr = torch.randint(n_old, (len(cb),), generator=ctx.generator).to(dev)
                     loss = w_new * loss + (1 - w_new) * gen.loss(old.sample(cr, ctx.generator), cr)
@@ -169,12 +171,11 @@ class GKCL(KCL):
                 opt.step()
         gen.eval()
 
-    # ---------------------------------------------------------------------------- inference
     def support_features(self, ti: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Generated support of task ``ti``: features ``[C_t * n, d]``, global labels."""
         task, n, dev = self.stream[ti], self.generated_per_class, self.ctx.device
         local = torch.arange(len(task.classes), device=dev).repeat_interleave(n)
-        noise = torch.Generator().manual_seed(self.ctx.seed * 1_000_003 + ti)
+        noise = torch.Generator().manual_seed(self.support_seed * 1_000_003 + ti)
         x = self.generator.sample(self.cond_offset[ti] + local, noise)
         if not torch.isfinite(x).all():
             raise NonFiniteLossError(
@@ -184,13 +185,14 @@ class GKCL(KCL):
         h = self.features(x, ti) if self.generator_space == "pixel" else x
         return h, torch.tensor(task.classes, device=dev)[local]
 
-    # -------------------------------------------------------------------- state and memory
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "generator": self.generator.state_dict()}
+        return {**super().state_dict(), "generator": self.generator.state_dict(),
+                "support_seed": self.support_seed}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.generator.load_state_dict(state["generator"])
+        self.support_seed = state["support_seed"]
         self.generator.eval()
 
     def memory_bytes(self) -> int:

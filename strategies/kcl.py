@@ -7,12 +7,15 @@ by all tasks; every task's classifier is kernel ridge regression on a support se
 extractor drifts.
 
 - ``learn(task)``: take a coreset of ``coreset_per_class`` samples per class *out of* the task's
-  training data and keep it as raw inputs. Train extractor + kernel machine on the rest: every
-  batch is split into support and query, the query is classified by the machine solved on the
+  training data and keep it as raw inputs. Train extractor + kernel machine on the rest: at every
+  step a support and a query are formed, the query is classified by the machine solved on the
   support, loss = CE + tau * KL (the KL is non-zero for the ``vrf`` kernel only).
   ``support="coreset"`` (default) uses the task's coreset as the support and the whole batch as
   the query, as KCL's public reference code does; ``support="batch"`` splits the batch itself in
   two halves (meta-learning style; cheaper, but a 5-sample support is weak at batch size 10).
+- Features are normalised before the kernel (``feature_norm``, default per-sample L2; the
+  reference min-max-normalises each batch, ``batch_minmax``): without it the scale of ReLU
+  features drifts and the shift-invariant kernels collapse to K = I (loss stuck at log C).
 - ``predict(x, task)`` (task-il): rebuild the task's machine from its coreset with the *current*
   extractor and the task's *own* lambda/gamma/beta (the public reference scores every task with
   the current task's values; we do not). Logits are placed at the task's global class ids and
@@ -35,6 +38,24 @@ from cl_toolkit.stream import Task, TaskStream, TensorData
 
 from .kernel_machine import KernelMachine, KernelSolveError, Solution
 
+FEATURE_NORMS = ("none", "l2", "minmax", "batch_minmax")
+
+
+def normalise_features(h: torch.Tensor, how: str) -> torch.Tensor:
+    """Bound the features ``[N, d]`` before the kernel: the scale of raw ReLU features drifts
+    during training, and shift-invariant kernels (rbf, rff, vrf) degenerate to K = I when the
+    distances grow. ``l2``: unit norm per sample; ``minmax``: per sample to [0, 1];
+    ``batch_minmax``: one min and max over the whole batch (what KCL's reference code does; it
+    makes a sample's features depend on the rest of its batch)."""
+    if how == "l2":
+        return F.normalize(h, dim=1)
+    if how == "minmax":
+        lo, hi = h.min(1, keepdim=True).values, h.max(1, keepdim=True).values
+        return (h - lo) / (hi - lo).clamp_min(1e-6)
+    if how == "batch_minmax":
+        return (h - h.min()) / (h.max() - h.min()).clamp_min(1e-6)
+    return h
+
 
 class KCL(Strategy):
     name = "kcl"
@@ -45,10 +66,15 @@ class KCL(Strategy):
                  lambda_min: float = 0.01, vrf_hidden: int = 256, support: str = "coreset",
                  epochs: int = 1, batch_size: int = 10, lr: float = 0.1, lr_decay: float = 0.5,
                  lr_min: float = 5e-5, optimizer: str = "sgd", momentum: float = 0.8,
-                 weight_decay: float = 0.0, eval_batch_size: int = 1024):
+                 weight_decay: float = 0.0, feature_norm: str = "l2",
+                 eval_batch_size: int = 1024):
         if support not in self.support_modes:
             raise ConfigError(f"support={support!r} is not valid for {self.name}; choose one of "
                               f"{', '.join(self.support_modes)}.")
+        if feature_norm not in FEATURE_NORMS:
+            raise ConfigError(f"feature_norm={feature_norm!r}; choose one of "
+                              f"{', '.join(FEATURE_NORMS)}.")
+        self.feature_norm = feature_norm
         if coreset_per_class < 1:
             raise ConfigError(f"coreset_per_class must be at least 1, got {coreset_per_class}.")
         self.kernel, self.coreset_per_class = kernel, coreset_per_class
@@ -68,7 +94,6 @@ class KCL(Strategy):
         self.tasks_seen = 0
         self._solutions: dict[int, Solution] = {}
 
-    # ----------------------------------------------------------------------------- learning
     def current_lr(self) -> float:
         return max(self.lr * self.lr_decay ** self.tasks_seen, self.lr_min)
 
@@ -118,6 +143,8 @@ class KCL(Strategy):
         ctx, model, machine, dev = self.ctx, self.model, self.machine, self.ctx.device
         self._solutions.clear()
         train = self.begin_task(task)
+        if train.x.device != dev:  # one copy per task instead of one per step
+            train = TensorData(train.x.to(dev), train.y.to(dev))
         opt = make_optimizer(self.optimizer_name, self.parameter_groups(), self.current_lr(),
                              self.momentum, self.weight_decay)
         local, n_cls, ti = self.local_labels(task), len(task.classes), task.index
@@ -127,13 +154,15 @@ class KCL(Strategy):
         for epoch in range(self.epochs):
             ctx.hooks.call("before_epoch", strategy=self, task=task, epoch=epoch)
             for step, (x, y, _) in enumerate(train.batches(self.batch_size, ctx.generator, True)):
-                x, y = x.to(dev, non_blocking=True), y.to(dev)
                 xs, ys, xq, yq = self.support_query(task, x, y)
                 xy = torch.cat([xs, xq])
                 h = model.features(xy, torch.full((len(xy),), ti, dtype=torch.long, device=dev))
-                hs, hq = h[:len(xs)], h[len(xs):]
-                eps = (torch.randn(machine.omega_eps.shape, generator=ctx.generator).to(dev)
-                       if vrf else None)
+                hs = normalise_features(h[:len(xs)], self.feature_norm)
+                hq = normalise_features(h[len(xs):], self.feature_norm)
+                h = torch.cat([hs, hq])
+                # Fresh VRF noise on the device from the global RNG (as dropout; the runner
+                # saves and restores that RNG with each checkpoint).
+                eps = torch.randn_like(machine.omega_eps) if vrf else None
                 try:
                     logits, kl = machine(ti, hs, local[ys], hq, n_cls, eps=eps)
                 except KernelSolveError as exc:
@@ -151,6 +180,7 @@ class KCL(Strategy):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                self._solutions.clear()  # a hook may predict: solve with the new extractor
                 if ctx.hooks.after_batch:
                     ctx.hooks.call("after_batch", strategy=self, task=task, epoch=epoch,
                                    step=step, loss=loss)
@@ -162,17 +192,17 @@ class KCL(Strategy):
         self.tasks_seen += 1
         self._solutions.clear()
 
-    # ---------------------------------------------------------------------------- inference
     @torch.no_grad()
     def features(self, x: torch.Tensor, ti: int) -> torch.Tensor:
-        """Extractor features ``[N, d]`` in chunks of ``eval_batch_size`` (no grad)."""
+        """Normalised extractor features ``[N, d]``, computed in chunks of
+        ``eval_batch_size`` (no grad)."""
         dev = self.ctx.device
         parts = []
         for s in range(0, x.shape[0], self.eval_batch_size):
             xb = x[s:s + self.eval_batch_size].to(dev)
             parts.append(self.model.features(
                 xb, torch.full((xb.shape[0],), ti, dtype=torch.long, device=dev)))
-        return torch.cat(parts)
+        return normalise_features(torch.cat(parts), self.feature_norm)
 
     def support_features(self, ti: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Support features ``[S, d]`` and global labels ``[S]`` of learned task ``ti``."""
@@ -193,26 +223,32 @@ class KCL(Strategy):
     @torch.no_grad()
     def predict(self, x: torch.Tensor, task: Task) -> torch.Tensor:
         """Logits ``[B, num_classes]``: the task's machine in task-il; otherwise (extension) the
-        best calibrated logit per class over every learned task's machine."""
+        best calibrated logit per class over every learned task's machine. Safe to call from a
+        training hook: the train/eval mode is restored afterwards."""
+        was_training = self.model.training
         self.model.eval()
-        self.machine.eval()
-        x = x.to(self.ctx.device)
-        out = torch.full((x.shape[0], self.stream.num_classes), float("-inf"), device=x.device)
-        tasks = [task.index] if self.stream.task_il else range(self.tasks_seen)
-        h = None
-        for ti in tasks:
-            cls = torch.tensor(self.stream[ti].classes, device=x.device)
-            if ti >= self.tasks_seen:  # not learned yet (forward-transfer rows): uninformative
-                out[:, cls] = 0.0
-                continue
-            if h is None or self.model.backbone_uses_task_id:
-                h = self.features(x, ti)
-            out[:, cls] = torch.maximum(out[:, cls], self.machine.scores(self.solution(ti), h))
-        if not tasks:
-            out.zero_()
-        return out
+        try:
+            x = x.to(self.ctx.device)
+            out = torch.full((x.shape[0], self.stream.num_classes), float("-inf"),
+                             device=x.device)
+            tasks = [task.index] if self.stream.task_il else range(self.tasks_seen)
+            per_task = getattr(self.model, "backbone_uses_task_id", False)
+            h = None
+            for ti in tasks:
+                cls = torch.tensor(self.stream[ti].classes, device=x.device)
+                if ti >= self.tasks_seen:  # not learned yet (forward-transfer rows): no opinion
+                    out[:, cls] = 0.0
+                    continue
+                if h is None or per_task:
+                    h = self.features(x, ti)
+                scores = self.machine.scores(self.solution(ti), h)
+                out[:, cls] = torch.maximum(out[:, cls], scores)
+            if not tasks:
+                out.zero_()
+            return out
+        finally:
+            self.model.train(was_training)
 
-    # -------------------------------------------------------------------- state and memory
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "machine": self.machine.state_dict(),
                 "tasks_seen": self.tasks_seen,

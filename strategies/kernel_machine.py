@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_toolkit.errors import ClToolkitError, unknown_name
+from cl_toolkit.errors import ClToolkitError, ConfigError, unknown_name
 
 KERNELS = ("linear", "rbf", "rff", "vrf")
-JITTERS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+JITTERS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # relative to the mean diagonal
 
 
 class KernelSolveError(ClToolkitError, RuntimeError):
@@ -54,19 +54,24 @@ def krr_solve(K: torch.Tensor, Y: torch.Tensor, lam: torch.Tensor | float) -> to
     n = K.shape[0]
     eye = torch.eye(n, dtype=K.dtype, device=K.device)
     A = K + lam * eye
-    if not bool(torch.isfinite(A).all()):
+    L, info = torch.linalg.cholesky_ex(A)
+    finite = torch.isfinite(A).all()
+    if bool((info == 0) & finite):  # the one host sync of the common case
+        return torch.cholesky_solve(Y, L)
+    lam_value = float(lam.detach()) if torch.is_tensor(lam) else float(lam)
+    if not bool(finite):
         raise KernelSolveError(
             f"Kernel ridge regression got a {n}x{n} kernel matrix with NaN/Inf entries "
-            f"(lambda={float(lam):.3g}): the features diverged. Lower the learning rate or check "
+            f"(lambda={lam_value:.3g}): the features diverged. Lower the learning rate or check "
             "the inputs for NaN/Inf."
         )
     scale = A.diagonal().abs().mean().detach().clamp_min(1e-12)
-    for jitter in JITTERS:
-        L, info = torch.linalg.cholesky_ex(A + (jitter * scale) * eye if jitter else A)
+    for jitter in JITTERS[1:]:
+        L, info = torch.linalg.cholesky_ex(A + (jitter * scale) * eye)
         if int(info) == 0:
             return torch.cholesky_solve(Y, L)
     raise KernelSolveError(
-        f"Kernel ridge regression failed: the {n}x{n} kernel matrix plus lambda={float(lam):.3g} "
+        f"Kernel ridge regression failed: the {n}x{n} kernel matrix plus lambda={lam_value:.3g} "
         f"is not positive definite even with a jitter of {JITTERS[-1]:g} x its mean diagonal "
         f"({float(scale):.3g}). Raise lambda_min or lower the kernel bandwidth."
     )
@@ -127,8 +132,8 @@ class KernelMachine(nn.Module):
         if kernel not in KERNELS:
             raise unknown_name("kernel", kernel, KERNELS)
         if bandwidth <= 0 or lambda_min <= 0 or num_features <= 0:
-            raise ValueError(f"bandwidth ({bandwidth}), lambda_min ({lambda_min}) and "
-                             f"num_features ({num_features}) must be positive.")
+            raise ConfigError(f"bandwidth ({bandwidth}), lambda_min ({lambda_min}) and "
+                              f"num_features ({num_features}) must be positive.")
         self.kernel, self.feat_dim, self.num_features = kernel, feat_dim, num_features
         self.bandwidth, self.lambda_min = float(bandwidth), float(lambda_min)
         self.raw_lambda = nn.Parameter(torch.full((num_tasks,), float(lambda_init)))

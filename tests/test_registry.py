@@ -26,3 +26,17 @@ def test_config_file_matches_constructor(path):
     assert name == path.stem or name in registry.BUILTINS[kind]
     node.pop("heads", None)
     registry.check_kwargs(registry.resolve(kind, name), node, kind)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiment_composes_with_valid_keys(name):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module("cl_toolkit.conf", version_base=None):
+        cfg = OmegaConf.to_container(compose("config", [f"experiment={name}"]), resolve=False)
+    for group, kind in KIND_OF_GROUP.items():
+        node = dict(cfg[group])
+        target = registry.resolve(kind, node.pop("name"))
+        node.pop("heads", None)
+        registry.check_kwargs(target, node, kind)
