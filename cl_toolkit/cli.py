@@ -45,8 +45,17 @@ def _job(cfg) -> dict | None:
     multirun = hc.mode == RunMode.MULTIRUN
     plain = OmegaConf.to_container(cfg, resolve=True)
     label = f"[job {hc.job.num}] " if multirun else ""
+    progress = make_progress(bool(plain.get("quiet")), label)
     try:
-        return run(plain, hc.runtime.output_dir, make_progress(bool(plain.get("quiet")), label))
+        if not multirun:
+            return run(plain, hc.runtime.output_dir, progress)
+        from . import sweep
+
+        return sweep.run_job(
+            plain, hc.runtime.output_dir, hc.sweep.dir, list(hc.overrides.task),
+            list(hc.job.config.override_dirname.exclude_keys),
+            lambda c, d: run(c, d, progress),
+            log=lambda msg: print(f"{label}{msg}", flush=True))
     except ClToolkitError as exc:
         message = f"{label}error: {exc}"
         print(message, file=sys.stderr, flush=True)
@@ -54,20 +63,44 @@ def _job(cfg) -> dict | None:
             raise SystemExit(1)
         _failures.append(message)  # a failed run must not stop the rest of the sweep
         return None
+    except Exception as exc:
+        if not multirun:
+            raise
+        # A bug in one run must not stop the others either; the index and error.txt keep it.
+        message = f"{label}error: {type(exc).__name__}: {exc}"
+        print(message, file=sys.stderr, flush=True)
+        _failures.append(message)
+        return None
 
 
 def _run(argv: list[str]) -> int:
     import hydra
 
+    from . import ray_launcher, sweep
+
     _register_plugin_configs()
+    ray_launcher.register()
     app = hydra.main(version_base=None, config_path="pkg://cl_toolkit.conf",
                      config_name="config")(_job)
     saved = sys.argv
     sys.argv = ["cltk run", *argv]
+    sweep.current_sweep.clear()
     try:
         app()
+    except sweep.SweepAbort as abort:
+        print(f"error: {abort.error}", file=sys.stderr)
+        return 1
     finally:
         sys.argv = saved
+    if sweep.current_sweep:
+        # Jobs may have run in other processes (joblib, submitit, Ray): the index knows them all.
+        failed = sweep.failures(sweep.current_sweep["dir"], sweep.current_sweep["invocation"])
+        if failed:
+            lines = "\n".join(f"  {key}: {error}" for key, error in failed)
+            print(f"{len(failed)} run(s) failed (see {sweep.current_sweep['dir']}/"
+                  f"{sweep.INDEX}):\n{lines}", file=sys.stderr)
+            return 1
+        return 0
     if _failures:
         print(f"{len(_failures)} run(s) failed:\n" + "\n".join(_failures), file=sys.stderr)
         return 1

@@ -1,7 +1,10 @@
 """``cltk report``: aggregate runs into ``report.md`` and a self-contained ``report.html``.
 
 Runs are grouped by everything in their config except the seed, so a sweep over seeds (or task
-orders) becomes one row with mean ± std and the number of runs. Plots per group: the mean
+orders) becomes one row with mean ± std and the number of runs. Means are over the finished
+runs of a cell (over its partial runs only when none finished, marked so), so the report of a
+sweep still in progress is honest. A sweep directory's ``sweep_index.json`` adds the status of
+every run, failed runs with their error and runs not started yet. Plots per group: the mean
 accuracy matrix as a heatmap, running ACC over tasks and forgetting per task. Forgetting is the
 max-based one (see `cl_toolkit.metrics`).
 """
@@ -20,10 +23,11 @@ from .store import RESULTS, read_json
 
 COLUMNS = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forgetting (max)"),
            ("learning_acc", "Learning acc")]
-GROUP_EXCLUDE = {"seed", "resume", "overwrite", "quiet", "output_root", "tensorboard", "threads"}
+GROUP_EXCLUDE = {"seed", "resume", "overwrite", "quiet", "output_root", "tensorboard", "threads",
+                 "mlflow", "mlflow_uri"}
 
 
-def find_results(paths) -> list[Path]:
+def find_results(paths, allow_empty: bool = False) -> list[Path]:
     found = []
     for p in map(Path, paths):
         if p.is_file():
@@ -33,7 +37,7 @@ def find_results(paths) -> list[Path]:
         else:
             raise FileNotFoundError(f"{p} does not exist; pass run or sweep directories or "
                                     "results.json files.")
-    if not found:
+    if not found and not allow_empty:
         raise FileNotFoundError(f"No {RESULTS} under {', '.join(map(str, paths))}.")
     return found
 
@@ -87,11 +91,35 @@ def _fmt(ms, scale: float = 100.0) -> str:
     return f"{ms[0] * scale:.2f} ± {ms[1] * scale:.2f}"
 
 
+def load_indexes(paths) -> dict[str, dict]:
+    """Index entries of the sweeps among ``paths``, keyed by their run directory."""
+    from .sweep import INDEX, read_index
+
+    entries = {}
+    for p in map(Path, paths):
+        if (p / INDEX).is_file():
+            for key, entry in read_index(p)["runs"].items():
+                run_dir = str(Path(entry.get("dir") or p / key).resolve())
+                entries[run_dir] = {**entry, "key": key}
+    return entries
+
+
+def _run_status(r: dict) -> str:
+    if r.get("_sweep_status") == "failed":
+        return "failed"
+    return "done" if r.get("status") == "done" else "partial"
+
+
 def summarize(groups: dict[str, list[dict]]) -> list[dict]:
     rows = []
-    for label, runs in groups.items():
-        row = {"method": label, "runs": len(runs),
-               "partial": sum(r.get("status") != "done" for r in runs)}
+    for label, all_runs in groups.items():
+        status = [_run_status(r) for r in all_runs]
+        done = [r for r, s in zip(all_runs, status) if s == "done"]
+        runs = done or all_runs  # never average an ACC after 2 tasks with one after 5
+        row = {"method": label, "runs": len(all_runs), "done": len(done),
+               "partial": status.count("partial"), "failed": status.count("failed"),
+               "errors": [r["_sweep_error"] for r, s in zip(all_runs, status) if s == "failed"],
+               "only_partial": not done}
         for key, _ in COLUMNS:
             row[key] = _mean_std([r["metrics"].get(key) for r in runs])
         row["memory_mb"] = _mean_std([r["memory_bytes"][-1] / 2**20 if r["memory_bytes"] else 0
@@ -101,12 +129,36 @@ def summarize(groups: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
+def _runs_cell(r: dict) -> str:
+    notes = [f"{r[k]} {k}" for k in ("partial", "failed") if r[k]]
+    if r["only_partial"] and r["runs"]:
+        notes.append("metrics of unfinished runs")
+    return f"{r['runs']}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _sweep_section(entries: dict[str, dict]) -> list[str]:
+    """Markdown lines: status counts and every run that is not done, with its error."""
+    if not entries:
+        return []
+    counts = {s: sum(e.get("status") == s for e in entries.values())
+              for s in ("done", "running", "pending", "failed")}
+    lines = ["## Sweep status", "",
+             f"{len(entries)} run(s): " + ", ".join(f"{n} {s}" for s, n in counts.items()), ""]
+    open_runs = sorted((e["key"], e) for e in entries.values() if e.get("status") != "done")
+    if open_runs:
+        lines += ["| Run | Status | Error / note |", "|---|---|---|"]
+        for key, e in open_runs:
+            detail = (e.get("error") or e.get("note") or "").replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {key} | {e.get('status')} | {detail} |")
+        lines.append("")
+    return lines
+
+
 def _markdown_table(rows: list[dict]) -> str:
     head = ["Method", "Runs"] + [name for _, name in COLUMNS] + ["Memory (MiB)", "Train (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        runs = f"{r['runs']}" + (f" ({r['partial']} partial)" if r["partial"] else "")
-        cells = [r["method"], runs] + [_fmt(r[k]) for k, _ in COLUMNS]
+        cells = [r["method"], _runs_cell(r)] + [_fmt(r[k]) for k, _ in COLUMNS]
         cells += [_fmt(r["memory_mb"], 1.0), _fmt(r["train_s"], 1.0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -172,14 +224,20 @@ def _figures(groups: dict[str, list[dict]]) -> dict[str, bytes]:
 
 
 def write_report(paths, out: str | None = None) -> tuple[Path, Path]:
-    files = find_results(paths)
-    results = [read_json(f) for f in files]
+    entries = load_indexes(paths)
+    files = find_results(paths, allow_empty=bool(entries))
+    results = []
+    for f in files:
+        r = read_json(f)
+        entry = entries.get(str(f.parent.resolve()), {})
+        r["_sweep_status"], r["_sweep_error"] = entry.get("status"), entry.get("error")
+        results.append(r)
     groups = group_runs(results)
     rows = summarize(groups)
     out_dir = Path(out) if out else (Path(paths[0]) if Path(paths[0]).is_dir()
                                       else Path(paths[0]).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figs = _figures(groups)
+    figs = _figures(groups) if groups else {}
     for name, data in figs.items():
         (out_dir / name).write_bytes(data)
     table = _markdown_table(rows)
@@ -187,8 +245,9 @@ def write_report(paths, out: str | None = None) -> tuple[Path, Path]:
     md = ["# cl_toolkit report", "",
           f"{len(results)} run(s) from {len(files)} results file(s). Metrics in %, mean ± std over "
           "runs (seeds / task orders). Forgetting is max-based: mean over j < T-1 of "
-          "max_{l<T-1} R[l, j] - R[T-1, j].", "", table, "",
-          "![running accuracy](running_acc.png)", "", "![forgetting](forgetting.png)", ""]
+          "max_{l<T-1} R[l, j] - R[T-1, j].", "", table, "", *_sweep_section(entries)]
+    if figs:
+        md += ["![running accuracy](running_acc.png)", "", "![forgetting](forgetting.png)", ""]
     md += [f"![{label}]({name})" for label, name in zip(groups, matrices)]
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(md) + "\n")
@@ -200,9 +259,11 @@ def write_report(paths, out: str | None = None) -> tuple[Path, Path]:
     head = ["Method", "Runs"] + [n for _, n in COLUMNS] + ["Memory (MiB)", "Train (s)"]
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in
-                         [r["method"], r["runs"]] + [_fmt(r[k]) for k, _ in COLUMNS]
+                         [r["method"], _runs_cell(r)] + [_fmt(r[k]) for k, _ in COLUMNS]
                          + [_fmt(r["memory_mb"], 1.0), _fmt(r["train_s"], 1.0)]) + "</tr>"
         for r in rows)
+    curves = (img("running_acc.png", "running accuracy") + img("forgetting.png", "forgetting")
+              if figs else "")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cl_toolkit report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
@@ -210,9 +271,22 @@ img{{max-width:100%;margin:1em 0}}</style></head><body>
 <h1>cl_toolkit report</h1><p>{len(results)} run(s). Metrics in %, mean ± std over runs.
 Forgetting is max-based.</p>
 <table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>{body}</table>
-{img('running_acc.png', 'running accuracy')}{img('forgetting.png', 'forgetting')}
+{_html_sweep(entries)}
+{curves}
 {''.join(img(n, label) for label, n in zip(groups, matrices))}
 </body></html>"""
     html_path = out_dir / "report.html"
     html_path.write_text(page)
     return md_path, html_path
+
+
+def _html_sweep(entries: dict[str, dict]) -> str:
+    lines = _sweep_section(entries)
+    if not lines:
+        return ""
+    rows = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| Run |")]
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>"
+                                    for c in ln.strip("|").split(" | ")) + "</tr>" for ln in rows)
+    table = (f"<table><tr><th>Run</th><th>Status</th><th>Error / note</th></tr>{body}</table>"
+             if rows else "")
+    return f"<h2>Sweep status</h2><p>{html.escape(lines[2])}</p>{table}"

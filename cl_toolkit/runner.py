@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics, registry
+from . import metrics, registry, tracking
 from .errors import ClToolkitError, ConfigError, PluginError, ResumeError
 from .models import Classifier, task_mask
 from .store import RunStore
@@ -27,7 +27,8 @@ from .stream import Task, TaskStream
 
 FORMAT = 1
 # Keys that do not change what a run computes: a resumed run may differ in them.
-NON_SEMANTIC_KEYS = ("resume", "quiet", "output_root", "tensorboard", "overwrite", "threads")
+NON_SEMANTIC_KEYS = ("resume", "quiet", "output_root", "tensorboard", "overwrite", "threads",
+                     "mlflow", "mlflow_uri")
 
 
 def semantic_config(cfg: dict) -> dict:
@@ -145,7 +146,7 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
     _guard_plugin(strategy, "setup", lambda: strategy.setup(stream, model, ctx))
     eval_bs = int(cfg.get("eval_batch_size", 1024))
     T = len(stream)
-    writer = _tensorboard(cfg, store.root)
+    sinks = tracking.open_sinks(cfg, store.root)
 
     if checkpoint is not None:
         strategy.load_state_dict(checkpoint["strategy"])
@@ -175,15 +176,15 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
         store.commit(results, {"format": FORMAT, "config": semantic_config(cfg),
                                "strategy": strategy.state_dict(), "rng": _rng_state(ctx),
                                "state": state})
-        if writer is not None:
-            _log_tensorboard(writer, results, task.index)
+        for sink in sinks:
+            sink.log_task(results, task.index)
         if progress is not None:
             progress.task_done(task, row)
     if progress is not None:
         progress.finish()
     results = _results(cfg, stream, strategy, model, state, T)
-    if writer is not None:
-        writer.close()
+    for sink in sinks:
+        sink.close(results)
     return results
 
 
@@ -241,25 +242,3 @@ def _config_diff_message(root, old: dict, new: dict) -> str:
     return (f"Refusing to resume {root}: its config differs from this one "
             f"({'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}). Resume with the "
             "original config, or choose another output directory for the new one.")
-
-
-def _tensorboard(cfg: dict, root: Path):
-    if not cfg.get("tensorboard", False):
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        raise ConfigError("tensorboard=true needs the tensorboard package: "
-                          "pip install 'cl_toolkit[tensorboard]'.") from exc
-    return SummaryWriter(str(Path(root) / "tensorboard"))
-
-
-def _log_tensorboard(writer, results: dict, step: int) -> None:
-    m = results["metrics"]
-    writer.add_scalar("acc", m["acc"], step)
-    for j, acc in enumerate(results["matrix"][-1]):
-        writer.add_scalar(f"task_acc/{j}", acc, step)
-    if m["forgetting"] is not None:
-        writer.add_scalar("forgetting", m["forgetting"], step)
-    writer.add_scalar("memory_bytes", results["memory_bytes"][-1], step)
-    writer.flush()

@@ -17,14 +17,34 @@ from typing import Any
 
 import torch
 
-from .errors import ResumeError
+from .errors import ClToolkitError, ResumeError
 
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint.pt"
 
 
+class StoreWriteError(ClToolkitError, OSError):
+    """A run file could not be written (disk full, quota, permissions); the previous version of
+    the file is intact because the new one never replaced it."""
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never part
+    of one: a failed write (ENOSPC, EDQUOT, EIO) removes the temporary file and raises
+    :class:`StoreWriteError` with the previous ``path`` left untouched."""
+    try:
+        _atomic_write(Path(path), data)
+    except OSError as exc:
+        if isinstance(exc, ClToolkitError):
+            raise
+        raise StoreWriteError(
+            f"Could not write {path} ({exc.strerror or exc}); its previous version is intact. "
+            "Free disk space or quota (or choose another output_root), then rerun with "
+            "resume=true to continue from the last finished task."
+        ) from exc
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
