@@ -62,7 +62,7 @@ def chunk_forward_torch(
     def chunked(x):  # -> [N, H, NC, C, ...]
         x = _pack(x.to(dt), dst, n, tp)
         x = x.view((n, nc, C) + tuple(x.shape[2:]))
-        return x.movedim(3, 1) if x.dim() == 5 else x.movedim(3, 1)
+        return x.movedim(3, 1)
 
     qc, kc, vc = chunked(q) * scale, chunked(k), chunked(v)
     G = chunked(g).cumsum(-1) if g is not None else qc.new_zeros(n, H, nc, C)
@@ -88,7 +88,8 @@ def chunk_forward_torch(
         qk = (qc[:, :, c] @ kc[:, :, c].transpose(-1, -2)) * decay[:, :, c]
         outs.append((qc[:, :, c] * Gc.exp()[..., None]) @ h + qk @ e)
         g_last = Gc[..., -1:]
-        h = h * g_last.exp()[..., None] + (kc[:, :, c] * (g_last - Gc).exp()[..., None]).transpose(-1, -2) @ e
+        k_decayed = kc[:, :, c] * (g_last - Gc).exp()[..., None]
+        h = h * g_last.exp()[..., None] + k_decayed.transpose(-1, -2) @ e
     if nc:
         o = torch.stack(outs, 2).movedim(1, 3).reshape(n, tp, H, V)
     else:

@@ -22,9 +22,9 @@ import triton.language as tl
 from .utils import SeqLayout, autotune_configs, new_buffer
 
 
-def _configs():
-    return autotune_configs([triton.Config({}, num_warps=w, num_stages=s)
-                             for w in (4, 8) for s in (2, 3)])
+def _configs(warps=(4,)):
+    """Few configs on purpose: every config is one more compile of a large kernel."""
+    return autotune_configs([triton.Config({}, num_warps=w, num_stages=2) for w in warps])
 
 
 @triton.jit
@@ -41,20 +41,43 @@ def _chunk_rows(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
 
 
 @triton.jit
-def _inverse_unit_lower(b_A, BT: tl.constexpr):
-    """(I + A)^-1 for strictly lower A [BT, BT]: forward substitution, one row per step.
+def _l2normed(b_x):
+    """Rows scaled to unit L2 norm (fp32 math, eps 1e-6 as ``utils.l2norm``) and 1/norm."""
+    b_xf = b_x.to(tl.float32)
+    b_r = tl.rsqrt(tl.sum(b_xf * b_xf, 1) + 1e-6)
+    return (b_xf * b_r[:, None]).to(b_x.dtype), b_r
 
-    With N = (I + A)^-1 - I, row i of N is -A_i - sum_j A_ij N_j over the rows j < i already
-    done; rows not yet done still hold -A and meet zeros of A_i, so one masked sum suffices.
+
+@triton.jit
+def _inverse_unit_lower(b_A, BT: tl.constexpr):
+    """(I + A)^-1 for strictly lower A [BT, BT] (BT in 16, 32, 64, 128), on the tensor cores.
+
+    1. Diagonal 16x16 blocks by forward substitution, all blocks at once: step s finishes row
+       s of every block, N_i = R_i + R_i N with R the not-yet-finished rows (-A_i) selected.
+    2. With D = (I + A_bd)^-1 and M = D A_off (strictly block-lower, M^(BT/16) = 0):
+       (I + A)^-1 = (I + M)^-1 D = (I - M)(I + M^2)(I + M^4)... D, a few exact products.
+    Products of fp32 matrices use three-pass tf32 (about fp32 accuracy).
     """
     o = tl.arange(0, BT)
-    b_N = -b_A
-    for i in range(1, BT):
-        sel = o[:, None] == i
-        row = tl.sum(tl.where(sel, b_N, 0.0), 0)
-        row = row + tl.sum(row[:, None] * b_N, 0)
-        b_N = tl.where(sel, row[None, :], b_N)
-    return b_N + tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    same_block = (o[:, None] // 16) == (o[None, :] // 16)
+    eye = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    b_N = -tl.where(same_block, b_A, 0.0)
+    for s in range(1, 16):
+        sel = (o % 16) == s
+        b_R = tl.where(sel[:, None], b_N, 0.0)
+        b_N = tl.where(sel[:, None], b_R + tl.dot(b_R, b_N, input_precision="tf32x3"), b_N)
+    b_D = b_N + eye
+    if BT > 16:
+        b_M = tl.dot(b_D, tl.where(same_block, 0.0, b_A), input_precision="tf32x3")
+        b_P = eye - b_M
+        if BT > 32:
+            b_M = tl.dot(b_M, b_M, input_precision="tf32x3")
+            b_P = tl.dot(b_P, eye + b_M, input_precision="tf32x3")
+            if BT > 64:
+                b_M = tl.dot(b_M, b_M, input_precision="tf32x3")
+                b_P = tl.dot(b_P, eye + b_M, input_precision="tf32x3")
+        b_D = tl.dot(b_P, b_D, input_precision="tf32x3")
+    return b_D
 
 
 @triton.jit
@@ -69,14 +92,26 @@ def _wy_inverse(b_k, b_beta, b_G, BT: tl.constexpr, PREC: tl.constexpr):
 
 @triton.autotune(configs=_configs(), key=["BT", "BK", "BV", "USE_G"])
 @triton.jit
-def _prep_kernel(k, v, g, beta, gcum, w, u, cu_seqlens, chunk_indices, H,
-                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+def _prep_kernel(k, v, g, beta, gcum, w, u, tmat, A_log, dt_bias, cu_seqlens, chunk_indices,
+                 H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                  BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr,
+                 STORE_T: tl.constexpr, GATE: tl.constexpr, L2: tl.constexpr,
                  PREC: tl.constexpr):
+    """Gate cumsum and, for the delta rule, T = (I + A)^-1, W and U of one chunk.
+
+    STORE_T (backward only) keeps T, [total, H, BT] fp32 row by row, for the gradient kernel.
+    GATE: g holds the gate logits a and the log-decay -exp(A_log) softplus(a + dt_bias) is
+    formed here. L2: k is L2-normalised on load.
+    """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     if USE_G:
-        b_G = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), 0)
+        b_g = tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        if GATE:
+            b_x = b_g + tl.load(dt_bias + i_h).to(tl.float32)
+            b_sp = tl.where(b_x > 20.0, b_x, tl.log(1.0 + tl.exp(tl.minimum(b_x, 20.0))))
+            b_g = tl.where(m_t, -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * b_sp, 0.0)
+        b_G = tl.cumsum(b_g, 0)
         tl.store(gcum + rows * H + i_h, b_G, mask=m_t)
     else:
         b_G = tl.zeros([BT], dtype=tl.float32)
@@ -85,9 +120,16 @@ def _prep_kernel(k, v, g, beta, gcum, w, u, cu_seqlens, chunk_indices, H,
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        if L2:
+            b_k, _ = _l2normed(b_k)
         dt = b_k.dtype
         b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-        b_T = _wy_inverse(b_k, b_beta, b_G, BT, PREC).to(dt)
+        b_Tf = _wy_inverse(b_k, b_beta, b_G, BT, PREC)
+        if STORE_T:
+            o_i = tl.arange(0, BT)
+            tl.store(tmat + (rows[:, None] * H + i_h) * BT + o_i[None, :], b_Tf,
+                     mask=m_t[:, None])
+        b_T = b_Tf.to(dt)
         b_kb = (b_k * (b_beta * tl.exp(b_G))[:, None]).to(dt)
         b_w = tl.dot(b_T, b_kb, input_precision=PREC)
         tl.store(w + p_k, b_w.to(w.dtype.element_ty), mask=m_tk)
@@ -105,7 +147,7 @@ def _prep_kernel(k, v, g, beta, gcum, w, u, cu_seqlens, chunk_indices, H,
 def _fwd_h_kernel(k, u, w, gcum, h_all, v_new, h0, ht, cu_seqlens, chunk_offsets, H,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, USE_G: tl.constexpr, USE_H0: tl.constexpr,
-                  DELTA: tl.constexpr, PREC: tl.constexpr):
+                  DELTA: tl.constexpr, L2: tl.constexpr, PREC: tl.constexpr):
     """Sequential scan over one sequence's chunks for one head and one block of V."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -119,8 +161,8 @@ def _fwd_h_kernel(k, u, w, gcum, h_all, v_new, h0, ht, cu_seqlens, chunk_offsets
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-    for i_t in range(0, tl.cdiv(seqlen, BT)):
-        i_t = tl.cast(i_t, tl.int64)
+    for i_s in range(0, tl.cdiv(seqlen, BT)):
+        i_t = tl.cast(i_s, tl.int64)
         tl.store(h_all + ((boh + i_t) * H + i_h) * K * V + p_kv,
                  b_h.to(h_all.dtype.element_ty), mask=m_kv)
         o_t = i_t * BT + tl.arange(0, BT)
@@ -131,6 +173,8 @@ def _fwd_h_kernel(k, u, w, gcum, h_all, v_new, h0, ht, cu_seqlens, chunk_offsets
         p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        if L2:
+            b_k, _ = _l2normed(b_k)
         b_e = tl.load(u + p_v, mask=m_tv, other=0.0).to(tl.float32)
         if DELTA:
             b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
@@ -145,11 +189,11 @@ def _fwd_h_kernel(k, u, w, gcum, h_all, v_new, h0, ht, cu_seqlens, chunk_offsets
     tl.store(ht + i_nh.to(tl.int64) * K * V + p_kv, b_h, mask=m_kv)
 
 
-@triton.autotune(configs=_configs(), key=["BT", "BK", "BV", "USE_G"])
+@triton.autotune(configs=_configs((4, 8)), key=["BT", "BK", "BV", "USE_G", "L2"])
 @triton.jit
 def _fwd_o_kernel(q, k, e, gcum, h_all, o, cu_seqlens, chunk_indices, scale, H,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
+                  BV: tl.constexpr, USE_G: tl.constexpr, L2: tl.constexpr, PREC: tl.constexpr):
     """O = scale ((Q exp(G)) h + causal(Q K^T * exp(G_t - G_i)) V') for one chunk."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
@@ -161,6 +205,9 @@ def _fwd_o_kernel(q, k, e, gcum, h_all, o, cu_seqlens, chunk_indices, scale, H,
     m_tv = m_t[:, None] & (o_v < V)[None, :]
     b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+    if L2:
+        b_q, _ = _l2normed(b_q)
+        b_k, _ = _l2normed(b_k)
     b_h = tl.load(h_all + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
                   mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
     b_o = tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC)
@@ -183,7 +230,7 @@ def _fwd_o_kernel(q, k, e, gcum, h_all, o, cu_seqlens, chunk_indices, scale, H,
 def _bwd_dh_kernel(q, k, w, gcum, do, de, dh_all, dht, dh0, cu_seqlens, chunk_offsets, scale, H,
                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, USE_G: tl.constexpr, USE_DHT: tl.constexpr,
-                   DELTA: tl.constexpr, PREC: tl.constexpr):
+                   DELTA: tl.constexpr, L2: tl.constexpr, PREC: tl.constexpr):
     """Reverse scan: dh (w.r.t. the state after each chunk) and dV' = P^T dO + K~ dh."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -213,6 +260,9 @@ def _bwd_dh_kernel(q, k, w, gcum, do, de, dh_all, dht, dh0, cu_seqlens, chunk_of
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        if L2:
+            b_q, _ = _l2normed(b_q)
+            b_k, _ = _l2normed(b_k)
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
         dt = b_q.dtype
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [i, t] = k_i . q_t
@@ -239,13 +289,13 @@ def _bwd_dh_kernel(q, k, w, gcum, do, de, dh_all, dht, dh0, cu_seqlens, chunk_of
     tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_kv, b_dh, mask=m_kv)
 
 
-@triton.autotune(configs=_configs(), key=["BT", "BK", "BV", "USE_G", "DELTA"])
+@triton.autotune(configs=_configs((4, 8)), key=["BT", "BK", "BV", "USE_G", "DELTA", "L2"])
 @triton.jit
-def _bwd_chunk_kernel(q, k, v, e, gcum, beta, h_all, dh_all, do, de, dq, dk, dv, dg, dbeta,
-                      cu_seqlens, chunk_indices, scale, H,
+def _bwd_chunk_kernel(q, k, v, e, gcum, beta, tmat, h_all, dh_all, do, de, dq, dk, dv, dg,
+                      dbeta, cu_seqlens, chunk_indices, scale, H,
                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr,
-                      PREC: tl.constexpr):
+                      L2: tl.constexpr, PREC: tl.constexpr):
     """Per-chunk gradients given h (state before), dh (grad of the state after) and dV'."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
@@ -255,6 +305,9 @@ def _bwd_chunk_kernel(q, k, v, e, gcum, beta, h_all, dh_all, do, de, dq, dk, dv,
     m_tk = m_t[:, None] & (o_k < K)[None, :]
     b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+    if L2:
+        b_q, b_rq = _l2normed(b_q)
+        b_k, b_rk = _l2normed(b_k)
     dt = b_q.dtype
     b_qf = b_q.to(tl.float32)
     b_kf = b_k.to(tl.float32)
@@ -265,7 +318,10 @@ def _bwd_chunk_kernel(q, k, v, e, gcum, beta, h_all, dh_all, do, de, dq, dk, dv,
         b_G = tl.zeros([BT], dtype=tl.float32)
     if DELTA:
         b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-        b_T = _wy_inverse(b_k, b_beta, b_G, BT, PREC)
+        # T from the prep kernel; its rows past the sequence end are zero instead of identity
+        # rows, which no product below reads (those tokens carry zero k, v, dV' and dW).
+        b_T = tl.load(tmat + (rows[:, None] * H + i_h) * BT + o_i[None, :], mask=m_t[:, None],
+                      other=0.0)
         b_Tt = tl.trans(b_T).to(dt)
         b_dw = tl.zeros([BT, BK], dtype=tl.float32)
         b_dT = tl.zeros([BT, BT], dtype=tl.float32)
@@ -340,6 +396,10 @@ def _bwd_chunk_kernel(q, k, v, e, gcum, beta, h_all, dh_all, do, de, dq, dk, dv,
         b_dG += tl.where(o_i == last, b_dglast, 0.0)
         b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG
         tl.store(dg + rows * H + i_h, b_dg, mask=m_t)
+    if L2:
+        # Through y = x / ||x||: dx = (dy - y (y . dy)) / ||x||.
+        b_dq = (b_dq - b_qf * tl.sum(b_dq * b_qf, 1)[:, None]) * b_rq[:, None]
+        b_dk = (b_dk - b_kf * tl.sum(b_dk * b_kf, 1)[:, None]) * b_rk[:, None]
     tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
 
@@ -353,12 +413,16 @@ def _blocks(K: int, V: int):
 
 
 def _prec(dtype: torch.dtype) -> str:
-    # fp32 inputs keep full fp32 products; half types use the tensor cores as they are.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs: three-pass tf32 keeps ~fp32 accuracy on the tensor cores ('ieee' compiles
+    # slowly and needs too much shared memory at K = 128); half types use them as they are.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _forward_states(q, k, v, g, beta, h0, layout: SeqLayout, delta: bool):
-    """prep + state scan: gcum, e (= V' or V), h_all [NT, H, K, V], ht [N, H, K, V], W (or k)."""
+def _forward_states(q, k, v, g, beta, h0, A_log, dt_bias, opts: "ChunkOptions",
+                    store_t: bool = False):
+    """prep + state scan: gcum, e (= V' or V), h_all [NT, H, K, V], ht [N, H, K, V], W (or k),
+    T [total, H, BT] (with store_t)."""
+    layout, delta = opts.layout, opts.delta
     TT, H, K = q.shape
     V = v.shape[-1]
     BT = layout.chunk_size
@@ -367,46 +431,59 @@ def _forward_states(q, k, v, g, beta, h0, layout: SeqLayout, delta: bool):
     dev = q.device
     use_g = g is not None
     gcum = new_buffer((TT, H), torch.float32, dev) if use_g else q
-    w, u = k, v
+    w, u, tmat = k, v, gcum
     if delta:
         w, u = new_buffer(k.shape, k.dtype, dev), new_buffer(v.shape, v.dtype, dev)
+        if store_t:
+            tmat = new_buffer((TT, H, BT), torch.float32, dev)
     if layout.num_chunks and (use_g or delta):
         _prep_kernel[(layout.num_chunks, H)](
-            k, v, g if use_g else q, beta if delta else q, gcum, w, u, layout.cu_seqlens,
+            k, v, g if use_g else q, beta if delta else q, gcum, w, u, tmat,
+            A_log if opts.gate else q, dt_bias if opts.gate else q, layout.cu_seqlens,
             layout.chunk_indices, H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DELTA=delta,
-            PREC=prec)
+            STORE_T=delta and store_t, GATE=opts.gate, L2=opts.l2norm, PREC=prec)
     h_all = new_buffer((layout.num_chunks, H, K, V), q.dtype, dev)
     e = new_buffer(v.shape, v.dtype, dev) if delta else v
     ht = new_buffer((layout.num_seqs, H, K, V), torch.float32, dev)
-    bv_h = 32 if layout.num_seqs * H * triton.cdiv(V, 64) < 256 else BV
-    bv_h = min(bv_h, BV)
+    bv_h = _bv_scan(layout, H, V, BV)
     _fwd_h_kernel[(triton.cdiv(V, bv_h), layout.num_seqs * H)](
         k, u, w, gcum, h_all, e, h0 if h0 is not None else q, ht, layout.cu_seqlens,
         layout.chunk_offsets, H, K=K, V=V, BT=BT, BK=BK, BV=bv_h, USE_G=use_g,
-        USE_H0=h0 is not None, DELTA=delta, PREC=prec)
-    return gcum, e, h_all, ht, w
+        USE_H0=h0 is not None, DELTA=delta, L2=opts.l2norm, PREC=prec)
+    return gcum, e, h_all, ht, w, tmat
 
 
-def chunk_fwd(q, k, v, g, beta, h0, layout: SeqLayout, scale: float, delta: bool):
+def _bv_scan(layout: SeqLayout, H: int, V: int, BV: int) -> int:
+    """Narrower V blocks for the sequential scans when few (sequence, head) pairs exist."""
+    return min(BV, 32 if layout.num_seqs * H * triton.cdiv(V, 64) < 256 else BV)
+
+
+def chunk_fwd(q, k, v, g, beta, h0, A_log, dt_bias, opts: "ChunkOptions"):
     """q, k: [total, H, K]; v: [total, H, V]; g, beta: [total, H]; h0: [N, H, K, V].
 
-    Returns o [total, H, V] and the final states [N, H, K, V] (fp32).
+    With opts.gate, g holds gate logits and A_log, dt_bias ([H]) form the log-decay in-kernel;
+    with opts.l2norm, q and k are L2-normalised on load. Returns o [total, H, V] and the final
+    states [N, H, K, V] (fp32).
     """
     TT, H, K = q.shape
     V = v.shape[-1]
     BK, BV = _blocks(K, V)
-    gcum, e, h_all, ht, _ = _forward_states(q, k, v, g, beta, h0, layout, delta)
+    gcum, e, h_all, ht, _, _ = _forward_states(q, k, v, g, beta, h0, A_log, dt_bias, opts)
     o = new_buffer(v.shape, v.dtype, q.device)
+    layout = opts.layout
     if layout.num_chunks:
         _fwd_o_kernel[(triton.cdiv(V, BV), layout.num_chunks, H)](
-            q, k, e, gcum, h_all, o, layout.cu_seqlens, layout.chunk_indices, scale, H, K=K, V=V,
-            BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g is not None, PREC=_prec(q.dtype))
+            q, k, e, gcum, h_all, o, layout.cu_seqlens, layout.chunk_indices, opts.scale, H,
+            K=K, V=V, BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g is not None, L2=opts.l2norm,
+            PREC=_prec(q.dtype))
     return o, ht
 
 
-def chunk_bwd(q, k, v, g, beta, h0, do, dht: Optional[torch.Tensor], layout: SeqLayout,
-              scale: float, delta: bool):
-    """Gradients of :func:`chunk_fwd`: dq, dk, dv, dg (fp32 or None), dbeta (fp32 or None), dh0."""
+def chunk_bwd(q, k, v, g, beta, h0, A_log, dt_bias, do, dht: Optional[torch.Tensor],
+              opts: "ChunkOptions"):
+    """Gradients of :func:`chunk_fwd`: dq, dk, dv, dg (fp32 or None; w.r.t. the log-decay,
+    also under opts.gate), dbeta (fp32 or None), dh0 [N, H, K, V]."""
+    layout, delta = opts.layout, opts.delta
     TT, H, K = q.shape
     V = v.shape[-1]
     BK, BV = _blocks(K, V)
@@ -414,16 +491,16 @@ def chunk_bwd(q, k, v, g, beta, h0, do, dht: Optional[torch.Tensor], layout: Seq
     prec = _prec(q.dtype)
     dev = q.device
     use_g = g is not None
-    gcum, e, h_all, _, w = _forward_states(q, k, v, g, beta, h0, layout, delta)
+    gcum, e, h_all, _, w, tmat = _forward_states(q, k, v, g, beta, h0, A_log, dt_bias, opts,
+                                                 store_t=True)
     dh_all = new_buffer((layout.num_chunks, H, K, V), q.dtype, dev)
     de = new_buffer(v.shape, v.dtype, dev)
     dh0 = new_buffer((layout.num_seqs, H, K, V), torch.float32, dev)
-    bv_h = 32 if layout.num_seqs * H * triton.cdiv(V, 64) < 256 else BV
-    bv_h = min(bv_h, BV)
+    bv_h = _bv_scan(layout, H, V, BV)
     _bwd_dh_kernel[(triton.cdiv(V, bv_h), layout.num_seqs * H)](
         q, k, w, gcum, do, de, dh_all, dht if dht is not None else q, dh0, layout.cu_seqlens,
-        layout.chunk_offsets, scale, H, K=K, V=V, BT=BT, BK=BK, BV=bv_h, USE_G=use_g,
-        USE_DHT=dht is not None, DELTA=delta, PREC=prec)
+        layout.chunk_offsets, opts.scale, H, K=K, V=V, BT=BT, BK=BK, BV=bv_h, USE_G=use_g,
+        USE_DHT=dht is not None, DELTA=delta, L2=opts.l2norm, PREC=prec)
     dq = new_buffer(q.shape, q.dtype, dev)
     dk = new_buffer(k.shape, k.dtype, dev)
     dv = new_buffer(v.shape, v.dtype, dev) if delta else de
@@ -431,42 +508,62 @@ def chunk_bwd(q, k, v, g, beta, h0, do, dht: Optional[torch.Tensor], layout: Seq
     dbeta = new_buffer((TT, H), torch.float32, dev) if delta else None
     if layout.num_chunks:
         _bwd_chunk_kernel[(layout.num_chunks, H)](
-            q, k, v, e, gcum, beta if delta else q, h_all, dh_all, do, de, dq, dk, dv,
+            q, k, v, e, gcum, beta if delta else q, tmat, h_all, dh_all, do, de, dq, dk, dv,
             dg if use_g else q, dbeta if delta else q, layout.cu_seqlens, layout.chunk_indices,
-            scale, H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DELTA=delta, PREC=prec)
+            opts.scale, H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DELTA=delta,
+            L2=opts.l2norm, PREC=prec)
     return dq, dk, dv, dg, dbeta, dh0
 
 
 @dataclass(frozen=True)
 class ChunkOptions:
-    """Static settings of one chunk call (kept out of the autograd Function's argument list)."""
+    """Static settings of one chunk call (kept out of the autograd Function's argument list).
+
+    l2norm: normalise q and k inside the kernels; gate: g holds Gated DeltaNet gate logits
+    and the log-decay -exp(A_log) softplus(g + dt_bias) is formed inside the kernels.
+    """
     delta: bool
     scale: float
     layout: SeqLayout
+    l2norm: bool = False
+    gate: bool = False
 
 
 class ChunkFunction(torch.autograd.Function):
     """Autograd glue: forward keeps only the inputs; backward recomputes the chunk states.
 
     Tensors are flattened: q, k [total, H, K], v [total, H, V], g, beta [total, H] (or None),
-    h0 [N, H, K, V] (or None). Returns o [total, H, V] and final states [N, H, K, V] fp32.
+    h0 [N, H, K, V] (or None), A_log, dt_bias [H] (opts.gate only, else None).
+    Returns o [total, H, V] and final states [N, H, K, V] fp32.
     """
 
     @staticmethod
-    def forward(ctx, opts: ChunkOptions, q, k, v, g, beta, h0):
-        o, ht = chunk_fwd(q, k, v, g, beta, h0, opts.layout, opts.scale, opts.delta)
-        ctx.save_for_backward(q, k, v, g, beta, h0)
+    def forward(ctx, opts: ChunkOptions, q, k, v, g, beta, h0, A_log, dt_bias):
+        o, ht = chunk_fwd(q, k, v, g, beta, h0, A_log, dt_bias, opts)
+        ctx.save_for_backward(q, k, v, g, beta, h0, A_log, dt_bias)
         ctx.opts = opts
+        ctx.set_materialize_grads(False)  # an unused final state costs no zero-filled dht
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, h0 = ctx.saved_tensors
+        q, k, v, g, beta, h0, A_log, dt_bias = ctx.saved_tensors
         opts = ctx.opts
+        if do is None:
+            do = torch.zeros_like(v)
         dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(
-            q, k, v, g, beta, h0, do.contiguous(), dht.contiguous() if dht is not None else None,
-            opts.layout, opts.scale, opts.delta)
+            q, k, v, g, beta, h0, A_log, dt_bias, do.contiguous(),
+            dht.contiguous() if dht is not None else None, opts)
+        dA_log = ddt_bias = None
+        if opts.gate:
+            # g_t = -exp(A_log) softplus(a_t + dt_bias): cheap [total, H] chain rule.
+            x = g.float() + dt_bias.float()
+            decay_rate = A_log.float().exp()
+            dA_log = (dg * -decay_rate * torch.nn.functional.softplus(x)).sum(0).to(A_log.dtype)
+            dg = dg * -decay_rate * torch.sigmoid(x)
+            ddt_bias = dg.sum(0).to(dt_bias.dtype)
         return (None, dq, dk, dv,
                 dg.to(g.dtype) if g is not None else None,
                 dbeta.to(beta.dtype) if beta is not None and opts.delta else None,
-                dh0.to(h0.dtype) if h0 is not None else None)
+                dh0.to(h0.dtype) if h0 is not None else None,
+                dA_log, ddt_bias)

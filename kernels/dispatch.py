@@ -5,18 +5,35 @@ from typing import Optional, Tuple
 
 import torch
 
-from .utils import check_cu_seqlens, check_qkv, check_tensor, make_layout, resolve_backend
+from .utils import (check_cu_seqlens, check_qkv, check_tensor, gdn_gate, l2norm, make_layout,
+                    resolve_backend)
 
 
 def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
               initial_state: Optional[torch.Tensor], output_final_state: bool,
-              cu_seqlens: Optional[torch.Tensor], chunk_size: int, backend: str
+              cu_seqlens: Optional[torch.Tensor], chunk_size: int, backend: str,
+              qk_l2norm: bool = False,
+              gate: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Validate, then run 'triton' | 'torch' | 'naive' (see the public functions' docs)."""
+    """Validate, then run 'triton' | 'torch' | 'naive' (see the public functions' docs).
+
+    qk_l2norm: normalise q and k; gate = (A_log, dt_bias): g holds gate logits and the
+    log-decay is -exp(A_log) softplus(g + dt_bias). Both are fused into the Triton kernels and
+    applied as torch ops before the other backends.
+    """
+    requested = backend
     backend = resolve_backend(backend, q.device)
+    B, T, H, K = q.shape
+    if backend == "triton" and q.is_cuda and q.dtype == torch.float32 and K > 64:
+        # fp32 tiles of a 128-wide key dim need more shared memory than an H100 has in the
+        # backward kernel; half precision is the fast path, the torch path covers the rest.
+        if requested == "auto":
+            backend = "torch"
+        else:
+            raise ValueError(f"the float32 Triton chunk kernels support K <= 64, got K={K}; "
+                             "use bfloat16/float16 inputs or backend='torch'")
     triton_path = backend == "triton"
     check_qkv(q, k, v, triton_path)
-    B, T, H, K = q.shape
     V = v.shape[-1]
     if chunk_size not in (16, 32, 64, 128):
         raise ValueError(f"chunk_size must be one of 16, 32, 64, 128, got {chunk_size}")
@@ -33,6 +50,16 @@ def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
         check_tensor("initial_state", initial_state, (n, H, V, K), q.device, floats,
                      contiguous=False)
     scale = K ** -0.5 if scale is None else float(scale)
+    if gate is not None:
+        if g is None:
+            raise ValueError("the fused gate needs the gate logits (passed as g)")
+        for name, t in zip(("A_log", "dt_bias"), gate):
+            check_tensor(name, t, (H,), q.device, floats, contiguous=triton_path)
+    if backend != "triton":
+        if gate is not None:
+            g = gdn_gate(g, *gate)
+        if qk_l2norm:
+            q, k = l2norm(q), l2norm(k)
     if backend == "naive":
         from .gated_delta_rule.naive import naive_gated_delta_rule
         from .linear_attn.naive import naive_linear_attn
@@ -53,8 +80,10 @@ def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
         beta = q.new_ones(B, T, H)
     h0 = initial_state.transpose(-1, -2).contiguous() if initial_state is not None else None
     flat = lambda x: x.reshape((B * T,) + tuple(x.shape[2:])) if x is not None else None
-    o, ht = ChunkFunction.apply(ChunkOptions(delta, scale, layout), flat(q), flat(k), flat(v),
-                                flat(g), flat(beta) if delta else None, h0)
+    opts = ChunkOptions(delta, scale, layout, l2norm=qk_l2norm, gate=gate is not None)
+    A_log, dt_bias = gate if gate is not None else (None, None)
+    o, ht = ChunkFunction.apply(opts, flat(q), flat(k), flat(v), flat(g),
+                                flat(beta) if delta else None, h0, A_log, dt_bias)
     final = ht.transpose(-1, -2) if output_final_state else None
     return o.view(B, T, H, V), final
 

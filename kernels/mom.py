@@ -64,7 +64,7 @@ def segment_conv(x: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor, pos: 
     y = x * weight[:, W - 1]
     for j in range(1, W):
         shifted = F.pad(x, (0, 0, j, 0))[:P]
-        from_cache = cache[seg, :, (W - 1 - j + pos).clamp_min(0)]
+        from_cache = cache[seg, :, (W - 1 - j + pos).clamp(0, W - 2)]
         y = y + torch.where((pos >= j)[:, None], shifted, from_cache) * weight[:, W - 1 - j]
     # New cache: the W-1 most recent inputs of each segment, reaching into the old cache.
     idx = lens[:, None] - (W - 1) + torch.arange(W - 1, device=x.device)[None, :]  # [S, W-1]
@@ -86,9 +86,9 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float() * F.silu(gate.float())).to(x.dtype)
+        return (xf * self.weight.to(xf.dtype) * F.silu(gate.to(xf.dtype))).to(x.dtype)
 
 
 class MoMLayer(nn.Module):
@@ -145,9 +145,12 @@ class MoMLayer(nn.Module):
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
 
     def route(self, x: torch.Tensor, memory_mask: Optional[torch.Tensor] = None):
-        """Router in fp32: returns top-k weights [B, T, k] (renormalised), ids [B, T, k], aux."""
+        """Router in fp32 (fp64 for fp64 inputs).
+
+        Returns the renormalised top-k weights [B, T, k], memory ids [B, T, k], weighted aux.
+        """
         B, T, _ = x.shape
-        logits = self.router(x).float()
+        logits = self.router(x).to(torch.promote_types(x.dtype, torch.float32))
         if memory_mask is not None:
             if memory_mask.shape != (B, self.num_memories):
                 raise ValueError(f"memory_mask must be [B, E] = [{B}, {self.num_memories}], "
@@ -164,7 +167,9 @@ class MoMLayer(nn.Module):
                               self.num_memories)
         return weights, topi, aux * self.aux_loss_weight
 
-    def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> Dict[str, torch.Tensor]:
+    def init_cache(self, batch_size: int, device=None,
+                   dtype=torch.float32) -> Dict[str, torch.Tensor]:
+        """Zero states [(E+1)*B, H, V, K] (memory-major) and zero convolution tails."""
         H, K, V, M, W = self.num_heads, self.head_k, self.head_v, self.num_slots, self.conv_size
         cache = {"state": torch.zeros(M * batch_size, H, V, K, device=device, dtype=torch.float32)}
         if self.use_short_conv:
@@ -191,7 +196,7 @@ class MoMLayer(nn.Module):
         if self.shared_memory:
             pair_tok = torch.cat([pair_tok, tok])
             pair_mem = torch.cat([pair_mem, torch.full_like(tok, E)])
-            pair_w = torch.cat([pair_w, torch.ones(B * T, device=dev)])
+            pair_w = torch.cat([pair_w, pair_w.new_ones(B * T)])
         key = pair_mem * B + pair_tok // T
         order = torch.sort(key, stable=True).indices
         p_tok, p_mem, p_w = pair_tok[order], pair_mem[order], pair_w[order]
@@ -202,6 +207,7 @@ class MoMLayer(nn.Module):
         cu_host = cu.tolist()
 
         xf = x.reshape(B * T, D)
+        acc = torch.promote_types(x.dtype, torch.float32)  # router/gates: fp32 or better
         q = self.q_proj(xf)
         new_cache: Dict[str, torch.Tensor] = {}
         if self.use_short_conv:
@@ -225,8 +231,8 @@ class MoMLayer(nn.Module):
                 cv.append(c_v)
             ks.append(km)
             vs.append(vm)
-            gs.append(-self.A_log[m].float().exp() * F.softplus(
-                (xm @ self.a_proj[m].T).float() + self.dt_bias[m].float()))
+            gs.append(-self.A_log[m].to(acc).exp() * F.softplus(
+                (xm @ self.a_proj[m].T).to(acc) + self.dt_bias[m].to(acc)))
             if self.delta:
                 bs.append(torch.sigmoid(xm @ self.b_proj[m].T))
         if self.use_short_conv:
@@ -239,7 +245,8 @@ class MoMLayer(nn.Module):
         h0 = cache["state"] if cache is not None else None
         kw = dict(initial_state=h0, output_final_state=use_cache, cu_seqlens=cu,
                   backend=self.backend)
-        if cache is not None and T == 1:
+        if cache is not None and T == 1 and not torch.is_grad_enabled():
+            # Decoding step: one launch over all (memory, sample) states; forward only.
             run = fused_recurrent_gated_delta_rule if self.delta else fused_recurrent_linear_attn
         else:
             run = chunk_gated_delta_rule if self.delta else chunk_linear_attn

@@ -73,7 +73,8 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], total: int, batch: int)
     if bad:
         i = bad[0]
         raise ValueError(
-            f"cu_seqlens must be non-decreasing; cu_seqlens[{i - 1}]={cu[i - 1]} > cu_seqlens[{i}]={cu[i]}"
+            f"cu_seqlens must be non-decreasing; "
+            f"cu_seqlens[{i - 1}]={cu[i - 1]} > cu_seqlens[{i}]={cu[i]}"
         )
 
 
@@ -84,11 +85,13 @@ def check_tensor(name: str, x: torch.Tensor, shape: Sequence[int], device: torch
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but q is on {device}; move it with .to(q.device)")
+        raise ValueError(f"{name} is on {x.device} but q is on {device}; "
+                         "move it with .to(q.device)")
     if dtypes is not None and x.dtype not in dtypes:
         raise ValueError(f"{name} has dtype {x.dtype}; expected one of {list(dtypes)}")
     if contiguous and not x.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (strides {x.stride()}); call .contiguous() first")
+        raise ValueError(f"{name} must be contiguous (strides {x.stride()}); "
+                         "call .contiguous() first")
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, triton_path: bool) -> None:
@@ -159,8 +162,8 @@ def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """L2-normalise the last dim in fp32 (the delta rule needs ||k|| = 1 for stability)."""
-    xf = x.float()
+    """L2-normalise the last dim in fp32 or better (the delta rule needs ||k|| = 1)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 

@@ -9,7 +9,6 @@ from typing import Optional, Tuple
 import torch
 
 from ..dispatch import run_chunk
-from ..utils import gdn_gate, l2norm
 
 
 def chunk_gated_delta_rule(
@@ -38,18 +37,18 @@ def chunk_gated_delta_rule(
     Returns (o [B, T, H, V], final state [N, H, V, K] float32 or None).
 
     use_qk_l2norm normalises q and k first; gate_logits/A_log/dt_bias ([B, T, H], [H], [H])
-    compute g = -exp(A_log) softplus(gate_logits + dt_bias) instead of passing g. Both run as
-    torch ops before the kernels (not fused in-kernel yet). backend: 'auto' (CUDA -> 'triton',
-    CPU -> 'torch'), 'triton' (CPU only under TRITON_INTERPRET=1), 'torch', or 'naive'.
+    compute g = -exp(A_log) softplus(gate_logits + dt_bias) instead of passing g. On the Triton
+    path both are fused into the kernels (no normalised copies or decay tensor in memory);
+    the other backends apply them as torch ops. backend: 'auto' (CUDA -> 'triton', CPU ->
+    'torch'), 'triton' (CPU only under TRITON_INTERPRET=1), 'torch', or 'naive'.
     """
+    gate = None
     if gate_logits is not None:
         if g is not None:
             raise ValueError("pass either g or gate_logits (with A_log, dt_bias), not both")
         if A_log is None or dt_bias is None:
             raise ValueError("gate_logits needs A_log and dt_bias ([H] each)")
-        g = gdn_gate(gate_logits, A_log, dt_bias)
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
+        g, gate = gate_logits, (A_log, dt_bias)
     return run_chunk(q, k, v, g, beta, delta=True, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                     chunk_size=chunk_size, backend=backend)
+                     chunk_size=chunk_size, backend=backend, qk_l2norm=use_qk_l2norm, gate=gate)

@@ -1,7 +1,10 @@
 """Gated delta rule: every fast path against the float64 token loop, forward and gradients."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from cl_toolkit.kernels.chunk_triton import _inverse_unit_lower
 from cl_toolkit.kernels.gated_delta_rule import (chunk_gated_delta_rule,
                                                  fused_recurrent_gated_delta_rule,
                                                  naive_gated_delta_rule)
@@ -107,6 +110,32 @@ def test_fused_gate_and_l2norm_options():
     assert rel_err(o, o2) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_fused_l2norm_and_gate_grads(dtype):
+    # Kernel-fused q/k normalisation and gate against torch ops + the float64 token loop,
+    # including the gradients of the raw q, k, the gate logits, A_log and dt_bias.
+    B, T, H, K = 1, 40, 2, 16
+    raw = dict(q=torch.randn(B, T, H, K), k=torch.randn(B, T, H, K), v=torch.randn(B, T, H, K),
+               beta=torch.rand(B, T, H), gate_logits=torch.randn(B, T, H),
+               A_log=torch.randn(H) * 0.5, dt_bias=torch.randn(H) * 0.5)
+    cu = torch.tensor([0, 9, 9, 40])
+    do = torch.randn(B, T, H, K)
+    x = {n: (t.to(dtype) if n in ("q", "k", "v", "beta") else t).clone().requires_grad_()
+         for n, t in raw.items()}
+    o, _ = chunk_gated_delta_rule(**x, use_qk_l2norm=True, cu_seqlens=cu, chunk_size=16,
+                                  backend="triton")
+    (o.double() * do.double()).sum().backward()
+    r = {n: t.detach().double().requires_grad_() for n, t in raw.items()}
+    g = -r["A_log"].exp() * torch.nn.functional.softplus(r["gate_logits"] + r["dt_bias"])
+    qn = r["q"] * torch.rsqrt((r["q"] ** 2).sum(-1, keepdim=True) + 1e-6)
+    kn = r["k"] * torch.rsqrt((r["k"] ** 2).sum(-1, keepdim=True) + 1e-6)
+    o2, _ = naive_gated_delta_rule(qn, kn, r["v"], g, r["beta"], cu_seqlens=cu)
+    (o2 * do.double()).sum().backward()
+    assert rel_err(o, o2) < TOL[dtype]
+    for n in raw:
+        assert rel_err(x[n].grad, r[n].grad) < TOL[dtype], n
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(cu_seqlens=torch.tensor([1, 10])), "start at 0"),
     (dict(cu_seqlens=torch.tensor([0, 6, 4, 10])), "non-decreasing"),
@@ -133,3 +162,37 @@ def test_triton_path_rejects_noncontiguous_and_float64():
         chunk_gated_delta_rule(q, k, v, backend="triton")
     with pytest.raises(ValueError, match="float64"):
         chunk_gated_delta_rule(k.double(), k.double(), v.double(), backend="triton")
+
+
+def test_triton_grads_when_final_state_is_not_requested():
+    # The autograd Function then receives no gradient for the final state (dht = None).
+    x = make_inputs(1, 20, 2, 16, 16, torch.float32, h0=False)
+    x.pop("initial_state")
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+    o, s = chunk_gated_delta_rule(**leaves, chunk_size=16, backend="triton")
+    assert s is None
+    o.sum().backward()
+    ref = {n: t.double().requires_grad_() for n, t in x.items()}
+    naive_gated_delta_rule(**ref)[0].sum().backward()
+    for n in leaves:
+        assert rel_err(leaves[n].grad, ref[n].grad) < 1e-4, n
+
+
+@triton.jit
+def _inv_kernel(a, t, BT: tl.constexpr):
+    o = tl.arange(0, BT)
+    b_a = tl.load(a + o[:, None] * BT + o[None, :])
+    tl.store(t + o[:, None] * BT + o[None, :], _inverse_unit_lower(b_a, BT))
+
+
+@pytest.mark.parametrize("BT", [16, 32, 64, 128])
+def test_blocked_unit_lower_inverse_matches_linalg(BT):
+    # The chunk kernels' (I + A)^-1 (block substitution + block products) against LAPACK.
+    k = torch.nn.functional.normalize(torch.randn(BT, 8, dtype=torch.float64), dim=-1)
+    G = (-torch.rand(BT, dtype=torch.float64) * 0.1).cumsum(0)
+    A = (torch.rand(BT, 1, dtype=torch.float64) * (k @ k.T) * (G[:, None] - G[None, :]).exp())
+    A = A.tril(-1)
+    out = torch.empty(BT, BT, dtype=torch.float32)
+    _inv_kernel[(1,)](A.float().contiguous(), out, BT=BT)
+    ref = torch.linalg.inv(torch.eye(BT, dtype=torch.float64) + A)
+    assert rel_err(out, ref) < 1e-5

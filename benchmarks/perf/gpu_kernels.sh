@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: correctness + timings of cl_toolkit.kernels (see gpu_kernels.py).
+# Usage, from anywhere:  bash benchmarks/perf/gpu_kernels.sh [--budget-s 330]
+# Wheels of flash-linear-attention (fla-core, flash-linear-attention 0.6.0; pure Python) found
+# in .whl/ are installed into /tmp/site first so fla's kernels are timed alongside ours.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-/tmp/gpu_kernels_out}"
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+python3 benchmarks/perf/gpu_kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_kernels.log"
+exit "${PIPESTATUS[0]}"
