@@ -39,12 +39,14 @@ BUILTINS: dict[str, dict[str, str]] = {
         "rotated_fashion_mnist": "cl_toolkit.benchmarks.fashion_mnist:rotated_fashion_mnist",
         "split_cifar100": "cl_toolkit.benchmarks.cifar100:split_cifar100",
         "avalanche": "cl_toolkit.benchmarks.avalanche_adapter:avalanche_stream",
+        "clip_tasks": "cl_toolkit.benchmarks.clip_tasks:clip_stream",
     },
     "model": {
         "mlp": "cl_toolkit.models:MLP",
         "cnn": "cl_toolkit.models:SmallCNN",
         "resnet18_reduced": "cl_toolkit.models:ReducedResNet18",
         "mom": "cl_toolkit.kernels.backbones:MoMImageClassifierBackbone",
+        "clip": "cl_toolkit.benchmarks.clip_tasks:clip_classifier",
     },
 }
 

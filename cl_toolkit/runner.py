@@ -10,6 +10,7 @@ same random state, giving the same final results as an uninterrupted run.
 from __future__ import annotations
 
 import copy
+import inspect
 import random
 import time
 from pathlib import Path
@@ -44,13 +45,16 @@ def _split_name(node: Any, kind: str) -> tuple[str, dict]:
 
 
 def build_stream(cfg: dict) -> TaskStream:
+    """The configured stream; ``benchmark.shuffle_tasks=true`` puts its tasks in an order drawn
+    from the run seed, so a sweep over seeds is a sweep over task orders."""
     name, kwargs = _split_name(cfg["benchmark"], "stream")
-    import inspect
-
+    shuffle = kwargs.pop("shuffle_tasks", False)
+    seed = cfg.get("seed", 0)
     target = registry.resolve("stream", name)
     if "seed" in inspect.signature(target).parameters and "seed" not in kwargs:
-        kwargs["seed"] = cfg.get("seed", 0)
-    return registry.build("stream", name, **kwargs)
+        kwargs["seed"] = seed
+    stream = registry.build("stream", name, **kwargs)
+    return stream.shuffled(seed) if shuffle else stream
 
 
 def build_model(cfg: dict, stream: TaskStream) -> Classifier:
@@ -58,6 +62,9 @@ def build_model(cfg: dict, stream: TaskStream) -> Classifier:
     label space) or ``multi`` (one per task). In task-il the logits are masked to each task's
     classes either way."""
     name, kwargs = _split_name(cfg["model"], "model")
+    if getattr(registry.resolve("model", name), "needs_stream", False):
+        # Builders such as CLIP's make their own heads from the stream's class names.
+        return registry.build("model", name, stream, **kwargs)
     heads = kwargs.pop("heads", "single")
     if heads not in ("single", "multi"):
         raise ConfigError(f"model.heads must be 'single' or 'multi'; got {heads!r}.")

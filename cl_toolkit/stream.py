@@ -124,6 +124,18 @@ class TaskStream:
     def task_il(self) -> bool:
         return self.scenario == "task-il"
 
+    def shuffled(self, seed: int) -> "TaskStream":
+        """The same tasks in a seeded random order (papers report mean ± std over orders);
+        class ids are unchanged, task indices follow the new order."""
+        from dataclasses import replace
+
+        order = torch.randperm(len(self.tasks), generator=torch.Generator().manual_seed(seed))
+        tasks = [replace(self.tasks[i], index=new, train=replace(self.tasks[i].train),
+                         test=replace(self.tasks[i].test))
+                 for new, i in enumerate(order.tolist())]
+        return replace(self, tasks=tasks,
+                       info={**self.info, "task_order": [self.tasks[i].name for i in order]})
+
     def describe(self) -> dict:
         """JSON-friendly description stored with every result."""
         return {

@@ -25,6 +25,7 @@ def test_config_file_matches_constructor(path):
     name = node.pop("name")
     assert name == path.stem or name in registry.BUILTINS[kind]
     node.pop("heads", None)
+    node.pop("shuffle_tasks", None)
     registry.check_kwargs(registry.resolve(kind, name), node, kind)
 
 
@@ -39,4 +40,5 @@ def test_experiment_composes_with_valid_keys(name):
         node = dict(cfg[group])
         target = registry.resolve(kind, node.pop("name"))
         node.pop("heads", None)
+        node.pop("shuffle_tasks", None)
         registry.check_kwargs(target, node, kind)

@@ -165,3 +165,14 @@ def test_avalanche_adapter_on_tensor_benchmark():
     assert s[0].classes == (0, 1) and s[1].classes == (2, 3)
     assert torch.equal(s[1].train.x, x[:20][y[:20] >= 2])
     assert torch.equal(s[1].test.y, y[20:][y[20:] >= 2])
+
+
+def test_shuffled_stream_reorders_and_reindexes():
+    s = digits.split_digits()
+    r = s.shuffled(seed=4)
+    assert sorted(t.classes for t in r) == sorted(t.classes for t in s)
+    assert [t.classes for t in r] != [t.classes for t in s]
+    for i, t in enumerate(r):
+        assert t.index == i and (t.train.t == i).all() and (t.test.t == i).all()
+    assert r.info["task_order"] == [t.name for t in r]
+    assert [t.classes for t in s.shuffled(seed=4)] == [t.classes for t in r]

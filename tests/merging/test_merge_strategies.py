@@ -1,0 +1,195 @@
+"""Merge strategies over a tiny domain-il stream: merged weights against formulas written out
+here, checkpoints in place of fine-tuning, bad inputs, memory accounting and resume."""
+import math
+
+import pytest
+import torch
+
+from cl_toolkit.errors import ConfigError
+from cl_toolkit.merging.opcm import project_exact
+from cl_toolkit.merging.strategies import ATLAS, OPCM, MergeAverage, MergeTA, MergeTIES
+from cl_toolkit.merging.task_vectors import (CheckpointNotFoundError, NonFiniteTaskVectorError,
+                                             StateDictMismatchError)
+from cl_toolkit.models import MLP, Classifier
+from cl_toolkit.strategy import RunContext
+from cl_toolkit.stream import Task, TaskStream, TensorData
+
+
+def blobs(angle, n, g):
+    """Three Gaussian blobs in 2-D, rotated by ``angle``: one domain of a domain-il stream."""
+    centers = torch.tensor([[2.0, 0.0], [-1.0, 1.7], [-1.0, -1.7]])
+    y = torch.randint(3, (n,), generator=g)
+    x = centers[y] + 0.5 * torch.randn(n, 2, generator=g)
+    c, s = math.cos(angle), math.sin(angle)
+    return TensorData(x @ torch.tensor([[c, -s], [s, c]]), y)
+
+
+def make_stream(n_tasks=3, n=240):
+    g = torch.Generator().manual_seed(0)
+    tasks = [Task(i, f"rot{30 * i}", blobs(math.radians(30 * i), n, g),
+                  blobs(math.radians(30 * i), 120, g), (0, 1, 2)) for i in range(n_tasks)]
+    return TaskStream("toy-rotations", tasks, "domain-il", 3, (2,))
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return Classifier(MLP((2,), hidden=(16,)), 3)
+
+
+def run(strategy, stream, model=None):
+    ctx = RunContext(seed=0, generator=torch.Generator().manual_seed(0))
+    strategy.setup(stream, model or make_model(), ctx)
+    for task in stream:
+        strategy.learn(task)
+    return strategy
+
+
+def fake_checkpoints(tmp_path, model, stream, scale=0.1, seed=1):
+    """Fine-tuned checkpoints theta_0 + tau_i with random tau_i, saved in the on-disk format."""
+    g = torch.Generator().manual_seed(seed)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    paths, taus = {}, []
+    for task in stream:
+        tau = {k: torch.randn(v.shape, generator=g) * scale for k, v in base.items()}
+        torch.save({k: base[k] + tau[k] for k in base}, tmp_path / f"{task.name}.pt")
+        paths[task.name] = str(tmp_path / f"{task.name}.pt")
+        taus.append(tau)
+    return base, taus, paths
+
+
+def merged(strategy):
+    return {k: v.clone() for k, v in strategy.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["ta", "average", "ties", "opcm"])
+def test_merged_weights_from_checkpoints_match_formulas(tmp_path, name):
+    stream, model = make_stream(), make_model()
+    base, taus, paths = fake_checkpoints(tmp_path, model, stream)
+    if name == "ta":
+        got = merged(run(MergeTA(lam=0.3, checkpoints=paths), stream, model))
+        expected = {k: base[k] + 0.3 * (taus[0][k] + taus[1][k] + taus[2][k]) for k in base}
+    elif name == "average":
+        got = merged(run(MergeAverage(checkpoints=paths), stream, model))
+        expected = {k: base[k] + (taus[0][k] + taus[1][k] + taus[2][k]) / 3 for k in base}
+    elif name == "ties":
+        # density 1 and two-way merges: where S and tau agree in sign their mean is taken,
+        # where they disagree the larger magnitude wins (its sign is the elected one).
+        got = merged(run(MergeTIES(lam=0.5, density=1.0, checkpoints=paths), stream, model))
+        S = {k: v.clone() for k, v in taus[0].items()}
+        for tau in taus[1:]:
+            for k in S:
+                a, b = S[k], tau[k]
+                S[k] = torch.where(torch.sign(a) == torch.sign(b), (a + b) / 2,
+                                   torch.where(a.abs() > b.abs(), a, b))
+        expected = {k: base[k] + 0.5 * S[k] for k in base}
+    else:
+        got = merged(run(OPCM(alpha=0.5, checkpoints=paths), stream, model))
+        S = {k: v.double() for k, v in taus[0].items()}
+        for tau in taus[1:]:
+            for k in S:
+                is_matrix = k.endswith("weight") and tau[k].dim() == 2
+                S[k] = S[k] + (project_exact(S[k], tau[k].double(), 0.5) if is_matrix
+                               else tau[k].double())
+        mean_norm = sum(math.sqrt(sum(float((t[k].double() ** 2).sum()) for k in t))
+                        for t in taus) / 3
+        s_norm = math.sqrt(sum(float((v ** 2).sum()) for v in S.values()))
+        expected = {k: base[k] + (S[k] * mean_norm / s_norm).float() for k in base}
+    for k in base:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [MergeAverage, MergeTA, MergeTIES, OPCM, ATLAS],
+                         ids=lambda c: c.name)
+def test_finetuning_path_learns_and_merges(cls):
+    stream = make_stream()
+    kwargs = {"coef_steps": 30, "k_shot": 4} if cls is ATLAS else {}
+    strategy = run(cls(epochs=3, lr=0.05, pretrain_epochs=3, **kwargs), stream)
+    ft = strategy.reference_accuracy()["finetuned"]
+    assert set(ft) == {t.name for t in stream} and min(ft.values()) > 0.8
+    for task in stream:
+        acc = (strategy.predict(task.test.x, task).argmax(-1) == task.test.y).float().mean()
+        assert acc > 0.6, f"{cls.name} on {task.name}: {acc:.2f}"
+
+
+def test_memory_bytes_counts_what_each_method_keeps(tmp_path):
+    stream, model = make_stream(), make_model()
+    _, _, paths = fake_checkpoints(tmp_path, model, stream)
+    size = sum(v.numel() * 4 for v in model.state_dict().values())
+    opcm = run(OPCM(checkpoints=paths), stream, make_model())
+    assert opcm.memory_bytes() == 2 * size + 8 * 3  # theta_0, S, three norms
+    ta = run(MergeTA(checkpoints=paths), stream, make_model())
+    assert ta.memory_bytes() == 2 * size
+    atlas = run(ATLAS(checkpoints=paths, k_shot=2, coef_steps=2), stream, make_model())
+    buffer = 3 * 3 * 2 * (2 * 4 + 8 + 8)  # tasks x classes x shots x (x, y, t)
+    assert atlas.memory_bytes() == 4 * size + 3 * len(atlas.keys) * 4 + buffer
+
+
+def test_bad_inputs(tmp_path):
+    stream = make_stream()
+    other = Classifier(MLP((2,), hidden=(8,)), 3)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    mismatch = r"'backbone.net.1.weight'.*\(8, 2\).*\(16, 2\)"
+    with pytest.raises(StateDictMismatchError, match=mismatch):
+        run(MergeTA(checkpoints={"rot0": str(tmp_path / "other.pt")}), stream)
+    with pytest.raises(CheckpointNotFoundError, match="missing.pt"):
+        run(MergeTA(checkpoints={"rot0": str(tmp_path / "missing.pt")}), stream)
+    with pytest.raises(ConfigError, match=r"'rot3O'.*Did you mean 'rot30'"):
+        run(MergeTA(checkpoints={"rot3O": str(tmp_path / "other.pt")}), stream)
+    model = make_model()
+    nan = {k: v + float("nan") for k, v in model.state_dict().items()}
+    torch.save(nan, tmp_path / "nan.pt")
+    with pytest.raises(NonFiniteTaskVectorError, match="task 0 .'rot0'."):
+        run(OPCM(checkpoints={"rot0": str(tmp_path / "nan.pt")}), stream, model)
+    with pytest.raises(ConfigError, match="matches no floating-point entry"):
+        run(MergeTA(finetune_params=["encoder."]), stream)
+
+
+def test_finetune_params_limit_what_changes(tmp_path):
+    stream = make_stream()
+    strategy = run(MergeTA(epochs=1, finetune_params=["head."]), stream)
+    assert strategy.keys == ["head.weight", "head.bias"]
+    before = make_model().state_dict()
+    after = strategy.model.state_dict()
+    assert torch.equal(before["backbone.net.1.weight"], after["backbone.net.1.weight"])
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+
+
+def test_resume_continues_like_an_uninterrupted_run(tmp_path):
+    stream, model = make_stream(), make_model()
+    _, _, paths = fake_checkpoints(tmp_path, model, stream)
+    full = merged(run(OPCM(checkpoints=paths), stream, make_model()))
+    first = OPCM(checkpoints=paths)
+    first.setup(stream, make_model(), RunContext())
+    first.learn(stream[0])
+    first.learn(stream[1])
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    second = OPCM(checkpoints=paths)
+    second.setup(stream, make_model(), RunContext())
+    second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    second.learn(stream[2])
+    for k, v in full.items():
+        torch.testing.assert_close(second.model.state_dict()[k], v)
+
+
+def test_frozen_batchnorm_statistics_do_not_drift():
+    stream = make_stream()
+    torch.manual_seed(0)
+    model = Classifier(MLP((2,), hidden=(16,)), 3)
+    model.backbone.net.append(torch.nn.BatchNorm1d(16))
+    before = model.backbone.net[-1].running_mean.clone()
+    strategy = run(MergeTA(epochs=1, finetune_params=["head."]), stream, model)
+    assert torch.equal(strategy.model.backbone.net[-1].running_mean, before)
+
+
+@pytest.mark.parametrize("objective", ["entropy", "pseudo_label"])
+def test_atlas_without_labels_keeps_unlabelled_inputs(tmp_path, objective):
+    stream, model = make_stream(), make_model()
+    _, _, paths = fake_checkpoints(tmp_path, model, stream)
+    atlas = run(ATLAS(checkpoints=paths, k_shot=0, unlabeled_per_task=10,
+                      unsupervised=objective, coef_steps=5), stream, model)
+    assert [len(b) for b in atlas.buffer] == [10, 10, 10]
+    assert atlas.coefs.shape == (3, len(atlas.keys))
+    if objective == "entropy":  # pseudo-labels may find no prediction confident enough here
+        assert bool(atlas.coefs.abs().sum() > 0)
+    with pytest.raises(ConfigError, match="'mse'"):
+        ATLAS(unsupervised="mse")
