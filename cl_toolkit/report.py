@@ -126,6 +126,33 @@ def summarize(groups: dict[str, list[dict]]) -> list[dict]:
                                       for r in runs])
         row["train_s"] = _mean_std([sum(r["timings"]["train_s"]) for r in runs])
         rows.append(row)
+    return rows + reference_rows(groups)
+
+
+def reference_rows(groups: dict[str, list[dict]]) -> list[dict]:
+    """Rows for the references that strategies report (merging: every fine-tuned model on its
+    own task, and the base model theta_0, i.e. the row before any task), one per benchmark.
+    ACC of a reference = mean over tasks; the other columns do not apply."""
+    refs: dict[str, dict] = {}  # label -> {seed: acc}; strategies sharing a seed share them
+    for runs in groups.values():
+        for r in runs:
+            if not r.get("reference") or _run_status(r) != "done":
+                continue
+            bench, seed = r["config"]["benchmark"]["name"], r["config"].get("seed")
+            for name, per_task in r["reference"].items():
+                refs.setdefault(f"{name} (reference) @ {bench}", {})[seed] = float(
+                    np.mean(list(per_task.values())))
+            refs.setdefault(f"base model (reference) @ {bench}", {})[seed] = float(
+                np.mean(r["before"]))
+    rows = []
+    for label, by_seed in refs.items():
+        accs = list(by_seed.values())
+        row = {"method": label, "runs": len(accs), "done": len(accs), "partial": 0,
+               "failed": 0, "errors": [], "only_partial": False,
+               "memory_mb": None, "train_s": None}
+        row.update({key: None for key, _ in COLUMNS})
+        row["acc"] = _mean_std(accs)
+        rows.append(row)
     return rows
 
 

@@ -211,6 +211,7 @@ def _results(cfg, stream, strategy, model, state, T) -> dict:
         "matrix": state["matrix"],
         "metrics": metrics.summary(square, state["before"][:k]),
         "memory_bytes": state["memory"],
+        "reference": strategy.reference_accuracy(),
         "timings": {"train_s": state["train_s"], "eval_s": state["eval_s"]},
     }
 

@@ -93,6 +93,11 @@ class Strategy:
         """Bytes kept besides the model (coresets, buffers, generators, task vectors)."""
         return 0
 
+    def reference_accuracy(self) -> dict[str, dict[str, float]]:
+        """Reference rows for reports, ``{row name: {task name: accuracy}}`` (merging: each
+        fine-tuned model on its own task). Empty for most strategies."""
+        return {}
+
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
