@@ -199,7 +199,7 @@ class MoMLayer(nn.Module):
             pair_w = torch.cat([pair_w, pair_w.new_ones(B * T)])
         key = pair_mem * B + pair_tok // T
         order = torch.sort(key, stable=True).indices
-        p_tok, p_mem, p_w = pair_tok[order], pair_mem[order], pair_w[order]
+        p_tok, p_w = pair_tok[order], pair_w[order]
         lens = torch.bincount(key, minlength=M * B)
         cu = F.pad(lens.cumsum(0), (1, 0))
         seg = torch.repeat_interleave(torch.arange(M * B, device=dev), lens)

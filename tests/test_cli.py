@@ -2,7 +2,6 @@
 of a task followed by resume, Hydra-level config errors, and a strategy plugin installed
 through the entry point."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,17 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from cltk_subprocess import cltk
+
 COMMON = ["benchmark.scenario=class-il", "model.hidden=[32]", "strategy.batch_size=32",
           "quiet=true"]
-
-
-def cltk(*args, cwd, env=None, timeout=240, check=True):
-    proc = subprocess.run([sys.executable, "-m", "cl_toolkit.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cltk {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def results_without_timings(path):

@@ -7,24 +7,15 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from cltk_subprocess import cltk
+
 TINY = ["model.hidden=[32]", "strategy.epochs=1", "strategy.batch_size=64", "quiet=true",
         "threads=1"]
-
-
-def cltk(*args, cwd, timeout=240, env=None, check=True):
-    proc = subprocess.run([sys.executable, "-m", "cl_toolkit.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cltk {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def index_of(sweep_dir) -> dict:

@@ -8,14 +8,6 @@ from cl_toolkit.strategies.cvae import ConditionalVAE
 D = torch.distributions
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _oracle_elbo(vae, x, y, eps):
     """The same ELBO written with torch.distributions objects."""
     mu, logvar = vae.encode(x, y)

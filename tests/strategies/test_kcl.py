@@ -12,14 +12,6 @@ from cl_toolkit.strategy import RunContext
 from cl_toolkit.stream import Task, TaskStream, TensorData
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def blob_stream(n_tasks=3, per_task=2, dim=16, n_train=60, n_test=40, scenario="task-il",
                 seed=0):
     """Each class is a noisy binary prototype in [0, 1]^dim (n_train samples per class)."""

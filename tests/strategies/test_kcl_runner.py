@@ -1,27 +1,14 @@
 """KCL and GKCL through the runner: registry kwargs check, checkpoint, exact resume."""
 import pytest
-import torch
 
-from cl_toolkit import registry
 from cl_toolkit.runner import run
 from cl_toolkit.strategy import Hooks
 
-IMPORTS = {"kcl": "cl_toolkit.strategies.kcl:KCL", "gkcl": "cl_toolkit.strategies.gkcl:GKCL"}
 SETTINGS = {
     "kcl": {"kernel": "vrf", "coreset_per_class": 5, "num_features": 128},
     "gkcl": {"support_per_class": 5, "generated_per_class": 10, "generator_hidden": [64],
              "z_dim": 8, "generator_epochs": 10, "generator_batch_size": 32},
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_registered(monkeypatch):
-    for name, target in IMPORTS.items():  # until the registry lists them
-        monkeypatch.setitem(registry.BUILTINS["strategy"], name, target)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def cfg(name):

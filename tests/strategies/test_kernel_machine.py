@@ -10,14 +10,6 @@ from cl_toolkit.strategies.kernel_machine import (KernelMachine, KernelSolveErro
                                                   krr_solve)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n_support=30, n_query=12, d=6, classes=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     hs = torch.randn(n_support, d, generator=g, dtype=torch.float64)
