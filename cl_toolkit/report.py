@@ -73,7 +73,9 @@ def group_runs(results: list[dict]) -> dict[str, list[dict]]:
         varying = sorted(k for k in flat if len({json.dumps(g.get(k), default=str)
                                                  for g in siblings}) > 1)
         extra = ", ".join(f"{k}={flat.get(k)}" for k in varying)
-        label = f"{flat.get('strategy.name')} @ {flat.get('benchmark.name')}"
+        scenario = next((r["stream"]["scenario"] for r in runs if "stream" in r), None)
+        label = f"{flat.get('strategy.name')} @ {flat.get('benchmark.name')}" + \
+            (f" [{scenario}]" if scenario else "")
         groups[label + (f" ({extra})" if extra else "")] = runs
     return dict(sorted(groups.items()))
 

@@ -31,7 +31,7 @@ def test_sweep_and_report(tmp_path):
     assert len(runs) == 4
     proc = cltk("report", str(tmp_path / "sweep"), cwd=tmp_path)
     md = (tmp_path / "sweep" / "report.md").read_text()
-    assert "| naive @ split_digits | 2 |" in md and "| replay @ split_digits | 2 |" in md
+    assert "| naive @ split_digits [class-il] | 2 |" in md and "| replay @ split_digits [class-il] | 2 |" in md
     html = (tmp_path / "sweep" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4  # running acc, forgetting, 2 heatmaps
     assert "report.html" in proc.stdout

@@ -68,7 +68,7 @@ def test_joblib_sweep_failed_run_index_skip_and_report(tmp_path):
 
     write_report([str(sweep)])
     md = (sweep / "report.md").read_text()
-    assert "| naive @ split_digits | 2 |" in md
+    assert "| naive @ split_digits [task-il] | 2 |" in md
     assert "## Sweep status" in md and "4 run(s): 2 done, 0 running, 0 pending, 2 failed" in md
     assert md.count("| failed | ConfigError: model.heads must be") == 2
     assert "Sweep status" in (sweep / "report.html").read_text()
