@@ -236,6 +236,23 @@ def _figures(groups: dict[str, list[dict]]) -> dict[str, bytes]:
     ax.legend(fontsize=7, loc="best")
     figs["forgetting.png"] = png(fig)
 
+    # ACC against what each method keeps (coresets, buffers, generators, task vectors): the
+    # accuracy-memory trade-off, drawn when any method keeps something.
+    points = {label: [(r["memory_bytes"][-1], r["metrics"]["acc"] * 100) for r in runs
+                      if r.get("memory_bytes") and r.get("status") == "done"]
+              for label, runs in groups.items()}
+    if any(b > 0 for pts in points.values() for b, _ in pts):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for label, pts in points.items():
+            if pts:
+                b, a = np.asarray(pts).T
+                ax.errorbar(max(b.mean(), 1.0), a.mean(), yerr=a.std(), fmt="o", label=label)
+        ax.set_xscale("log")
+        ax.set(xlabel="memory kept besides the model (bytes; 0 is drawn at 1)", ylabel="ACC (%)",
+               title="Accuracy against memory")
+        ax.legend(fontsize=7, loc="best")
+        figs["acc_vs_memory.png"] = png(fig)
+
     for i, (label, runs) in enumerate(groups.items()):
         mats = [np.asarray(r["matrix"]) for r in runs]
         k = min(m.shape[0] for m in mats)
@@ -277,6 +294,8 @@ def write_report(paths, out: str | None = None) -> tuple[Path, Path]:
           "max_{l<T-1} R[l, j] - R[T-1, j].", "", table, "", *_sweep_section(entries)]
     if figs:
         md += ["![running accuracy](running_acc.png)", "", "![forgetting](forgetting.png)", ""]
+    if "acc_vs_memory.png" in figs:
+        md += ["![accuracy against memory](acc_vs_memory.png)", ""]
     md += [f"![{label}]({name})" for label, name in zip(groups, matrices)]
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(md) + "\n")
@@ -293,6 +312,8 @@ def write_report(paths, out: str | None = None) -> tuple[Path, Path]:
         for r in rows)
     curves = (img("running_acc.png", "running accuracy") + img("forgetting.png", "forgetting")
               if figs else "")
+    if "acc_vs_memory.png" in figs:
+        curves += img("acc_vs_memory.png", "accuracy against memory")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cl_toolkit report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}

@@ -3,7 +3,7 @@ tasks 0..k (all their training data, not a buffer)."""
 from __future__ import annotations
 
 from cl_toolkit.stream import Task, TensorData
-from cl_toolkit.strategy import SupervisedStrategy
+from cl_toolkit.strategy import SupervisedStrategy, tensor_bytes
 
 
 class Joint(SupervisedStrategy):
@@ -24,3 +24,8 @@ class Joint(SupervisedStrategy):
         if self.reset:
             self.model.load_state_dict(self._initial)
         return TensorData.cat([t.train for t in self.stream.tasks[: task.index + 1]])
+
+    def memory_bytes(self) -> int:
+        """Joint training keeps every training sample seen so far."""
+        return sum(tensor_bytes(t.train.x, t.train.y, t.train.t)
+                   for t in self.stream.tasks[: self.tasks_seen])

@@ -33,7 +33,9 @@ def test_sweep_and_report(tmp_path):
     md = (tmp_path / "sweep" / "report.md").read_text()
     assert "| naive @ split_digits [class-il] | 2 |" in md and "| replay @ split_digits [class-il] | 2 |" in md
     html = (tmp_path / "sweep" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4  # running acc, forgetting, 2 heatmaps
+    # running acc, forgetting, acc vs memory (replay keeps a buffer), 2 heatmaps
+    assert html.count("data:image/png;base64,") == 5
+    assert (tmp_path / "sweep" / "acc_vs_memory.png").stat().st_size > 0
     assert "report.html" in proc.stdout
 
 

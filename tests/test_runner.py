@@ -167,3 +167,10 @@ def test_misspelt_key_of_a_subclass_forwarding_kwargs(tmp_path):
     # Replay forwards **kwargs to SupervisedStrategy: both signatures are checked.
     with pytest.raises(ConfigError, match=r"strategy\.epoch\. Did you mean 'epochs'"):
         run(cfg(name="replay", epoch=3), tmp_path)
+
+
+def test_joint_counts_the_data_it_keeps(tmp_path):
+    r = run(cfg(name="joint", epochs=1), tmp_path)
+    sizes = [t["train"] for t in r["stream"]["tasks"]]
+    per_sample = 8 * 8 * 4 + 8 + 8  # float32 8x8 image, int64 label, int64 task id
+    assert r["memory_bytes"] == [per_sample * sum(sizes[: k + 1]) for k in range(5)]
