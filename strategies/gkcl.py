@@ -39,7 +39,7 @@ from cl_toolkit.strategy import RunContext, tensor_bytes
 from cl_toolkit.stream import Task, TaskStream, TensorData
 
 from .cvae import ConditionalVAE
-from .kcl import KCL
+from .kcl import KCL, normalise_features
 from .supcon import SupConLoss
 
 
@@ -182,7 +182,14 @@ class GKCL(KCL):
                 f"gkcl: the generator produced NaN/Inf samples for the support of task {ti} "
                 f"({task.name!r}); its training diverged. Lower strategy.generator_lr."
             )
-        h = self.features(x, ti) if self.generator_space == "pixel" else x
+        if self.generator_space == "pixel":
+            h = self.features(x, ti)
+        elif self.feature_norm == "batch_minmax":
+            h = x  # per-batch scaling has no meaning for a generated set on its own
+        else:
+            # Generated features land near, not on, the normalised feature set they were
+            # trained on; put them back on it so the kernel sees the query's scale.
+            h = normalise_features(x, self.feature_norm)
         return h, torch.tensor(task.classes, device=dev)[local]
 
     def state_dict(self) -> dict:

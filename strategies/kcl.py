@@ -68,6 +68,9 @@ class KCL(Strategy):
                  lr_min: float = 5e-5, optimizer: str = "sgd", momentum: float = 0.8,
                  weight_decay: float = 0.0, feature_norm: str = "l2",
                  eval_batch_size: int = 1024):
+        if support == "batch" and batch_size < 2:
+            raise ConfigError(f"support='batch' splits each batch into support and query, so "
+                              f"batch_size must be >= 2; got {batch_size}.")
         if support not in self.support_modes:
             raise ConfigError(f"support={support!r} is not valid for {self.name}; choose one of "
                               f"{', '.join(self.support_modes)}.")
@@ -155,6 +158,8 @@ class KCL(Strategy):
             ctx.hooks.call("before_epoch", strategy=self, task=task, epoch=epoch)
             for step, (x, y, _) in enumerate(train.batches(self.batch_size, ctx.generator, True)):
                 xs, ys, xq, yq = self.support_query(task, x, y)
+                if xq.shape[0] == 0:  # a last batch of one sample leaves no query to score
+                    continue
                 xy = torch.cat([xs, xq])
                 h = model.features(xy, torch.full((len(xy),), ti, dtype=torch.long, device=dev))
                 hs = normalise_features(h[:len(xs)], self.feature_norm)
@@ -164,7 +169,10 @@ class KCL(Strategy):
                 # saves and restores that RNG with each checkpoint).
                 eps = torch.randn_like(machine.omega_eps) if vrf else None
                 try:
-                    logits, kl = machine(ti, hs, local[ys], hq, n_cls, eps=eps)
+                    # The VRF prior sees the whole batch's mean feature (support + query when
+                    # the batch is split, the query alone when it is the whole batch).
+                    h_batch = h if self.support == "batch" else hq
+                    logits, kl = machine(ti, hs, local[ys], hq, n_cls, h_batch=h_batch, eps=eps)
                 except KernelSolveError as exc:
                     raise KernelSolveError(f"{self.name}: task {ti} ({task.name!r}), epoch "
                                            f"{epoch}, step {step}: {exc}") from exc

@@ -76,6 +76,16 @@ def test_batch_split_support_also_learns():
     assert np.mean([accuracy(s, t) for t in stream]) > 0.8
 
 
+def test_batch_split_with_a_one_sample_last_batch_and_tiny_batches():
+    stream = blob_stream(n_tasks=1)
+    # 2 x 60 samples - 2 x 10 coreset = 100 left; batches of 11 leave a last batch of 1.
+    s = make(stream, kernel="vrf", support="batch", batch_size=11, num_features=64)
+    s.learn(stream[0])
+    assert accuracy(s, stream[0]) > 0.8
+    with pytest.raises(ConfigError, match="batch_size must be >= 2"):
+        KCL(support="batch", batch_size=1)
+
+
 def test_logits_live_in_the_global_label_space():
     stream = blob_stream()
     s = make(stream, kernel="linear")
