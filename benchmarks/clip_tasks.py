@@ -14,8 +14,8 @@ those it can; these need manual download (put them where the path says):
 - StanfordCars: torchvision's source is gone; get ``stanford_cars`` (devkit, cars_train,
   cars_test, cars_test_annos_withlabels.mat) into ``root/stanford_cars/``.
 - RESISC45: not in torchvision; unpack NWPU-RESISC45 as ``root/resisc45/NWPU-RESISC45/<class>/``.
-- FER2013: Kaggle login; put ``train.csv`` and ``test.csv`` (or ``icml_face_data.csv``) into
-  ``root/fer2013/``.
+- FER2013: Kaggle login; put ``icml_face_data.csv`` (or ``fer2013.csv``) into
+  ``root/fer2013/`` (with only ``train.csv`` / ``test.csv`` torchvision has no test labels).
 - PCAM needs ``h5py``; SUN397 is a 37 GB download.
 
 SUN397, EuroSAT and RESISC45 ship without a train/test split: a fixed 80/20 split (seed 0,
@@ -187,6 +187,12 @@ def load_split(name: str, root: str | Path, train: bool, image_size: int,
     xs, ys = [], []
     for i in index.tolist():
         image, label = ds[i]
+        if label is None:
+            raise DatasetNotFoundError(
+                f"Dataset {name} under {str(root)!r} has no labels for its "
+                f"{'train' if train else 'test'} split (FER2013 from train.csv / test.csv "
+                "alone); add icml_face_data.csv or fer2013.csv next to them."
+            )
         if spec.fix_image is not None:
             image = spec.fix_image(image)
         xs.append(prep(image.convert("RGB")))
@@ -305,8 +311,13 @@ def clip_classifier(stream: TaskStream, model_name: str = "ViT-B-32",
     if pretrained is not None:
         _check_weights(model_name, pretrained, cache_dir)
     try:
+        # OpenAI's weights were trained with QuickGELU; open_clip only warns when the named
+        # architecture uses plain GELU, so switch it on from the weights' own config.
+        quick = bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False)) \
+            if pretrained else False
         model = open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir,
-                                       device=device, **(model_kwargs or {}))
+                                       device=device,
+                                       **{"force_quick_gelu": quick, **(model_kwargs or {})})
     except RuntimeError as exc:
         if "download" not in str(exc).lower():
             raise

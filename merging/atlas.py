@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from cl_toolkit.errors import NonFiniteLossError
 from cl_toolkit.stream import TensorData
 
 from .task_vectors import StateDict
@@ -44,14 +45,18 @@ def objective_loss(logits: torch.Tensor, y: torch.Tensor | None, objective: str,
     """Loss to minimise over the coefficients; ``y`` is used only by ``"supervised"``."""
     if objective == "supervised":
         return F.cross_entropy(logits, y)
+    # Task-il heads give -inf to other tasks' classes: 0 * -inf would be NaN, so those entries
+    # contribute 0 (their probability is exactly 0).
+    masked = torch.isneginf(logits)
     logp = torch.log_softmax(logits.float(), dim=-1)
     if objective == "entropy":
-        return -(logp.exp() * logp).sum(-1).mean()
+        p = torch.softmax(logits.float(), dim=-1)
+        return -(p * logp.masked_fill(masked, 0.0)).sum(-1).mean()
     if objective == "pseudo_label":
         conf, label = logp.detach().exp().max(-1)
         mask = conf >= threshold
         if not bool(mask.any()):
-            return logits.sum() * 0.0
+            return logits.masked_fill(masked, 0.0).sum() * 0.0
         return F.nll_loss(logp[mask], label[mask])
     raise ValueError(f"Unknown aTLAS objective {objective!r}; use one of {OBJECTIVES}.")
 
@@ -76,17 +81,30 @@ def fit_coefficients(model: nn.Module, base: StateDict, task_vectors: list[State
     coefs = coefs.detach().clone().to(device).requires_grad_(True)
     opt = torch.optim.Adam([coefs], lr=lr)
     was_training = model.training
+    # The base stays frozen: no gradient for the parameters that are not composed either.
+    flags = {p: p.requires_grad for p in model.parameters()}
     model.eval()
     n = len(data)
-    for _ in range(steps):
-        idx = torch.randint(n, (min(batch_size, n),), generator=generator)
-        x, y, t = data.x[idx].to(device), data.y[idx].to(device), data.t[idx].to(device)
-        params = compose(base, task_vectors, coefs)
-        kwargs = {"t": t} if use_task_ids else {}
-        logits = functional_call(model, params, (x,), kwargs)
-        loss = objective_loss(logits, y, objective, threshold)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.train(was_training)
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        for step in range(steps):
+            idx = torch.randint(n, (min(batch_size, n),), generator=generator)
+            x, y, t = data.x[idx].to(device), data.y[idx].to(device), data.t[idx].to(device)
+            params = compose(base, task_vectors, coefs)
+            kwargs = {"t": t} if use_task_ids else {}
+            logits = functional_call(model, params, (x,), kwargs)
+            loss = objective_loss(logits, y, objective, threshold)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"aTLAS coefficient fit: the {objective} loss became {loss.item()} at step "
+                    f"{step}. Lower strategy.coef_lr or check the task vectors for NaN/Inf."
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
     return coefs.detach()

@@ -45,6 +45,16 @@ from .task_vectors import (assign_, check_compatible, check_finite, clone, combi
 from .ties import REDUCTIONS, ties_tensor
 
 
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
 class MergeStrategy(Strategy):
     """Fine-tune per task from ``theta_0``; subclasses fold each task vector into their state
     (`merge_`) and say which update is applied to the base (`merged_update`)."""
@@ -142,7 +152,8 @@ class MergeStrategy(Strategy):
         self.fixed = {k: v.to(self.ctx.device) for k, v in state["fixed"].items()}
         self.tasks_seen = state["tasks_seen"]
         self.finetuned_acc = dict(state["finetuned_acc"])
-        self.load_method_state(state["method"])
+        # Checkpoints load on the CPU; the method's tensors must live where the model does.
+        self.load_method_state(_to_device(state["method"], self.ctx.device))
 
     def method_state(self) -> dict:
         return {}

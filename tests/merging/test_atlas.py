@@ -55,3 +55,18 @@ def test_learning_recovers_a_known_best_mix():
     torch.testing.assert_close(coefs, truth, atol=0.1, rtol=0)
     # The model's own parameters were never touched.
     assert not torch.equal(model.weight.detach(), teacher["weight"])
+
+
+def test_unsupervised_objectives_ignore_masked_classes():
+    """Task-il heads put -inf on other tasks' classes; the entropy must be that of the task's
+    own classes (here a uniform pair: log 2) with finite gradients, not NaN."""
+    from cl_toolkit.merging.atlas import objective_loss
+
+    logits = torch.tensor([[0.0, 0.0, float("-inf"), float("-inf")],
+                           [float("-inf"), float("-inf"), 1.0, 1.0]], requires_grad=True)
+    loss = objective_loss(logits, None, "entropy")
+    assert torch.isclose(loss, torch.log(torch.tensor(2.0)))
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    empty = objective_loss(logits, None, "pseudo_label", threshold=0.99)
+    assert empty.item() == 0.0
