@@ -11,11 +11,29 @@ register a strategy, stream or model through the entry points appear as config-g
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
+
+from omegaconf import OmegaConf
 
 from .errors import ClToolkitError
 
 _failures: list[str] = []
+
+
+def short_dirname(name: str, limit: int = 200) -> str:
+    """A sweep run's directory is named by its overrides, but a file name holds at most 255
+    bytes: a longer one keeps a readable head plus a hash of the whole, so it stays unique and
+    the same on every re-invocation."""
+    raw = name.encode()
+    if len(raw) <= limit:
+        return name
+    return raw[: limit - 13].decode(errors="ignore") + "-" + hashlib.sha1(raw).hexdigest()[:12]
+
+
+# conf/config.yaml names sweep directories through this resolver. It is registered when this
+# module is imported, which also happens in launcher workers (they unpickle `_job` from here).
+OmegaConf.register_new_resolver("cltk_dirname", short_dirname, replace=True)
 
 
 def _register_plugin_configs() -> None:

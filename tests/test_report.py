@@ -1,4 +1,5 @@
-"""Report aggregation on hand-made results: mean ± std over seeds and reference rows."""
+"""Report aggregation on hand-made results (mean ± std over seeds, reference rows) and the
+naming of sweep run directories."""
 import pytest
 
 from cl_toolkit.metrics import summary
@@ -28,3 +29,13 @@ def test_mean_std_over_seeds_and_reference_rows_once_per_seed():
     assert ft["acc"][0] == pytest.approx((0.8 + 0.9) / 2)
     base = rows["base model (reference) @ b"]
     assert base["acc"][0] == pytest.approx(0.3) and base["bwt"] is None
+
+
+def test_long_sweep_directory_names_are_shortened_uniquely():
+    from cl_toolkit.cli import short_dirname
+
+    assert short_dirname("seed=0,strategy=naive") == "seed=0,strategy=naive"
+    a = short_dirname("x" * 300 + "a")
+    b = short_dirname("x" * 300 + "b")
+    assert a != b and len(a.encode()) <= 200 and a.startswith("x" * 100)
+    assert short_dirname("x" * 300 + "a") == a
