@@ -245,6 +245,21 @@ def copy_ceiling(dev) -> float:
     return 2 * a.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def timed_pair(fn, x: dict, do: torch.Tensor):
+    """(forward, forward+backward) closures over ``fn(**x)`` for the timer; the backward pass
+    uses fresh leaf copies so every call sees the same inputs."""
+    def fwd():
+        with torch.no_grad():
+            fn(**x)
+    leaves = {k: t.detach().clone().requires_grad_() for k, t in x.items() if t is not None}
+
+    def fwdbwd():
+        for t in leaves.values():
+            t.grad = None
+        fn(**{k: leaves.get(k) for k in x}).backward(do)
+    return fwd, fwdbwd
+
+
 def timings(dev, smoke, budget_s):
     sizes = [(2, 64, 2, 16)] if smoke else [(8, 2048, 16, 128), (4, 4096, 16, 128),
                                               (1, 16384, 16, 128)]
@@ -275,18 +290,7 @@ def timings(dev, smoke, budget_s):
         do = torch.randn(B, T, H, D, device=dev, dtype=dtype)
 
         def factory(fn, x=x, do=do):
-            def fwd():
-                with torch.no_grad():
-                    fn(**x)
-            leaves = {k: t.detach().clone().requires_grad_() for k, t in x.items()
-                      if t is not None}
-
-            def fwdbwd():
-                for t in leaves.values():
-                    t.grad = None
-                o = fn(**{k: leaves.get(k) for k in x})
-                o.backward(do)
-            return fwd, fwdbwd
+            return timed_pair(fn, x, do)
 
         ours = lambda **a: chunk_gated_delta_rule(**a, backend="triton")[0]
         run("ours gdr (triton)", size, lambda: factory(ours))
@@ -314,18 +318,7 @@ def timings(dev, smoke, budget_s):
         do = torch.randn(B, T, H, D, device=dev, dtype=dtype)
 
         def factory(fn, x=x, do=do):
-            def fwd():
-                with torch.no_grad():
-                    fn(**x)
-            leaves = {k: t.detach().clone().requires_grad_() for k, t in x.items()
-                      if t is not None}
-
-            def fwdbwd():
-                for t in leaves.values():
-                    t.grad = None
-                o = fn(**{k: leaves.get(k) for k in x})
-                o.backward(do)
-            return fwd, fwdbwd
+            return timed_pair(fn, x, do)
         ours_la = lambda **a: chunk_linear_attn(a["q"], a["k"], a["v"], a["g"],
                                                 initial_state=a["initial_state"],
                                                 backend="triton")[0]
