@@ -42,7 +42,7 @@ from .opcm import linear_weights, opcm_step_
 from .task_arithmetic import task_arithmetic_step_
 from .task_vectors import (assign_, check_compatible, check_finite, clone, combine_into_,
                            floating_keys, load_checkpoint, nbytes, subtract_)
-from .ties import REDUCTIONS, ties_tensor
+from .ties import REDUCTIONS, ties_tensor, trim_threshold
 
 
 def _to_device(obj, device):
@@ -305,8 +305,11 @@ class MergeTIES(MergeStrategy):
     def merge_(self, tau, task):
         if self.tasks_seen == 0:
             self.merged = {k: torch.zeros_like(v) for k, v in tau.items()}
+        # Each of the two vectors is trimmed over all its tensors (one threshold per vector).
+        thresholds = [trim_threshold(self.merged.values(), self.density),
+                      trim_threshold(tau.values(), self.density)]
         for k, s in self.merged.items():
-            self.merged[k] = ties_tensor([s, tau[k]], self.density, self.reduce)
+            self.merged[k] = ties_tensor([s, tau[k]], thresholds, self.reduce)
 
     def merged_update(self):
         return self.merged, self.lam

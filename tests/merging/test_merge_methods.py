@@ -56,3 +56,27 @@ def test_ties_4x4_against_hand_made_sign_mask():
     assert torch.equal(merged["w"], MEAN)
     merged = ties([{"w": TAU1}, {"w": TAU2}, {"w": TAU3}], density=0.5, reduce="sum")
     assert torch.equal(merged["w"], SUM)
+
+
+def test_trimming_ranks_the_whole_task_vector():
+    """The TIES paper trims over all of a task vector's entries: with density 0.25 of 8 entries
+    the two largest (10 and 9, both in "a") survive and "b" is zeroed entirely (per-tensor
+    trimming would keep one entry of each)."""
+    tv = {"a": torch.tensor([10.0, -9.0, 1.0, 0.5]), "b": torch.tensor([0.1, -0.2, 0.3, 0.4])}
+    merged = ties([tv], density=0.25, reduce="sum")
+    assert torch.equal(merged["a"], torch.tensor([10.0, -9.0, 0.0, 0.0]))
+    assert torch.equal(merged["b"], torch.zeros(4))
+
+
+def test_whole_vector_threshold_matches_a_sort():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(13, generator=g)]
+    from cl_toolkit.merging.ties import keep_above, trim_threshold
+
+    th = trim_threshold(tensors, 0.3)
+    flat = torch.cat([t.abs().float().flatten() for t in tensors])
+    k = round(0.3 * flat.numel())
+    kth = flat.sort(descending=True).values[k - 1]
+    kept = sum(int((keep_above(t, th) != 0).sum()) for t in tensors)
+    assert kept == k
+    assert torch.tensor(th, dtype=torch.int32).view(torch.float32) == kth
