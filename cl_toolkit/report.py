@@ -42,11 +42,12 @@ def find_results(paths, allow_empty: bool = False) -> list[Path]:
     return found
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """Nested config -> ``{"a.b": value}``."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -58,7 +59,7 @@ def group_runs(results: list[dict]) -> dict[str, list[dict]]:
     keyed = defaultdict(list)
     flats = {}
     for r in results:
-        flat = {k: v for k, v in _flatten(r["config"]).items()
+        flat = {k: v for k, v in flatten_config(r["config"]).items()
                 if k.split(".")[0] not in GROUP_EXCLUDE}
         key = json.dumps(flat, sort_keys=True, default=str)
         keyed[key].append(r)

@@ -40,16 +40,6 @@ class TensorBoardSink:
         self.writer.close()
 
 
-def _flat_params(cfg: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            out.update(_flat_params(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = str(v)[:500]  # MLflow caps parameter values
-    return out
-
-
 class MLflowSink:
     """One MLflow run per cl_toolkit run, in experiment ``cl_toolkit``: the config as params,
     acc / forgetting / each task's accuracy per step, the final matrix and results.json as
@@ -61,6 +51,7 @@ class MLflowSink:
         except ImportError as exc:
             raise ConfigError("mlflow=true needs MLflow: pip install 'cl_toolkit[mlflow]', or "
                               "set mlflow=false.") from exc
+        from .report import flatten_config
         from .runner import semantic_config
 
         self.mlflow, self.root = mlflow, Path(root)
@@ -81,8 +72,8 @@ class MLflowSink:
         name = f"{cfg['strategy']['name']}@{cfg['benchmark']['name']}/seed{cfg.get('seed', 0)}"
         self.run_id = self.client.create_run(exp_id, run_name=name,
                                              tags={"run_dir": str(self.root)}).info.run_id
-        for key, value in _flat_params(semantic_config(cfg)).items():
-            self.client.log_param(self.run_id, key, value)
+        for key, value in flatten_config(semantic_config(cfg)).items():
+            self.client.log_param(self.run_id, key, str(value)[:500])  # MLflow's cap
 
     def log_task(self, results: dict, step: int) -> None:
         m = results["metrics"]
