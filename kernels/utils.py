@@ -4,6 +4,7 @@ Everything here depends on torch (and triton only where a kernel is launched).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -131,14 +132,7 @@ class SeqLayout:
 def make_layout(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor], chunk_size: int,
                 device: torch.device) -> SeqLayout:
     if cu_seqlens is None:
-        # Equal lengths: everything is arithmetic, no host sync.
-        nt = (seqlen + chunk_size - 1) // chunk_size
-        cu = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * seqlen
-        seq = torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(nt)
-        chk = torch.arange(nt, device=device, dtype=torch.int32).repeat(batch)
-        offsets = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * nt
-        return SeqLayout(cu, torch.stack([seq, chk], 1).contiguous(), offsets, batch, batch * nt,
-                         chunk_size)
+        return _equal_layout(batch, seqlen, chunk_size, torch.device(device))
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
     nts = [(int(n) + chunk_size - 1) // chunk_size for n in lens.tolist()]
     n = len(nts)
@@ -150,6 +144,19 @@ def make_layout(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor], chu
     idx = torch.tensor(list(zip(seq, chk)) or [], dtype=torch.int32, device=device).reshape(-1, 2)
     return SeqLayout(cu_seqlens.to(device=device, dtype=torch.int32).contiguous(), idx.contiguous(),
                      torch.tensor(offsets, dtype=torch.int32, device=device), n, offsets[-1],
+                     chunk_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _equal_layout(batch: int, seqlen: int, chunk_size: int, device: torch.device) -> SeqLayout:
+    """Equal lengths: pure arithmetic, no host sync; cached because on a GPU its five small
+    kernel launches cost about as much host time as the chunk kernels' own launches."""
+    nt = (seqlen + chunk_size - 1) // chunk_size
+    cu = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * seqlen
+    seq = torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(nt)
+    chk = torch.arange(nt, device=device, dtype=torch.int32).repeat(batch)
+    offsets = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * nt
+    return SeqLayout(cu, torch.stack([seq, chk], 1).contiguous(), offsets, batch, batch * nt,
                      chunk_size)
 
 

@@ -14,5 +14,5 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-python3 benchmarks/perf/gpu_kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_kernels.log"
+python3 benchmarks/perf/gpu_kernels.py --out "$OUT" --time-on-fail "$@" 2>&1 | tee "$OUT/gpu_kernels.log"
 exit "${PIPESTATUS[0]}"
