@@ -193,3 +193,23 @@ def test_atlas_without_labels_keeps_unlabelled_inputs(tmp_path, objective):
         assert bool(atlas.coefs.abs().sum() > 0)
     with pytest.raises(ConfigError, match="'mse'"):
         ATLAS(unsupervised="mse")
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_atlas_coefficients_restart_from_zero_unless_warm_start(tmp_path, monkeypatch, warm_start):
+    """The paper learns every coefficient from 0; warm_start keeps earlier values instead."""
+    from cl_toolkit.merging import strategies as ms
+    starts = []
+
+    def spy(model, base, tvs, data, objective, start, *args):
+        starts.append(start.clone())
+        return start + 1.0  # stands in for what the fit learned
+    monkeypatch.setattr(ms.atlas_fn, "fit_coefficients", spy)
+    stream, model = make_stream(), make_model()
+    _, _, paths = fake_checkpoints(tmp_path, model, stream)
+    run(ATLAS(checkpoints=paths, k_shot=2, warm_start=warm_start), stream, model)
+    assert [s.shape[0] for s in starts] == [1, 2, 3]
+    for t in (1, 2):
+        for i in range(t + 1):  # vector i has been fitted t - i times before step t
+            want = float(t - i) if warm_start else 0.0
+            assert torch.equal(starts[t][i], torch.full_like(starts[t][i], want))
