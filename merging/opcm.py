@@ -15,12 +15,14 @@ distance from the base.
 
 Only the ``min(m, n)`` singular pairs of the thin SVD enter ``P``; the public implementation
 takes full SVDs, which is wasted work. `project_exact` is the executable spec (float64 SVD);
-`project` is the fast path used by the strategy (see its docstring and
-``benchmarks/perf/merge_speed.py``). Singular values below ``RTOL * sigma_max`` are treated as
-zero by both: in a float32 matrix they are rounding noise and their vectors are arbitrary.
+`project_` (in place; `project` returns a new tensor) is the fast path used by the strategy
+(see its docstring and ``benchmarks/perf/merge_speed.py``). Singular values below
+``RTOL * sigma_max`` are treated as zero by both: in a float32 matrix they are rounding noise
+and their vectors are arbitrary.
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -76,102 +78,119 @@ def project_exact(S: torch.Tensor, tau: torch.Tensor, alpha: float) -> torch.Ten
 
 def project(S: torch.Tensor, tau: torch.Tensor, alpha: float,
             gram_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Fast ``P(tau)`` for one matrix ``[m, n]`` or a batch ``[..., m, n]``.
-
-    The thin SVD comes from the eigendecomposition of the smaller Gram matrix
-    ``S^T S = V diag(sigma^2) V^T`` (n x n, n = min(m, n)) and ``U = S V / sigma``; of
-    ``U^T tau V`` only the diagonal and the top ``r x r`` block are formed. Work per matrix: one
-    Gram product and one eigh in ``gram_dtype``, three ``m n^2`` products in the weights' dtype.
-    The Gram squares the condition number, so it and its eigh need float64 to resolve small
-    singular values; ``U = S V / sigma`` does not square it, so float32 is enough there.
-    """
+    """Fast ``P(tau)`` for one matrix ``[m, n]`` or a batch ``[..., m, n]``, as a new tensor
+    (see `project_`)."""
     if S.shape != tau.shape:
         raise ValueError(f"S has shape {tuple(S.shape)} but tau {tuple(tau.shape)}.")
-    if S.dim() == 2:
-        return project_many([(S, tau)], alpha, gram_dtype)[0]
-    flat = list(zip(S.reshape(-1, *S.shape[-2:]), tau.reshape(-1, *S.shape[-2:])))
-    return torch.stack(project_many(flat, alpha, gram_dtype)).view(S.shape)
-
-
-def project_many(pairs: list[tuple[torch.Tensor, torch.Tensor]], alpha: float,
-                 gram_dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
-    """`project` for a list of ``(S, tau)`` matrix pairs of any shapes. Their eigh calls run
-    side by side, one single-threaded call per CPU thread: LAPACK's own threading of an
-    n = 768 eigh gains little (2% slower on a quiet 2-core Xeon) and collapses when the cores
-    are shared (1.8x slower on this busy 2-core EPYC). torch's thread count is lowered to 1
-    meanwhile, so do not run other torch work in parallel threads."""
-    oriented = [(s.mT, t.mT) if s.shape[0] < s.shape[1] else (s, t) for s, t in pairs]
-    grams = [_gram(s, gram_dtype) for s, _ in oriented]
-    spectra = _eigh_all(grams)
-    del grams
-    out = []
-    for (s, t), (eigval, V), (s0, _) in zip(oriented, spectra, pairs):
-        p = _finish(s, t, eigval, V, alpha)
-        out.append(p.mT if s0.shape[0] < s0.shape[1] else p)
+    out = tau.clone(memory_format=torch.contiguous_format)
+    shape = (-1, *S.shape[-2:])
+    project_many_(list(zip(S.reshape(shape).unbind(), out.view(shape).unbind())), alpha,
+                  gram_dtype)
     return out
 
 
-def _gram(S: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    S = S.to(dtype)
-    return S.mT @ S
+def project_many_(pairs: list[tuple[torch.Tensor, torch.Tensor]], alpha: float,
+                  gram_dtype: torch.dtype = torch.float64, workers: int | None = None) -> None:
+    """`project_` for a list of ``(S, tau)`` matrix pairs of any shapes, in place.
 
-
-def _eigh_all(grams: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    On the CPU ``workers`` threads (default: torch's thread count; the calling thread is one of
+    them) each take one whole matrix at a time, single-threaded: LAPACK's own threading of an
+    n = 768 eigh gains little (2% on a quiet 2-core Xeon) and collapses when the cores are
+    shared (1.8x slower, at times far worse, on this busy 2-core EPYC), while one-thread
+    products side by side lose nothing. Only ``workers`` matrices' scratch exists at once; the
+    calling thread works too because glibc gives each thread its own heap, and only the caller's
+    already holds freed memory to reuse (peak 3.19 instead of 3.33 model-sized buffers in
+    ``merge_speed``). torch's thread count is 1 meanwhile, so do not run other torch work in
+    parallel threads."""
     threads = torch.get_num_threads()
-    if len(grams) < 2 or threads < 2 or grams[0].device.type != "cpu":
-        return [torch.linalg.eigh(g) for g in grams]
+    workers = threads if workers is None else workers
+    jobs = sorted(pairs, key=lambda p: -p[0].numel())  # biggest first: a shorter tail
+    if workers < 2 or len(jobs) < 2 or jobs[0][0].device.type != "cpu":
+        for S, tau in jobs:
+            project_(S, tau, alpha, gram_dtype)
+        return
+    todo, lock = iter(jobs), threading.Lock()
+
+    def drain():
+        while True:
+            with lock:
+                pair = next(todo, None)
+            if pair is None:
+                return
+            project_(*pair, alpha, gram_dtype)
+
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(torch.linalg.eigh, grams))
+        with ThreadPoolExecutor(workers - 1) as pool:
+            helpers = [pool.submit(drain) for _ in range(workers - 1)]
+            drain()
+            for h in helpers:
+                h.result()
     finally:
         torch.set_num_threads(threads)
 
 
-def _finish(S: torch.Tensor, tau: torch.Tensor, eigval: torch.Tensor, V: torch.Tensor,
-            alpha: float) -> torch.Tensor:
-    """``P(tau)`` for ``S [m, n]`` (m >= n) from the eigendecomposition of ``S^T S``."""
+def project_(S: torch.Tensor, tau: torch.Tensor, alpha: float,
+             gram_dtype: torch.dtype = torch.float64) -> None:
+    """``tau`` becomes ``P(tau)``, in place, for one matrix ``[m, n]``.
+
+    The thin SVD comes from the eigendecomposition of the smaller Gram matrix
+    ``S^T S = V diag(sigma^2) V^T`` (n x n, n = min(m, n)). The Gram squares the condition
+    number, so it and its eigh need float64 to resolve small singular values; the rest does not
+    and stays in the weights' dtype: with ``A = S V = U diag(sigma)`` and
+    ``Y = A^T tau = diag(sigma) U^T tau`` (n x n), the diagonal ``u_i^T tau v_i`` and the top
+    ``r x r`` block are read off ``Y V``, and ``tau -= A (diag(1/sigma) Z V^T)``. Products:
+    the Gram's lower triangle, three ``m n^2`` ones; scratch: ``A`` and a few n x n."""
+    if S.shape[0] < S.shape[1]:  # transpose both: the same problem with the smaller Gram
+        S, tau = S.mT, tau.mT
+    eigval, V = torch.linalg.eigh(_gram_lower(S, gram_dtype))
     sigma = eigval.flip(-1).clamp_min(0).sqrt()
     keep = sigma > RTOL * sigma[:1]
     inv = torch.where(keep, 1.0 / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), 0.0)
-    V = V.flip(-1).to(S.dtype)
-    U = (S @ V) * inv.to(S.dtype)
-    X = tau @ V
-    W = U * (U * X).sum(0)  # U diag(d), d_i = u_i^T tau v_i
+    inv = inv.to(S.dtype)
+    V = V.to(S.dtype).flip(-1)
+    A = S @ V
+    Y = A.mT @ tau
+    Vt = V.mT
+    ZVt = Vt * ((Y * Vt).sum(-1) * inv).unsqueeze(-1)  # rows d_i v_i^T
     r = split_rank(sigma[keep], alpha)
     if r > 0:
-        B = U[:, :r].T @ X[:, :r]
-        B.fill_diagonal_(0)
-        W[:, :r] += U[:, :r] @ B
-    return tau - W @ V.T
+        B = (Y[:r] @ V[:, :r]) * inv[:r, None]  # u_i^T tau v_j for i, j < r (diagonal d_i)
+        ZVt[:r] = B @ Vt[:r]
+    tau.addmm_(A, ZVt.mul_(inv.unsqueeze(-1)), alpha=-1)
+
+
+def _gram_lower(S: torch.Tensor, dtype: torch.dtype, rows: int = 256,
+                cols: int = 128) -> torch.Tensor:
+    """``S^T S`` in ``dtype``, only its lower triangle filled (all ``eigh`` reads), which saves
+    ~40% of the products. ``rows``-row slices of ``S`` are converted one at a time, so there is
+    no ``dtype`` copy of the whole matrix."""
+    n = S.shape[-1]
+    G = torch.zeros(n, n, dtype=dtype, device=S.device)
+    for i in range(0, S.shape[0], rows):
+        Si = S[i:i + rows].to(dtype)
+        for j in range(0, n, cols):
+            G[j:j + cols, :j + cols].addmm_(Si[:, j:j + cols].mT, Si[:, :j + cols])
+    return G
 
 
 def opcm_step_(update: dict[str, torch.Tensor], tau: dict[str, torch.Tensor],
                tau_norms: list[float], alpha: float, linear: dict[str, int],
-               gram_dtype: torch.dtype = torch.float64, window: int = 8) -> float:
+               gram_dtype: torch.dtype = torch.float64, workers: int | None = None) -> float:
     """One OPCM step, in place: ``update`` (``S_{t-1}``) becomes ``S_t``; ``tau`` is used as
-    scratch (it ends up holding ``P(tau)``); ``norm(tau)`` is appended to ``tau_norms``.
-    Returns ``lambda_t``. With an empty ``update`` (first step) ``S_1 = tau_1``, lambda 1.
-    Linear weights are projected ``window`` matrices at a time (see `project_many`)."""
+    scratch (it ends up holding ``P(tau)``, each matrix written as soon as it is projected);
+    ``norm(tau)`` is appended to ``tau_norms``. Returns ``lambda_t``. With an empty ``update``
+    (first step) ``S_1 = tau_1``, lambda 1. ``workers``: see `project_many_`."""
     tau_norms.append(norm(tau))
     if not update:
         update.update({k: t.clone() for k, t in tau.items()})
         return merge_scale(update, tau_norms)
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def flush():
-        for (_, t), p in zip(pending, project_many(pending, alpha, gram_dtype)):
-            t.copy_(p)
-        pending.clear()
-
-    for k in linear:
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for k, c in linear.items():
         if k in tau:
-            c, s, t = linear[k], update[k], tau[k]
-            pending += zip(s.view(c, -1, s.shape[-1]).unbind(),
-                           t.view(c, -1, t.shape[-1]).unbind())
-            if len(pending) >= window:
-                flush()
-    flush()
+            s, t = update[k], tau[k]
+            pairs += zip(s.view(c, -1, s.shape[-1]).unbind(), t.view(c, -1, t.shape[-1]).unbind())
+    project_many_(pairs, alpha, gram_dtype, workers)
     for k, t in tau.items():
         update[k].add_(t)
     return merge_scale(update, tau_norms)

@@ -363,18 +363,19 @@ class OPCM(MergeStrategy):
 
 class ATLAS(MergeStrategy):
     """aTLAS (https://arxiv.org/abs/2407.02880) as a continual strategy: after each task,
-    re-learn one coefficient per (task vector, parameter tensor) for all task vectors so far
-    (new ones start at 0, earlier ones at their last values) on a buffer of ``k_shot`` labelled
-    training samples per class of every seen task. ``k_shot = 0`` keeps
-    ``unlabeled_per_task`` unlabelled inputs per task instead and uses the ``unsupervised``
-    objective (``"entropy"`` or ``"pseudo_label"``)."""
+    re-learn one coefficient per (task vector, parameter tensor) for all task vectors so far,
+    from 0 as in the paper (``warm_start=True``: earlier ones start at their last values), on
+    a buffer of ``k_shot`` labelled training samples per class of every seen task.
+    ``k_shot = 0`` keeps ``unlabeled_per_task`` unlabelled inputs per task instead and uses the
+    ``unsupervised`` objective (``"entropy"`` or ``"pseudo_label"``)."""
 
     name = "atlas"
 
     def __init__(self, k_shot: int = 16, unlabeled_per_task: int = 64,
                  unsupervised: str = "entropy", coef_steps: int = 200, coef_lr: float = 0.01,
-                 coef_batch_size: int = 128, **kwargs):
+                 coef_batch_size: int = 128, warm_start: bool = False, **kwargs):
         super().__init__(**kwargs)
+        self.warm_start = warm_start
         if unsupervised not in ("entropy", "pseudo_label"):
             raise ConfigError(f"Unknown aTLAS unsupervised objective {unsupervised!r}; use "
                               "'entropy' or 'pseudo_label'.")
@@ -398,8 +399,9 @@ class ATLAS(MergeStrategy):
     def merge_(self, tau, task):
         self.task_vectors.append(clone(tau))
         self.buffer.append(self._shots(task))
-        new = torch.zeros(1, len(self.keys), device=self.ctx.device)
-        start = new if self.coefs is None else torch.cat([self.coefs, new])
+        start = torch.zeros(len(self.task_vectors), len(self.keys), device=self.ctx.device)
+        if self.warm_start and self.coefs is not None:
+            start[:len(self.coefs)] = self.coefs
         assign_(self._entries(), self.base)
         self.coefs = atlas_fn.fit_coefficients(
             self.model, self.base, self.task_vectors, TensorData.cat(self.buffer),

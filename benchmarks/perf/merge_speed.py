@@ -13,11 +13,14 @@ value decay, as fine-tuning updates have.
     python -m cl_toolkit.benchmarks.perf.merge_speed            # full table (minutes)
     python -m cl_toolkit.benchmarks.perf.merge_speed --blocks 2 # quick look
 
-Ways (``--ways``): ``fast`` = `opcm.project` (float64 Gram + eigh, float32 products, eighs of
-8 matrices at a time side by side, one per thread; the strategy's path), ``fast-serial`` = the
-same with one multi-threaded eigh after the other, ``fast-f32`` = the same with a float32
-Gram, ``svd-f32`` = one thin float32 LAPACK SVD per matrix (the plain approach), ``exact`` =
-float64 thin SVD (`project_exact`).
+Ways (``--ways``): ``fast`` = `opcm.project_` (float64 Gram + eigh, float32 products, one
+single-threaded matrix per thread, each written back into tau at once; the strategy's path),
+``fast-serial`` = the same one matrix after the other with multi-threaded BLAS / LAPACK,
+``fast-f32`` = the same as ``fast`` with a float32 Gram, ``svd-f32`` = one thin float32 LAPACK
+SVD per matrix (the plain approach), ``svd-f32-threads`` = the same SVDs side by side, one
+single-threaded call per thread (multi-threaded LAPACK collapses when another job holds a
+core, so this is the baseline that survives a shared machine), ``exact`` = float64 thin SVD
+(`project_exact`).
 """
 from __future__ import annotations
 
@@ -29,10 +32,11 @@ import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-WAYS = ("fast", "fast-serial", "fast-f32", "svd-f32", "exact")
+WAYS = ("fast", "fast-serial", "fast-f32", "svd-f32", "svd-f32-threads", "exact")
 
 
 def vit_shapes(blocks: int) -> dict[str, list[int]]:
@@ -65,21 +69,30 @@ def random_tv(state, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def svd_project(S, tau, alpha, dtype):
+def svd_project_(s, t, alpha, dtype):
+    """In place: ``t`` becomes ``P(t)``, from a thin LAPACK SVD of ``s`` in ``dtype``."""
     from cl_toolkit.merging.opcm import RTOL, split_rank
 
-    out = torch.empty_like(tau)
-    for i, (s, t) in enumerate(zip(S, tau)):
-        U, sigma, Vh = torch.linalg.svd(s.to(dtype), full_matrices=False)
-        keep = int((sigma > RTOL * sigma[0]).sum())
-        U, sigma, V = U[:, :keep], sigma[:keep], Vh[:keep].T
-        r = split_rank(sigma, alpha)
-        X = t.to(dtype) @ V
-        d = (U * X).sum(0)
-        B = U[:, :r].T @ X[:, :r]
-        B.fill_diagonal_(0)
-        out[i] = (t.to(dtype) - (U * d) @ V.T - U[:, :r] @ B @ V[:, :r].T).to(t.dtype)
-    return out
+    U, sigma, Vh = torch.linalg.svd(s.to(dtype), full_matrices=False)
+    keep = int((sigma > RTOL * sigma[0]).sum())
+    U, sigma, V = U[:, :keep], sigma[:keep], Vh[:keep].T
+    r = split_rank(sigma, alpha)
+    X = t.to(dtype) @ V
+    d = (U * X).sum(0)
+    B = U[:, :r].T @ X[:, :r]
+    B.fill_diagonal_(0)
+    t.copy_(t.to(dtype) - (U * d) @ V.T - U[:, :r] @ B @ V[:, :r].T)
+
+
+def side_by_side(fn, items):
+    """``fn`` over ``items``, one single-threaded call per torch thread (as `opcm` does)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def step(update, tau, norms, way, linear, alpha=0.5):
@@ -90,20 +103,22 @@ def step(update, tau, norms, way, linear, alpha=0.5):
     if way == "fast":
         return opcm.opcm_step_(update, tau, norms, alpha, linear)
     if way == "fast-serial":
-        opcm._eigh_all = lambda grams: [torch.linalg.eigh(g) for g in grams]
-        return opcm.opcm_step_(update, tau, norms, alpha, linear)
+        return opcm.opcm_step_(update, tau, norms, alpha, linear, workers=1)
     if way == "fast-f32":
         return opcm.opcm_step_(update, tau, norms, alpha, linear, gram_dtype=torch.float32)
     norms.append(norm(tau))
+    pairs = [(a, b) for k, c in linear.items() if k in tau
+             for a, b in zip(update[k].view(c, -1, update[k].shape[-1]),
+                             tau[k].view(c, -1, tau[k].shape[-1]))]
+    if way == "svd-f32":
+        for s, t in pairs:
+            svd_project_(s, t, alpha, torch.float32)
+    elif way == "svd-f32-threads":
+        side_by_side(lambda p: svd_project_(*p, alpha, torch.float32), pairs)
+    else:
+        for s, t in pairs:
+            t.copy_(opcm.project_exact(s, t, alpha))
     for k, t in tau.items():
-        if k in linear:
-            c, s = linear[k], update[k]
-            S3, T3 = s.view(c, -1, s.shape[-1]), t.view(c, -1, t.shape[-1])
-            if way == "svd-f32":
-                t.copy_(svd_project(S3, T3, alpha, torch.float32).view_as(t))
-            else:
-                t.copy_(torch.stack([opcm.project_exact(a, b, alpha)
-                                     for a, b in zip(S3, T3)]).view_as(t))
         update[k].add_(t)
     return opcm.merge_scale(update, norms)
 
@@ -199,7 +214,7 @@ def main() -> None:
     print(f"OPCM on ViT-B/32 image-tower shapes ({blocks} blocks, "
           f"{rows[ways[0]]['size_mb']:.0f} MB per model), {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
-    print(f"{'way':10s} {'step s':>8s} {'max rel err of S_2':>19s} "
+    print(f"{'way':15s} {'step s':>8s} {'max rel err of S_2':>19s} "
           f"{'peak model-sized buffers':>25s}")
     for w in ways:
         r = rows[w]
@@ -207,7 +222,7 @@ def main() -> None:
             err = "n/a"
         else:
             err = f"{max(float((S[w][k] - ref[k]).norm() / ref[k].norm()) for k in ref):.1e}"
-        print(f"{w:10s} {r['step_s']:8.2f} {err:>19s} {r['buffers']:25.2f}")
+        print(f"{w:15s} {r['step_s']:8.2f} {err:>19s} {r['buffers']:25.2f}")
     if args.models > 2:
         r = run_child("fast", shapes, args.models, "")
         print(f"stream of {args.models} models (fast): {r['stream_s']:.1f} s in all, "

@@ -71,8 +71,8 @@ def spectrum(shape, decay, seed):
     return A
 
 
-@pytest.mark.parametrize("shape", [(96, 96), (200, 60), (60, 200), (3, 64, 48)],
-                         ids=["square", "tall", "wide", "batch3"])
+@pytest.mark.parametrize("shape", [(96, 96), (200, 60), (60, 200), (3, 64, 48), (300, 530)],
+                         ids=["square", "tall", "wide", "batch3", "gram_in_blocks"])
 @pytest.mark.parametrize("decay", [False, True], ids=["flat", "decaying"])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_fast_projection_matches_float64_svd_reference(shape, decay, alpha):
@@ -86,6 +86,18 @@ def test_fast_projection_matches_float64_svd_reference(shape, decay, alpha):
                                                                   tau.view(-1, *shape[-2:]))])
     err = (fast.view_as(ref) - ref).norm() / tau.norm()
     assert err < 1e-5, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (70, 45), (45, 70)], ids=["one_block", "tall", "wide"])
+def test_blockwise_gram_lower_triangle_matches_float64_product(shape):
+    from cl_toolkit.merging.opcm import _gram_lower
+
+    S = torch.randn(shape)
+    S = S.mT if shape[0] < shape[1] else S  # as project_ orients it: a transposed view
+    ref = S.double().mT @ S.double()
+    G = _gram_lower(S, torch.float64, rows=16, cols=8)
+    lower = torch.ones_like(ref, dtype=torch.bool).tril()
+    torch.testing.assert_close(G[lower], ref[lower], rtol=1e-12, atol=1e-12)
 
 
 class Net(nn.Module):
@@ -145,7 +157,8 @@ def test_zero_update_projects_nothing_away():
     torch.testing.assert_close(project_exact(torch.zeros(6, 4), tau, 0.5), tau)
 
 
-def test_side_by_side_eighs_give_the_serial_result():
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_matrices_projected_in_parallel_threads_match_the_reference(workers):
     from cl_toolkit.merging import opcm
 
     pairs = [(spectrum((40, 30), True, s), spectrum((40, 30), False, s + 10)) for s in range(3)]
@@ -153,7 +166,8 @@ def test_side_by_side_eighs_give_the_serial_result():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        pooled = opcm.project_many(pairs, 0.5)
+        pooled = [t.clone() for _, t in pairs]
+        opcm.project_many_(list(zip((s for s, _ in pairs), pooled)), 0.5, workers=workers)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
