@@ -295,13 +295,10 @@ def timings(dev, smoke, budget_s):
         x = make_inputs(B, T, H, D, D, dev, dtype, h0=False)
         do = torch.randn(B, T, H, D, device=dev, dtype=dtype)
 
-        def factory(fn, x=x, do=do):
-            return timed_pair(fn, x, do)
-
         ours = lambda **a: chunk_gated_delta_rule(**a, backend="triton")[0]
-        run("ours gdr (triton)", size, lambda: factory(ours))
+        run("ours gdr (triton)", size, lambda: timed_pair(ours, x, do))
         if fla_chunk_gdr is not None and dev.type == "cuda":
-            run("fla gdr (chunk)", size, lambda: factory(lambda **a: fla_gdr(**a)[0]))
+            run("fla gdr (chunk)", size, lambda: timed_pair(lambda **a: fla_gdr(**a)[0], x, do))
 
         def sdpa_factory(B=B, T=T, H=H, D=D):
             q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=dtype, requires_grad=True)
@@ -322,19 +319,16 @@ def timings(dev, smoke, budget_s):
         B, T, H, D = size
         x = make_inputs(B, T, H, D, D, dev, dtype, h0=False)
         do = torch.randn(B, T, H, D, device=dev, dtype=dtype)
-
-        def factory(fn, x=x, do=do):
-            return timed_pair(fn, x, do)
         ours_la = lambda **a: chunk_linear_attn(a["q"], a["k"], a["v"], a["g"],
                                                 initial_state=a["initial_state"],
                                                 backend="triton")[0]
-        run("ours gla (triton)", size, lambda: factory(ours_la))
+        run("ours gla (triton)", size, lambda: timed_pair(ours_la, x, do))
         if size == sizes[0]:
             torch_gdr = lambda **a: chunk_gated_delta_rule(**a, backend="torch")[0]
-            run("ours gdr (torch chunk)", size, lambda: factory(torch_gdr))
+            run("ours gdr (torch chunk)", size, lambda: timed_pair(torch_gdr, x, do))
             xs = {k: (t[:1, :256] if t is not None else None) for k, t in x.items()}
             naive = lambda **a: naive_gated_delta_rule(**a)[0]
-            run("ours gdr (naive loop)", (1, 256, H, D), lambda: factory(naive, xs, do[:1, :256]),
+            run("ours gdr (naive loop)", (1, 256, H, D), lambda: timed_pair(naive, xs, do[:1, :256]),
                 fwd_only=True)
             if any(r["impl"] == "ours gdr (naive loop)" for r in results):
                 notes.append("naive token loop: timed at B=1, T=256 forward only (it takes ~T "
@@ -394,7 +388,7 @@ def profile(dev, sizes=((8, 2048, 16, 128), (1, 16384, 16, 128))) -> str:
 
 
 def render(meta, rows, results, notes, ceiling):
-    out = [f"# cl_toolkit.kernels GPU benchmark", "",
+    out = ["# cl_toolkit.kernels GPU benchmark", "",
            f"- device: {meta['device']}", f"- torch {meta['torch']}, triton {meta['triton']}, "
            f"fla: {meta['fla']}", f"- wall: {elapsed():.0f}s", ""]
     out += ["## Correctness (relative error ||x - ref|| / ||ref||)", "",
