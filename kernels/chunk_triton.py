@@ -146,7 +146,7 @@ def _prep_kernel(k, v, g, beta, gcum, w, u, tmat, A_log, dt_bias, cu_seqlens, ch
             tl.store(u + p_v, b_u.to(u.dtype.element_ty), mask=m_tv)
 
 
-@triton.autotune(configs=_configs((2, 4), (2, 3, 4)), key=["BT", "BK", "BV", "USE_G", "DELTA"])
+@triton.autotune(configs=_configs((4, 8), (2, 3, 4)), key=["BT", "BK", "BV", "USE_G", "DELTA"])
 @triton.jit
 def _fwd_h_kernel(k, u, w, gcum, h_all, v_new, h0, ht, cu_seqlens, chunk_offsets, H,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -229,7 +229,7 @@ def _fwd_o_kernel(q, k, e, gcum, h_all, o, cu_seqlens, chunk_indices, scale, H,
     tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
-@triton.autotune(configs=_configs(), key=["BT", "BK", "BV", "USE_G", "DELTA"])
+@triton.autotune(configs=_configs((4, 8), (2, 3)), key=["BT", "BK", "BV", "USE_G", "DELTA"])
 @triton.jit
 def _bwd_dh_kernel(q, k, w, gcum, do, de, dh_all, dht, dh0, cu_seqlens, chunk_offsets, scale, H,
                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,

@@ -13,7 +13,8 @@
 Prints a markdown table and writes gpu_kernels.md / gpu_kernels.json under --out ($OUT).
 Exit status 1 when a correctness check fails (then no timings or speedups are reported).
 ``--smoke`` runs everything at toy sizes on CPU under TRITON_INTERPRET=1 (checks the script);
-``--compile-check bf16`` builds every kernel for sm_90 without a GPU and prints shared memory.
+``--compile-check bf16`` builds every kernel at every autotune config for sm_90 without a GPU and
+prints shared memory, registers and spill bytes.
 """
 from __future__ import annotations
 
@@ -430,14 +431,48 @@ def render(meta, rows, results, notes, ceiling):
     return "\n".join(out) + "\n"
 
 
+def autotune_choices() -> dict:
+    """The config each autotuned kernel picked, per autotune key, after the runs above, so a
+    later session can see which warps / stages won (and prune the losers)."""
+    from triton.runtime.autotuner import Autotuner
+    from cl_toolkit.kernels import chunk_triton as ct
+
+    out = {}
+    for name in dir(ct):
+        kernel = getattr(ct, name)
+        if isinstance(kernel, Autotuner) and kernel.cache:
+            out[name] = {str(key): str(cfg) for key, cfg in kernel.cache.items()}
+    return out
+
+
+def cubin_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack bytes per thread) of a cubin, read with the cuobjdump that
+    ships with Triton. Stack above 0 means ptxas spilled registers to local memory."""
+    import re
+    import subprocess
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return int(m.group(1)), int(m.group(2))
+
+
 def compile_check(head_dim: int, dtype: str, arch: int = 90) -> int:
-    """Compile every kernel for a CUDA arch without a GPU and print its shared memory.
+    """Compile every kernel, at every config its autotuner may pick, for a CUDA arch without a
+    GPU, and print shared memory, registers and spill (stack) bytes per thread.
 
     Catches compile errors and shared-memory overruns (an H100 gives 227 KB per block) on a
-    machine with no GPU: the kernels are built with ``triton.compile`` for ``arch``.
+    machine with no GPU, and shows register pressure: a config that spills hundreds of bytes
+    per thread is slow before it is timed. Kernels are built with ``triton.compile`` for
+    ``arch`` and read back with cuobjdump.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
     import triton
     from cl_toolkit.kernels import chunk_triton as ct, recurrent_triton as rt
@@ -453,34 +488,42 @@ def compile_check(head_dim: int, dtype: str, arch: int = 90) -> int:
     prec = "tf32x3" if dtype == "fp32" else "tf32"
     D = head_dim
     bk = max(16, triton.next_power_of_2(D))
+    bv = min(64, bk)
+    bv_scan = 32  # what _bv_scan picks at (1, 16384) and (4, 4096); 64 at (8, 2048)
     # L2 / GATE on: the fused variants contain every code path of the plain ones.
-    base = dict(K=D, V=D, BT=64, BK=bk, BV=min(64, bk), USE_G=True, L2=True, PREC=prec)
+    base = dict(K=D, V=D, BT=64, BK=bk, BV=bv, USE_G=True, L2=True, PREC=prec)
     jobs = []
     for delta in (True, False):
-        jobs += [(ct._prep_kernel, dict(base, DELTA=delta, STORE_T=True, GATE=True), 4),
-                 (ct._fwd_h_kernel, dict(base, DELTA=delta, USE_H0=True, BV=32), 4),
-                 (ct._fwd_o_kernel, dict(base), 4),
-                 (ct._bwd_dh_kernel, dict(base, DELTA=delta, USE_DHT=True, BV=32), 4),
-                 (ct._bwd_chunk_kernel, dict(base, DELTA=delta), 4),
-                 (ct._bwd_chunk_kernel, dict(base, DELTA=delta), 8)]
-    jobs.append((rt._recurrent_kernel, dict(K=D, V=D, BK=bk, BV=32, USE_G=True, USE_H0=True,
-                                            DELTA=True), 4))
+        jobs += [(ct._prep_kernel, dict(base, DELTA=delta, STORE_T=True, GATE=True)),
+                 (ct._fwd_h_kernel, dict(base, DELTA=delta, USE_H0=True, BV=bv_scan)),
+                 (ct._fwd_h_kernel, dict(base, DELTA=delta, USE_H0=True)),
+                 (ct._bwd_dh_kernel, dict(base, DELTA=delta, USE_DHT=True, BV=bv_scan)),
+                 (ct._bwd_chunk_kernel, dict(base, DELTA=delta))]
+    jobs += [(ct._fwd_o_kernel, dict(base)),
+             (rt._recurrent_kernel, dict(K=D, V=D, BK=bk, BV=32, USE_G=True, USE_H0=True,
+                                         DELTA=True))]
     failed = 0
-    for kernel, consts, warps in jobs:
+    print(f"| kernel ({dtype}, K = V = {D}, BT 64) | DELTA | BV | warps | stages | shared (KB) "
+          "| registers | spill stack (B/thread) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kernel, consts in jobs:
         fn = jit_fn(kernel)
         sig = {n: "constexpr" if n in consts else ints.get(
             n, "*fp32" if n in fp32_ptrs else "*" + dtype) for n in fn.arg_names}
-        name = f"{fn.__name__} {dtype} K={D} delta={consts.get('DELTA', '-')} warps={warps}"
-        t0 = time.time()
-        try:
-            c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                               target=GPUTarget("cuda", arch, 32),
-                               options=dict(num_warps=warps, num_stages=2))
-            kb = c.metadata.shared / 1024
-            print(f"{name}: ok in {time.time() - t0:.1f}s, shared {kb:.0f} KB", flush=True)
-        except Exception as exc:
-            failed += 1
-            print(f"{name}: FAILED {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+        configs = ([(c.num_warps, c.num_stages) for c in kernel.configs]
+                   if isinstance(kernel, Autotuner) else [(4, 2)])
+        for warps, stages in configs:
+            row = (f"| {fn.__name__} | {consts.get('DELTA', '-')} | {consts.get('BV', '-')} | "
+                   f"{warps} | {stages} |")
+            try:
+                c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                   target=GPUTarget("cuda", arch, 32),
+                                   options=dict(num_warps=warps, num_stages=stages))
+                regs, stack = cubin_usage(c.asm["cubin"])
+                print(f"{row} {c.metadata.shared / 1024:.0f} | {regs} | {stack} |", flush=True)
+            except Exception as exc:
+                failed += 1
+                print(f"{row} FAILED {type(exc).__name__}: {str(exc)[:300]} | | |", flush=True)
     return 1 if failed else 0
 
 
@@ -532,14 +575,19 @@ def main():
         notes.append(f"fla kernels not timed: {FLA_ERR}")
     if FLA_MOM_ERR:
         notes.append(f"fla MomAttention not timed: {FLA_MOM_ERR}")
+    tuned = autotune_choices()
     text = render(meta, rows, results, notes, ceiling)
+    if tuned:
+        text += "\nAutotuner choices (kernel, key -> config):\n\n" + "\n".join(
+            f"- {name} {key}: {cfg}" for name, choices in tuned.items()
+            for key, cfg in choices.items()) + "\n"
     print(text, flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_kernels.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, "gpu_kernels.json"), "w") as f:
         json.dump(dict(meta=meta, correctness=rows, timings=results, notes=notes,
-                       copy_gbs=ceiling), f, indent=1, default=str)
+                       copy_gbs=ceiling, autotune=tuned), f, indent=1, default=str)
     return 1 if failed else 0
 
 
