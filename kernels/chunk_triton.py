@@ -61,7 +61,9 @@ def _inverse_unit_lower(b_A, BT: tl.constexpr):
        (I + A)^-1 = (I - M)(I + M^2)(I + M^4) D.
     Small blocks first keep the powers small: in a 16 x 16 block the entries of A_bd^8 grow at
     most like C(15, 8) |A|^8, against C(63, 32) |A|^32 for one 64 x 64 product chain.
-    Products of fp32 matrices use three-pass tf32 (about fp32 accuracy).
+    Products of fp32 matrices use three-pass tf32 (about fp32 accuracy), also for bf16 inputs:
+    one-pass tf32 is amplified along the chain to errors of order 1 with correlated keys and
+    beta up to 2 (benchmarks/perf/wy_inverse_precision.py).
     """
     o = tl.arange(0, BT)
     same_block = (o[:, None] // 16) == (o[None, :] // 16)
