@@ -12,6 +12,7 @@ reverse scan for dh and dV', then one parallel pass per chunk for dq, dk, dv, db
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import SeqLayout, autotune_configs, new_buffer
+from .utils import SeqLayout, autotune_configs, cdiv, new_buffer, next_power_of_2
 
 
 def _configs(warps=(4,), stages=(2,)):
@@ -410,11 +411,12 @@ def _bwd_chunk_kernel(q, k, v, e, gcum, beta, tmat, h_all, dh_all, do, de, dq, d
     tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
 
 
+@functools.lru_cache(maxsize=None)
 def _blocks(K: int, V: int):
-    BK = max(16, triton.next_power_of_2(K))
+    BK = max(16, next_power_of_2(K))
     if BK > 256:
         raise ValueError(f"head dim K={K} is too large for the chunk kernels (at most 256)")
-    BV = max(16, min(64, triton.next_power_of_2(V)))
+    BV = max(16, min(64, next_power_of_2(V)))
     return BK, BV
 
 
@@ -452,7 +454,7 @@ def _forward_states(q, k, v, g, beta, h0, A_log, dt_bias, opts: "ChunkOptions",
     e = new_buffer(v.shape, v.dtype, dev) if delta else v
     ht = new_buffer((layout.num_seqs, H, K, V), torch.float32, dev)
     bv_h = _bv_scan(layout, H, V, BV)
-    _fwd_h_kernel[(triton.cdiv(V, bv_h), layout.num_seqs * H)](
+    _fwd_h_kernel[(cdiv(V, bv_h), layout.num_seqs * H)](
         k, u, w, gcum, h_all, e, h0 if h0 is not None else q, ht, layout.cu_seqlens,
         layout.chunk_offsets, H, K=K, V=V, BT=BT, BK=BK, BV=bv_h, USE_G=use_g,
         USE_H0=h0 is not None, DELTA=delta, L2=opts.l2norm, PREC=prec)
@@ -461,7 +463,7 @@ def _forward_states(q, k, v, g, beta, h0, A_log, dt_bias, opts: "ChunkOptions",
 
 def _bv_scan(layout: SeqLayout, H: int, V: int, BV: int) -> int:
     """Narrower V blocks for the sequential scans when few (sequence, head) pairs exist."""
-    return min(BV, 32 if layout.num_seqs * H * triton.cdiv(V, 64) < 256 else BV)
+    return min(BV, 32 if layout.num_seqs * H * cdiv(V, 64) < 256 else BV)
 
 
 def chunk_fwd(q, k, v, g, beta, h0, A_log, dt_bias, opts: "ChunkOptions"):
@@ -478,7 +480,7 @@ def chunk_fwd(q, k, v, g, beta, h0, A_log, dt_bias, opts: "ChunkOptions"):
     o = new_buffer(v.shape, v.dtype, q.device)
     layout = opts.layout
     if layout.num_chunks:
-        _fwd_o_kernel[(triton.cdiv(V, BV), layout.num_chunks, H)](
+        _fwd_o_kernel[(cdiv(V, BV), layout.num_chunks, H)](
             q, k, e, gcum, h_all, o, layout.cu_seqlens, layout.chunk_indices, opts.scale, H,
             K=K, V=V, BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g is not None, L2=opts.l2norm,
             PREC=_prec(q.dtype))
@@ -503,7 +505,7 @@ def chunk_bwd(q, k, v, g, beta, h0, A_log, dt_bias, do, dht: Optional[torch.Tens
     de = new_buffer(v.shape, v.dtype, dev)
     dh0 = new_buffer((layout.num_seqs, H, K, V), torch.float32, dev)
     bv_h = _bv_scan(layout, H, V, BV)
-    _bwd_dh_kernel[(triton.cdiv(V, bv_h), layout.num_seqs * H)](
+    _bwd_dh_kernel[(cdiv(V, bv_h), layout.num_seqs * H)](
         q, k, w, gcum, do, de, dh_all, dht if dht is not None else q, dh0, layout.cu_seqlens,
         layout.chunk_offsets, opts.scale, H, K=K, V=V, BT=BT, BK=BK, BV=bv_h, USE_G=use_g,
         USE_DHT=dht is not None, DELTA=delta, L2=opts.l2norm, PREC=prec)

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import new_buffer
+from .utils import cdiv, new_buffer, next_power_of_2
 
 
 @triton.jit
@@ -51,11 +51,11 @@ def recurrent_fwd(q, k, v, g, beta, h0, cu_seqlens: torch.Tensor, scale: float, 
     TT, H, K = q.shape
     V = v.shape[-1]
     n = cu_seqlens.numel() - 1
-    BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(32, triton.next_power_of_2(V)))
+    BK = max(16, next_power_of_2(K))
+    BV = max(16, min(32, next_power_of_2(V)))
     o = new_buffer(v.shape, v.dtype, q.device)
     ht = new_buffer((n, H, K, V), torch.float32, q.device)
-    _recurrent_kernel[(triton.cdiv(V, BV), n * H)](
+    _recurrent_kernel[(cdiv(V, BV), n * H)](
         q, k, v, g if g is not None else q, beta if beta is not None else q, o,
         h0 if h0 is not None else q, ht, cu_seqlens, scale, H, K=K, V=V, BK=BK, BV=BV,
         USE_G=g is not None, USE_H0=h0 is not None, DELTA=delta)

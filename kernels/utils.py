@@ -19,6 +19,7 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -160,10 +161,27 @@ def _equal_layout(batch: int, seqlen: int, chunk_size: int, device: torch.device
                      chunk_size)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil(a / b). Plain Python: ``triton.cdiv`` is a constexpr function whose call
+    costs microseconds, and the host work of a kernel call adds up (kernel_host_overhead.py)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Host-side smallest power of two >= n (n >= 1), plain Python as :func:`cdiv`."""
+    return 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=1)
+def _poison() -> bool:
+    """CLTK_KERNELS_POISON, read at the first buffer (environment lookups cost microseconds)."""
+    return os.environ.get("CLTK_KERNELS_POISON", "0") == "1"
+
+
 def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.empty, but NaN-filled when CLTK_KERNELS_POISON=1 (tests) so unwritten outputs fail."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("CLTK_KERNELS_POISON", "0") == "1" and out.is_floating_point():
+    if _poison() and out.is_floating_point():
         out.fill_(float("nan"))
     return out
 
