@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -176,8 +177,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
         for method, setting, overrides in run_settings(args):
             for seed in map(int, _split(args.seeds)):
-                path = out / f"run_{method}_{'_'.join(overrides)}_seed{seed}.json".replace(
-                    "strategy.", "").replace("=", "-").replace(" ", "").replace(",", "-")
+                slug = re.sub(r"[^a-z0-9]+", "-", setting.lower()).strip("-")
+                path = out / f"run_{method}_{slug}_seed{seed}.json"
                 if path.exists():
                     done = json.loads(path.read_text())
                     if done["protocol"] != protocol:
