@@ -81,15 +81,22 @@ def chunk_forward_torch(
         h = initial_state.to(dt).transpose(-1, -2)
     else:
         h = qc.new_zeros(n, H, K, V)
+    # Everything but the state recurrence is batched over chunks; the loop reads per-chunk
+    # views from unbind, whose backward is one stack (indexing x[:, :, c] instead would make
+    # autograd zero-fill a full-size gradient per chunk: quadratic in T).
+    g_last = G[..., -1:]
+    q_dec = qc * G.exp()[..., None]
+    intra = (qc @ kc.transpose(-1, -2)) * decay
+    k_dec = kc * (g_last - G).exp()[..., None]
+    state_decay = g_last.exp()[..., None]
+    per_chunk = [x.unbind(2) for x in (q_dec, intra, k_dec, state_decay)]
+    per_chunk += [U.unbind(2), W.unbind(2)] if delta else [vc.unbind(2)]
     outs = []
     for c in range(nc):
-        e = U[:, :, c] - W[:, :, c] @ h if delta else vc[:, :, c]
-        Gc = G[:, :, c]
-        qk = (qc[:, :, c] @ kc[:, :, c].transpose(-1, -2)) * decay[:, :, c]
-        outs.append((qc[:, :, c] * Gc.exp()[..., None]) @ h + qk @ e)
-        g_last = Gc[..., -1:]
-        k_decayed = kc[:, :, c] * (g_last - Gc).exp()[..., None]
-        h = h * g_last.exp()[..., None] + k_decayed.transpose(-1, -2) @ e
+        q_c, intra_c, k_c, decay_c, *ev = (x[c] for x in per_chunk)
+        e = ev[0] - ev[1] @ h if delta else ev[0]
+        outs.append(q_c @ h + intra_c @ e)
+        h = h * decay_c + k_c.transpose(-1, -2) @ e
     if nc:
         o = torch.stack(outs, 2).movedim(1, 3).reshape(n, tp, H, V)
     else:
