@@ -216,25 +216,32 @@ class MoMLayer(nn.Module):
                 torch.arange(B, device=dev) * T, cache.get("conv_q") if cache else None)
         xp = xf[p_tok]
         ks, vs, gs, bs, ck, cv = [], [], [], [], [], []
-        for m in range(M):
+        # Per-memory weights and tokens through unbind / split: indexing a tensor per memory
+        # would make its backward zero-fill the whole gradient once per memory.
+        k_w, v_w, a_w, A_log, dt_bias = (p.unbind(0) for p in (
+            self.k_proj, self.v_proj, self.a_proj, self.A_log, self.dt_bias))
+        b_w = self.b_proj.unbind(0) if self.delta else None
+        k_conv, v_conv = ((self.k_conv.unbind(0), self.v_conv.unbind(0)) if self.use_short_conv
+                          else (None, None))
+        x_per_memory = xp.split([cu_host[(m + 1) * B] - cu_host[m * B] for m in range(M)])
+        for m, xm in enumerate(x_per_memory):
             lo, hi = cu_host[m * B], cu_host[(m + 1) * B]
-            xm = xp[lo:hi]
-            km, vm = xm @ self.k_proj[m].T, xm @ self.v_proj[m].T
+            km, vm = xm @ k_w[m].T, xm @ v_w[m].T
             if self.use_short_conv:
                 sl = slice(m * B, (m + 1) * B)
                 s_lens, s_starts = lens[sl], cu[m * B:(m + 1) * B] - lo
-                km, c_k = segment_conv(km, self.k_conv[m], seg[lo:hi] - m * B, pos[lo:hi], s_lens,
+                km, c_k = segment_conv(km, k_conv[m], seg[lo:hi] - m * B, pos[lo:hi], s_lens,
                                        s_starts, cache["conv_k"][sl] if cache else None)
-                vm, c_v = segment_conv(vm, self.v_conv[m], seg[lo:hi] - m * B, pos[lo:hi], s_lens,
+                vm, c_v = segment_conv(vm, v_conv[m], seg[lo:hi] - m * B, pos[lo:hi], s_lens,
                                        s_starts, cache["conv_v"][sl] if cache else None)
                 ck.append(c_k)
                 cv.append(c_v)
             ks.append(km)
             vs.append(vm)
-            gs.append(-self.A_log[m].to(acc).exp() * F.softplus(
-                (xm @ self.a_proj[m].T).to(acc) + self.dt_bias[m].to(acc)))
+            gs.append(-A_log[m].to(acc).exp() * F.softplus(
+                (xm @ a_w[m].T).to(acc) + dt_bias[m].to(acc)))
             if self.delta:
-                bs.append(torch.sigmoid(xm @ self.b_proj[m].T))
+                bs.append(torch.sigmoid(xm @ b_w[m].T))
         if self.use_short_conv:
             new_cache["conv_k"], new_cache["conv_v"] = torch.cat(ck), torch.cat(cv)
         P = xp.shape[0]

@@ -1,5 +1,5 @@
 """CPU time of the torch chunk path (the CPU fast path of both memory ops), forward and
-forward+backward, with the naive token loop as the yardstick measured in the same run.
+forward+backward, with the naive token loop as the yardstick measured in the same run, and a MoM layer on it.
 
 MoM backbones train on CPU through this path, and its backward used to grow quadratically
 with T (see ``kernels/chunk_torch.py``), so the long sizes matter. Best of ``--repeats``.
@@ -14,6 +14,7 @@ import time
 import torch
 
 from cl_toolkit.kernels.gated_delta_rule import chunk_gated_delta_rule
+from cl_toolkit.kernels.mom import MoMLayer
 
 SIZES = [(4, 256, 4, 64), (2, 1024, 4, 64), (1, 4096, 2, 64)]
 
@@ -57,6 +58,18 @@ def main(argv=None) -> None:
 
             print(f"| {size} | {backend} | {best_ms(fwd, args.repeats):.1f} | "
                   f"{best_ms(fwd_bwd, args.repeats):.1f} |", flush=True)
+    torch.manual_seed(0)
+    layer = MoMLayer(256, num_heads=4, num_memories=4, topk=2, backend="torch")
+    x = torch.randn(4, 256, 256, generator=gen, requires_grad=True)
+
+    def mom_fwd_bwd():
+        y, aux, _ = layer(x)
+        (y.sum() + aux).backward()
+
+    with torch.no_grad():
+        mom_fwd = best_ms(lambda: layer(x), args.repeats)
+    print(f"| (4, 256), MoM layer, hidden 256, 4 heads, 4 memories top-2 + shared | torch | "
+          f"{mom_fwd:.1f} | {best_ms(mom_fwd_bwd, args.repeats):.1f} |")
 
 
 if __name__ == "__main__":
