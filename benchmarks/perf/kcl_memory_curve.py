@@ -46,12 +46,15 @@ def run_settings(args) -> list[tuple[str, str, list[str]]]:
                 for m in _split(args.coresets)]
     for g in _split(args.generators):
         if g not in GENERATORS:
-            raise ConfigError(f"unknown generator size {g!r}; choose among {', '.join(GENERATORS)}.")
+            raise ConfigError(
+                f"unknown generator size {g!r}; choose among {', '.join(GENERATORS)}.")
         hidden, z = GENERATORS[g]
         over = [f"strategy.generator_hidden={hidden}", f"strategy.z_dim={z}"]
         if args.generator_epochs is not None:
             over.append(f"strategy.generator_epochs={args.generator_epochs}")
-        settings.append(("gkcl", f"generator {g} (hidden {hidden}, z {z})", over))
+        extra = _split(args.gkcl_overrides)
+        label = ", ".join([f"generator {g} (hidden {hidden}, z {z})", *extra])
+        settings.append(("gkcl", label, over + extra))
     return settings
 
 
@@ -78,7 +81,8 @@ def kcl_at(kcl: list[tuple[float, float]], nbytes: float) -> float | None:
     pts = sorted(kcl)
     for (b0, a0), (b1, a1) in zip(pts, pts[1:]):
         if b0 <= nbytes <= b1:
-            w = 0.0 if b1 == b0 else (math.log(nbytes) - math.log(b0)) / (math.log(b1) - math.log(b0))
+            span = math.log(b1) - math.log(b0)
+            w = 0.0 if span == 0 else (math.log(nbytes) - math.log(b0)) / span
             return a0 + w * (a1 - a0)
     return pts[0][1] if len(pts) == 1 and pts[0][0] == nbytes else None
 
@@ -160,6 +164,9 @@ def main(argv=None) -> None:
                    help=f"GKCL sizes among {', '.join(GENERATORS)}")
     p.add_argument("--generator-epochs", type=int, default=None,
                    help="GKCL generator epochs per task (default: the experiment config's)")
+    p.add_argument("--gkcl-overrides", default="",
+                   help="comma-separated Hydra overrides for the GKCL runs, e.g. "
+                        "strategy.generator_lr=0.0003 (they become part of the setting's name)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plot", action="store_true", help="only rebuild the table and the figure")
     p.add_argument("--smoke", action="store_true",

@@ -1,5 +1,6 @@
 """CPU time of the torch chunk path (the CPU fast path of both memory ops), forward and
-forward+backward, with the naive token loop as the yardstick measured in the same run, and a MoM layer on it.
+forward+backward, with the naive token loop as the yardstick measured in the same run, and of
+a MoM layer on top of it.
 
 MoM backbones train on CPU through this path, and its backward used to grow quadratically
 with T (see ``kernels/chunk_torch.py``), so the long sizes matter. Best of ``--repeats``.
