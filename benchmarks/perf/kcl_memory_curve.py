@@ -128,13 +128,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, marker in (("kcl", "o"), ("gkcl", "s")):
-        pts = [r for r in rows if r["method"] == method]
-        if not pts:
-            continue
+    # One line per method and set of --gkcl-overrides (the part of the setting after "), ").
+    series: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        series.setdefault((r["method"], r["setting"].partition("), ")[2]), []).append(r)
+    for (method, extra), pts in series.items():
         ax.errorbar([r["bytes"] / 2**20 for r in pts], [r["acc"] for r in pts],
-                    yerr=[r["acc_std"] for r in pts], marker=marker, capsize=3,
-                    label=method.upper())
+                    yerr=[r["acc_std"] for r in pts], marker="o" if method == "kcl" else "s",
+                    capsize=3, label=", ".join([method.upper(), *([extra] if extra else [])]))
         for r in pts:
             ax.annotate(r["setting"].split(" (")[0].replace("coreset ", "").replace(
                 "generator ", ""), (r["bytes"] / 2**20, r["acc"]), textcoords="offset points",
