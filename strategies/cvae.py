@@ -60,6 +60,15 @@ class ConditionalVAE(nn.Module):
         if likelihood == "gaussian":
             self.log_scale = nn.Parameter(torch.zeros(()))
 
+    @torch.no_grad()
+    def copy_conditions(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Make conditions ``dst`` start as copies of conditions ``src`` (index tensors of equal
+        length): their prior rows and the one-hot input weights of encoder and decoder."""
+        self.prior_mu[dst] = self.prior_mu[src]
+        self.prior_logvar[dst] = self.prior_logvar[src]
+        for first, offset in ((self.encoder[0], self.data_dim), (self.decoder[0], self.z_dim)):
+            first.weight[:, offset + dst] = first.weight[:, offset + src]
+
     def _onehot(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y, self.num_classes).to(like.dtype)
 

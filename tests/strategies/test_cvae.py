@@ -73,3 +73,26 @@ def test_seeded_sampling_is_reproducible():
 def test_unknown_likelihood_is_refused():
     with pytest.raises(ConfigError, match="bernoulli"):
         ConditionalVAE((4,), 2, likelihood="bernouli")
+
+
+def test_copied_conditions_encode_decode_and_sample_as_their_source():
+    torch.manual_seed(0)
+    vae = ConditionalVAE((7,), num_classes=5, z_dim=3, hidden=(8, 6), likelihood="gaussian")
+    before = {n: p.detach().clone() for n, p in vae.named_parameters()}
+    vae.copy_conditions(torch.tensor([0, 1]), torch.tensor([3, 4]))
+    x, z = torch.randn(4, 7), torch.randn(4, 3)
+    src, dst = torch.tensor([0, 1, 0, 1]), torch.tensor([3, 4, 3, 4])
+    # Equal up to the summation order (the one-hot sits in another input column).
+    for a, b in zip(vae.encode(x, src), vae.encode(x, dst)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(vae.decode(z, src), vae.decode(z, dst), rtol=0, atol=1e-6)
+    torch.testing.assert_close(vae.sample(src, torch.Generator().manual_seed(1)),
+                               vae.sample(dst, torch.Generator().manual_seed(1)), rtol=0,
+                               atol=1e-6)
+    # Conditions 0-2 and every weight not tied to a condition are untouched.
+    after = dict(vae.named_parameters())
+    assert torch.equal(after["prior_mu"][:3], before["prior_mu"][:3])
+    assert torch.equal(after["encoder.0.weight"][:, :7 + 3], before["encoder.0.weight"][:, :7 + 3])
+    assert torch.equal(after["decoder.0.weight"][:, :3 + 3], before["decoder.0.weight"][:, :3 + 3])
+    for name in ("encoder.0.bias", "decoder.2.weight", "log_scale"):
+        assert torch.equal(after[name], before[name])

@@ -70,6 +70,31 @@ def test_shared_class_ids_get_one_support_per_task():
     assert min(accs) > 0.8, accs
 
 
+@pytest.mark.parametrize("inherit", [True, False])
+def test_new_conditions_start_from_the_last_condition_of_their_class(inherit):
+    """With shared class ids, task 1's (task, class) conditions start as copies of task 0's:
+    with no generator training on task 1 they generate exactly task 0's samples."""
+    stream = blob_stream(n_tasks=2, shared_classes=True)
+    s = make(stream, generator_space="feature", inherit_conditions=inherit)
+    s.learn(stream[0])
+    s.generator_epochs = 0
+    s.learn(stream[1])
+    noise = torch.Generator().manual_seed(5)
+    a = s.generator.sample(torch.tensor([0, 1]), noise.manual_seed(5))
+    b = s.generator.sample(torch.tensor([2, 3]), noise.manual_seed(5))
+    same = torch.allclose(a, b, rtol=0, atol=1e-6)  # one-hot position changes the sum order
+    assert same == inherit
+
+
+def test_disjoint_classes_inherit_nothing():
+    stream = blob_stream(n_tasks=2)
+    s = make(stream, generator_space="feature", generator_epochs=0)
+    prior = s.generator.prior_mu.detach().clone()
+    for task in stream:
+        s.learn(task)
+    assert torch.equal(s.generator.prior_mu, prior)
+
+
 def test_memory_is_the_generator_and_does_not_grow():
     stream = blob_stream()
     s = make(stream, generator_epochs=1)
