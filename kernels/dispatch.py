@@ -37,7 +37,7 @@ def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
     V = v.shape[-1]
     if chunk_size not in (16, 32, 64, 128):
         raise ValueError(f"chunk_size must be one of 16, 32, 64, 128, got {chunk_size}")
-    check_cu_seqlens(cu_seqlens, T, B)
+    cu_host = check_cu_seqlens(cu_seqlens, T, B)
     if cu_seqlens is not None and cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     n = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -75,7 +75,7 @@ def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                    chunk_size=chunk_size)
     from .chunk_triton import ChunkFunction, ChunkOptions
-    layout = make_layout(B, T, cu_seqlens, chunk_size, q.device)
+    layout = make_layout(B, T, cu_seqlens, chunk_size, q.device, cu_host)
     if delta and beta is None:
         beta = q.new_ones(B, T, H)
     h0 = initial_state.transpose(-1, -2).contiguous() if initial_state is not None else None

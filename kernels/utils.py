@@ -49,13 +49,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], total: int, batch: int) -> None:
+def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], total: int,
+                     batch: int) -> Optional[list]:
     """cu_seqlens must be a 1-D integer tensor, start at 0, never decrease, end at ``total``.
 
-    Zero-length sequences are allowed (the MoM layer packs possibly empty segments).
+    Zero-length sequences are allowed (the MoM layer packs possibly empty segments). Returns
+    cu_seqlens as a host list (None without it), so the layout needs no second device sync.
     """
     if cu_seqlens is None:
-        return
+        return None
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -78,6 +80,7 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], total: int, batch: int)
             f"cu_seqlens must be non-decreasing; "
             f"cu_seqlens[{i - 1}]={cu[i - 1]} > cu_seqlens[{i}]={cu[i]}"
         )
+    return cu
 
 
 def check_tensor(name: str, x: torch.Tensor, shape: Sequence[int], device: torch.device,
@@ -131,11 +134,12 @@ class SeqLayout:
 
 
 def make_layout(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor], chunk_size: int,
-                device: torch.device) -> SeqLayout:
+                device: torch.device, cu_host: Optional[Sequence[int]] = None) -> SeqLayout:
+    """cu_host: cu_seqlens already on the host (from :func:`check_cu_seqlens`)."""
     if cu_seqlens is None:
         return _equal_layout(batch, seqlen, chunk_size, torch.device(device))
-    lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    nts = [(int(n) + chunk_size - 1) // chunk_size for n in lens.tolist()]
+    cu = cu_seqlens.tolist() if cu_host is None else cu_host
+    nts = [(b - a + chunk_size - 1) // chunk_size for a, b in zip(cu[:-1], cu[1:])]
     n = len(nts)
     offsets = [0]
     for c in nts:
