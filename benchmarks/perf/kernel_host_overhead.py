@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
+
+from cl_toolkit.benchmarks.perf.timing import best_seconds
 
 
 class _NoLaunch:
@@ -32,18 +33,6 @@ def stub_kernels() -> None:
     for name in dir(chunk_triton):
         if name.endswith("_kernel") and name.startswith("_"):
             setattr(chunk_triton, name, _NoLaunch())
-
-
-def per_call_us(fn, calls: int, repeats: int) -> float:
-    for _ in range(20):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
 
 
 def main(argv=None) -> None:
@@ -87,7 +76,8 @@ def main(argv=None) -> None:
                      ("gated delta rule, forward, fused gate and L2 norm", gdr_fused),
                      ("gated linear attention, forward", gla),
                      ("gated delta rule, forward + backward", gdr_fwd_bwd)):
-        print(f"| {name} | {per_call_us(fn, args.calls, args.repeats):.1f} |", flush=True)
+        us = 1e6 * best_seconds(fn, args.repeats, args.calls, warmup=20)
+        print(f"| {name} | {us:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ with T (see ``kernels/chunk_torch.py``), so the long sizes matter. Best of ``--r
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from cl_toolkit.benchmarks.perf.timing import best_seconds
 from cl_toolkit.kernels.gated_delta_rule import chunk_gated_delta_rule
 from cl_toolkit.kernels.mom import MoMLayer
 
@@ -26,15 +26,6 @@ def inputs(B: int, T: int, H: int, D: int, gen: torch.Generator):
     g = -torch.rand(B, T, H, generator=gen) * 0.1
     beta = torch.rand(B, T, H, generator=gen)
     return [x.requires_grad_() for x in (q, k, v, g, beta)]
-
-
-def best_ms(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def main(argv=None) -> None:
@@ -57,8 +48,8 @@ def main(argv=None) -> None:
             def fwd_bwd():
                 fwd().sum().backward()
 
-            print(f"| {size} | {backend} | {best_ms(fwd, args.repeats):.1f} | "
-                  f"{best_ms(fwd_bwd, args.repeats):.1f} |", flush=True)
+            print(f"| {size} | {backend} | {1e3 * best_seconds(fwd, args.repeats):.1f} | "
+                  f"{1e3 * best_seconds(fwd_bwd, args.repeats):.1f} |", flush=True)
     torch.manual_seed(0)
     layer = MoMLayer(256, num_heads=4, num_memories=4, topk=2, backend="torch")
     x = torch.randn(4, 256, 256, generator=gen, requires_grad=True)
@@ -68,9 +59,9 @@ def main(argv=None) -> None:
         (y.sum() + aux).backward()
 
     with torch.no_grad():
-        mom_fwd = best_ms(lambda: layer(x), args.repeats)
+        mom_fwd = 1e3 * best_seconds(lambda: layer(x), args.repeats)
     print(f"| (4, 256), MoM layer, hidden 256, 4 heads, 4 memories top-2 + shared | torch | "
-          f"{mom_fwd:.1f} | {best_ms(mom_fwd_bwd, args.repeats):.1f} |")
+          f"{mom_fwd:.1f} | {1e3 * best_seconds(mom_fwd_bwd, args.repeats):.1f} |")
 
 
 if __name__ == "__main__":
