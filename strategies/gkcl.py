@@ -191,7 +191,9 @@ class GKCL(KCL):
                 src.append(self.cond_offset[prev.index] + prev.classes.index(c))
                 dst.append(self.cond_offset[task.index] + c_local)
         if src:
-            self.generator.copy_conditions(torch.tensor(src), torch.tensor(dst))
+            dev = self.ctx.device
+            self.generator.copy_conditions(torch.tensor(src, device=dev),
+                                           torch.tensor(dst, device=dev))
 
     def support_features(self, ti: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Generated support of task ``ti``: features ``[C_t * n, d]``, global labels."""
