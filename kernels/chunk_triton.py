@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import SeqLayout, autotune_configs, cdiv, new_buffer, next_power_of_2
+from .utils import SeqLayout, autotune_configs, cdiv, new_buffer, next_power_of_2, sm_count
 
 
 def _configs(warps=(4,), stages=(2,)):
@@ -51,40 +51,56 @@ def _l2normed(b_x):
 
 
 @triton.jit
+def _diag_blocks(b_X, NB: tl.constexpr):
+    """The NB diagonal 16 x 16 blocks of b_X [NB * 16, NB * 16], as [NB, 16, 16]."""
+    o_b = tl.arange(0, NB)
+    same = o_b[:, None, None, None] == o_b[None, None, :, None]
+    return tl.sum(tl.where(same, tl.reshape(b_X, [NB, 16, NB, 16]), 0.0), 2)
+
+
+@triton.jit
 def _inverse_unit_lower(b_A, BT: tl.constexpr):
     """(I + A)^-1 for strictly lower A [BT, BT] (BT in 16, 32, 64, 128), on the tensor cores.
 
     A strictly lower n x n matrix L is nilpotent, so (I + L)^-1 = (I - L)(I + L^2)(I + L^4)...
     exactly, with log2(n) squarings instead of n substitution steps.
-    1. The 16 x 16 diagonal blocks, all at once (products of block-diagonal matrices stay
-       block-diagonal): D = (I + A_bd)^-1 = (I - A_bd)(I + A_bd^2)(I + A_bd^4)(I + A_bd^8).
+    1. The BT / 16 diagonal 16 x 16 blocks as one batch of small products:
+       D = (I + A_bd)^-1 = (I - A_bd)(I + A_bd^2)(I + A_bd^4)(I + A_bd^8).
     2. (I + A) = (I + A_bd)(I + M) with M = D A_off strictly block-lower, M^(BT/16) = 0:
-       (I + A)^-1 = (I - M)(I + M^2)(I + M^4) D.
+       (I + A)^-1 = (I - M)(I + M^2)(I + M^4) D. The products with the block-diagonal D
+       (forming M, applying D last) are batched per block row / column too, so only the
+       squarings of M are full BT x BT products.
     Small blocks first keep the powers small: in a 16 x 16 block the entries of A_bd^8 grow at
     most like C(15, 8) |A|^8, against C(63, 32) |A|^32 for one 64 x 64 product chain.
     Products of fp32 matrices use three-pass tf32 (about fp32 accuracy), also for bf16 inputs:
     one-pass tf32 is amplified along the chain to errors of order 1 with correlated keys and
     beta up to 2 (benchmarks/perf/wy_inverse_precision.py).
     """
-    o = tl.arange(0, BT)
-    same_block = (o[:, None] // 16) == (o[None, :] // 16)
-    eye = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
-    b_L = tl.where(same_block, b_A, 0.0)
-    b_D = eye - b_L
-    for _ in tl.static_range(3):
+    NB: tl.constexpr = BT // 16
+    o = tl.arange(0, 16)
+    b_L = _diag_blocks(b_A, NB)
+    b_D = tl.where(o[:, None] == o[None, :], 1.0, 0.0)[None, :, :] - b_L
+    for _ in tl.static_range(3):  # X (I + Y) as X + X Y: no identity matrix is kept around
         b_L = tl.dot(b_L, b_L, input_precision="tf32x3")
-        b_D = tl.dot(b_D, eye + b_L, input_precision="tf32x3")
-    if BT > 16:
-        b_M = tl.dot(b_D, tl.where(same_block, 0.0, b_A), input_precision="tf32x3")
-        b_P = eye - b_M
-        if BT > 32:
+        b_D = tl.dot(b_D, b_L, b_D, input_precision="tf32x3")
+    if NB == 1:
+        return tl.reshape(b_D, [BT, BT])
+    o_t = tl.arange(0, BT)
+    b_off = tl.where((o_t[:, None] // 16) == (o_t[None, :] // 16), 0.0, b_A)
+    # M = D A_off, block row by block row.
+    b_M = tl.reshape(tl.dot(b_D, tl.reshape(b_off, [NB, 16, BT]), input_precision="tf32x3"),
+                     [BT, BT])
+    b_P = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0) - b_M
+    if NB > 2:
+        b_M = tl.dot(b_M, b_M, input_precision="tf32x3")
+        b_P = tl.dot(b_P, b_M, b_P, input_precision="tf32x3")
+        if NB > 4:
             b_M = tl.dot(b_M, b_M, input_precision="tf32x3")
-            b_P = tl.dot(b_P, eye + b_M, input_precision="tf32x3")
-            if BT > 64:
-                b_M = tl.dot(b_M, b_M, input_precision="tf32x3")
-                b_P = tl.dot(b_P, eye + b_M, input_precision="tf32x3")
-        b_D = tl.dot(b_P, b_D, input_precision="tf32x3")
-    return b_D
+            b_P = tl.dot(b_P, b_M, b_P, input_precision="tf32x3")
+    # P D, block column by block column.
+    b_P = tl.permute(tl.reshape(b_P, [BT, NB, 16]), (1, 0, 2))
+    b_T = tl.dot(b_P, b_D, input_precision="tf32x3")
+    return tl.reshape(tl.permute(b_T, (1, 0, 2)), [BT, BT])
 
 
 @triton.jit
@@ -298,12 +314,18 @@ def _bwd_dh_kernel(q, k, w, gcum, do, de, dh_all, dht, dh0, cu_seqlens, chunk_of
 
 @triton.autotune(configs=_configs((4, 8)), key=["BT", "BK", "BV", "USE_G", "DELTA", "L2"])
 @triton.jit
-def _bwd_chunk_kernel(q, k, v, e, gcum, beta, tmat, h_all, dh_all, do, de, dq, dk, dv, dg,
-                      dbeta, cu_seqlens, chunk_indices, scale, H,
-                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr,
-                      L2: tl.constexpr, PREC: tl.constexpr):
-    """Per-chunk gradients given h (state before), dh (grad of the state after) and dV'."""
+def _bwd_qk_kernel(q, k, e, gcum, h_all, dh_all, do, dq, dk, dg, cu_seqlens, chunk_indices,
+                   scale, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr,
+                   L2: tl.constexpr, PREC: tl.constexpr):
+    """Per-chunk dq, dk and dg through the output and the state update, given h (state
+    before), dh (grad of the state after) and V'.
+
+    dq is final. With DELTA, dk (fp32, before the L2 backward) and dG (per-token grad of the
+    cumulative gate, before the reverse cumsum) are partial, completed by _bwd_wy_kernel;
+    without it both are final. Split from the WY part so that each kernel keeps fewer
+    [BT, K] accumulators in registers.
+    """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_i = tl.arange(0, BT)
@@ -316,23 +338,6 @@ def _bwd_chunk_kernel(q, k, v, e, gcum, beta, tmat, h_all, dh_all, do, de, dq, d
         b_q, b_rq = _l2normed(b_q)
         b_k, b_rk = _l2normed(b_k)
     dt = b_q.dtype
-    b_qf = b_q.to(tl.float32)
-    b_kf = b_k.to(tl.float32)
-    if USE_G:
-        b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
-        g_last = tl.sum(tl.where(o_i == last, b_G, 0.0), 0)
-    else:
-        b_G = tl.zeros([BT], dtype=tl.float32)
-    if DELTA:
-        b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-        # T from the prep kernel; its rows past the sequence end are zero instead of identity
-        # rows, which no product below reads (those tokens carry zero k, v, dV' and dW).
-        b_T = tl.load(tmat + (rows[:, None] * H + i_h) * BT + o_i[None, :], mask=m_t[:, None],
-                      other=0.0)
-        b_Tt = tl.trans(b_T).to(dt)
-        b_dw = tl.zeros([BT, BK], dtype=tl.float32)
-        b_dT = tl.zeros([BT, BT], dtype=tl.float32)
-        b_db = tl.zeros([BT], dtype=tl.float32)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dP = tl.zeros([BT, BT], dtype=tl.float32)
@@ -351,63 +356,116 @@ def _bwd_chunk_kernel(q, k, v, e, gcum, beta, tmat, h_all, dh_all, do, de, dq, d
         b_dq += tl.dot(b_do, b_ht, input_precision=PREC)
         b_dk += tl.dot(b_e, b_dht, input_precision=PREC)
         b_dP += tl.dot(b_do, tl.trans(b_e), input_precision=PREC)
-        b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
-        if DELTA:
-            b_de = tl.load(de + p_v, mask=m_tv, other=0.0)
-            b_v = tl.load(v + p_v, mask=m_tv, other=0.0)
-            b_dw -= tl.dot(b_de, b_ht, input_precision=PREC)
-            b_dT += tl.dot(b_de, tl.trans((b_v * b_beta[:, None]).to(dt)), input_precision=PREC)
-            b_dvb = tl.dot(b_Tt, b_de, input_precision=PREC)
-            tl.store(dv + p_v, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
-            b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
+        if USE_G:
+            b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
     causal = o_i[:, None] >= o_i[None, :]
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    b_qf = b_q.to(tl.float32)
+    b_kf = b_k.to(tl.float32)
     if USE_G:
-        b_E = tl.exp(b_G)
+        b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
+        g_last = tl.sum(tl.where(o_i == last, b_G, 0.0), 0)
         b_dS = tl.where(causal, b_dP * tl.exp(b_G[:, None] - b_G[None, :]), 0.0) * scale
-        b_dq = b_dq * (b_E * scale)[:, None]
+        b_dq = b_dq * (tl.exp(b_G) * scale)[:, None]
         b_dk = b_dk * tl.exp(g_last - b_G)[:, None]
         b_dG = tl.sum(b_dq * b_qf, 1) - tl.sum(b_dk * b_kf, 1)
         b_dglast = tl.sum(b_dk * b_kf) + tl.sum(b_dgl) * tl.exp(g_last)
-        b_Y = b_dS * b_s
-        b_dG += tl.sum(b_Y, 1) - tl.sum(b_Y, 0)
+        b_Y = b_dS * tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        b_dG += tl.sum(b_Y, 1) - tl.sum(b_Y, 0) + tl.where(o_i == last, b_dglast, 0.0)
+        if DELTA:
+            tl.store(dg + rows * H + i_h, b_dG, mask=m_t)
+        else:
+            tl.store(dg + rows * H + i_h, tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG,
+                     mask=m_t)
     else:
-        b_E = tl.full([BT], 1.0, dtype=tl.float32)
         b_dS = tl.where(causal, b_dP, 0.0) * scale
         b_dq = b_dq * scale
     b_dq += tl.dot(b_dS.to(dt), b_k, input_precision=PREC)
     b_dk += tl.dot(tl.trans(b_dS).to(dt), b_q, input_precision=PREC)
-    if DELTA:
-        b_bE = b_beta * b_E
-        b_dkb = tl.dot(b_Tt, b_dw.to(dt), input_precision=PREC)
-        b_dk += b_dkb * b_bE[:, None]
-        b_tmp = tl.sum(b_dkb * b_kf, 1)
-        b_db += b_tmp * b_E
-        b_dT += tl.dot(b_dw.to(dt), tl.trans((b_kf * b_bE[:, None]).to(dt)), input_precision=PREC)
-        strict = o_i[:, None] > o_i[None, :]
-        b_dA = tl.dot(tl.dot(tl.trans(b_T), b_dT, input_precision=PREC), tl.trans(b_T),
-                      input_precision=PREC)
-        b_Ds = tl.where(strict, tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
-        b_dA = -tl.where(strict, b_dA, 0.0) * b_Ds
-        b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
-        b_Z = (b_dA * b_beta[:, None]).to(dt)
-        b_dk += tl.dot(b_Z, b_k, input_precision=PREC) + tl.dot(tl.trans(b_Z), b_k,
-                                                                 input_precision=PREC)
-        b_db += tl.sum(b_dA * b_kk, 1)
-        if USE_G:
-            b_dG += b_tmp * b_bE
-            b_Y = b_dA * b_beta[:, None] * b_kk
-            b_dG += tl.sum(b_Y, 1) - tl.sum(b_Y, 0)
-        tl.store(dbeta + rows * H + i_h, b_db, mask=m_t)
-    if USE_G:
-        b_dG += tl.where(o_i == last, b_dglast, 0.0)
-        b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG
-        tl.store(dg + rows * H + i_h, b_dg, mask=m_t)
     if L2:
         # Through y = x / ||x||: dx = (dy - y (y . dy)) / ||x||.
         b_dq = (b_dq - b_qf * tl.sum(b_dq * b_qf, 1)[:, None]) * b_rq[:, None]
-        b_dk = (b_dk - b_kf * tl.sum(b_dk * b_kf, 1)[:, None]) * b_rk[:, None]
     tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    if DELTA:
+        tl.store(dk + p_k, b_dk, mask=m_tk)
+    else:
+        if L2:
+            b_dk = (b_dk - b_kf * tl.sum(b_dk * b_kf, 1)[:, None]) * b_rk[:, None]
+        tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+
+
+@triton.autotune(configs=_configs((4, 8)), key=["BT", "BK", "BV", "USE_G", "L2"])
+@triton.jit
+def _bwd_wy_kernel(k, v, gcum, beta, tmat, h_all, de, dk_part, dk, dv, dg, dbeta, cu_seqlens,
+                   chunk_indices, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, L2: tl.constexpr,
+                   PREC: tl.constexpr):
+    """Per-chunk gradients through the WY transform (W = T K~, U = T V~, V' = U - W h):
+    dv, dbeta, and the rest of dk and dg on top of _bwd_qk_kernel's partial ones."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    o_i = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
+    m_tk = m_t[:, None] & (o_k < K)[None, :]
+    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+    if L2:
+        b_k, b_rk = _l2normed(b_k)
+    dt = b_k.dtype
+    b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    # T from the prep kernel; its rows past the sequence end are zero instead of identity
+    # rows, which no product below reads (those tokens carry zero k, v, dV' and dW).
+    b_T = tl.load(tmat + (rows[:, None] * H + i_h) * BT + o_i[None, :], mask=m_t[:, None],
+                  other=0.0)
+    b_Tt = tl.trans(b_T).to(dt)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dT = tl.zeros([BT, BT], dtype=tl.float32)
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    p_h = h_all + (i_c.to(tl.int64) * H + i_h) * K * V
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        m_vk = (o_v < V)[:, None] & (o_k < K)[None, :]
+        b_ht = tl.load(p_h + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0.0).to(dt)
+        b_de = tl.load(de + p_v, mask=m_tv, other=0.0)
+        b_v = tl.load(v + p_v, mask=m_tv, other=0.0)
+        b_dw -= tl.dot(b_de, b_ht, input_precision=PREC)
+        b_dT += tl.dot(b_de, tl.trans((b_v * b_beta[:, None]).to(dt)), input_precision=PREC)
+        b_dvb = tl.dot(b_Tt, b_de, input_precision=PREC)
+        tl.store(dv + p_v, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+        b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
+    b_kf = b_k.to(tl.float32)
+    if USE_G:
+        b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
+        b_E = tl.exp(b_G)
+    else:
+        b_G = tl.zeros([BT], dtype=tl.float32)
+        b_E = tl.full([BT], 1.0, dtype=tl.float32)
+    b_bE = b_beta * b_E
+    # Ordered so that few [BT, BK] fp32 tiles are alive at once (dW, then dK~, then dk).
+    b_dT += tl.dot(b_dw.to(dt), tl.trans((b_kf * b_bE[:, None]).to(dt)), input_precision=PREC)
+    b_dkb = tl.dot(b_Tt, b_dw.to(dt), input_precision=PREC)
+    b_tmp = tl.sum(b_dkb * b_kf, 1)
+    b_db += b_tmp * b_E
+    b_dk = b_dkb * b_bE[:, None]
+    strict = o_i[:, None] > o_i[None, :]
+    b_dA = tl.dot(tl.dot(tl.trans(b_T), b_dT, input_precision=PREC), tl.trans(b_T),
+                  input_precision=PREC)
+    b_dA = -tl.where(strict, b_dA * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
+    b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    b_Z = (b_dA * b_beta[:, None]).to(dt)
+    b_dk += tl.dot(b_Z, b_k, input_precision=PREC) + tl.dot(tl.trans(b_Z), b_k,
+                                                             input_precision=PREC)
+    b_db += tl.sum(b_dA * b_kk, 1)
+    tl.store(dbeta + rows * H + i_h, b_db, mask=m_t)
+    if USE_G:
+        b_Y = b_dA * b_beta[:, None] * b_kk
+        b_dG = tl.load(dg + rows * H + i_h, mask=m_t, other=0.0)
+        b_dG += b_tmp * b_bE + tl.sum(b_Y, 1) - tl.sum(b_Y, 0)
+        tl.store(dg + rows * H + i_h, tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG, mask=m_t)
+    b_dk += tl.load(dk_part + p_k, mask=m_tk, other=0.0)
+    if L2:
+        b_dk = (b_dk - b_kf * tl.sum(b_dk * b_kf, 1)[:, None]) * b_rk[:, None]
     tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
 
 
@@ -462,8 +520,12 @@ def _forward_states(q, k, v, g, beta, h0, A_log, dt_bias, opts: "ChunkOptions",
 
 
 def _bv_scan(layout: SeqLayout, H: int, V: int, BV: int) -> int:
-    """Narrower V blocks for the sequential scans when few (sequence, head) pairs exist."""
-    return min(BV, 32 if layout.num_seqs * H * cdiv(V, 64) < 256 else BV)
+    """V block of the sequential scans: they run one program per (sequence, head, V block),
+    so with few sequences the block narrows (down to 16) until the programs fill the SMs."""
+    sms = sm_count(layout.cu_seqlens.device)
+    while BV > 16 and layout.num_seqs * H * cdiv(V, BV) < sms:
+        BV //= 2
+    return BV
 
 
 def chunk_fwd(q, k, v, g, beta, h0, A_log, dt_bias, opts: "ChunkOptions"):
@@ -515,11 +577,17 @@ def chunk_bwd(q, k, v, g, beta, h0, A_log, dt_bias, do, dht: Optional[torch.Tens
     dg = new_buffer((TT, H), torch.float32, dev) if use_g else None
     dbeta = new_buffer((TT, H), torch.float32, dev) if delta else None
     if layout.num_chunks:
-        _bwd_chunk_kernel[(layout.num_chunks, H)](
-            q, k, v, e, gcum, beta if delta else q, tmat, h_all, dh_all, do, de, dq, dk, dv,
-            dg if use_g else q, dbeta if delta else q, layout.cu_seqlens, layout.chunk_indices,
-            opts.scale, H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DELTA=delta,
-            L2=opts.l2norm, PREC=prec)
+        # With DELTA the first kernel leaves a partial fp32 dk (and dG) for the second.
+        dk_part = new_buffer(k.shape, torch.float32, dev) if delta else dk
+        grid = (layout.num_chunks, H)
+        common = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, L2=opts.l2norm, PREC=prec)
+        _bwd_qk_kernel[grid](
+            q, k, e, gcum, h_all, dh_all, do, dq, dk_part, dg if use_g else q,
+            layout.cu_seqlens, layout.chunk_indices, opts.scale, H, DELTA=delta, **common)
+        if delta:
+            _bwd_wy_kernel[grid](
+                k, v, gcum, beta, tmat, h_all, de, dk_part, dk, dv, dg if use_g else q, dbeta,
+                layout.cu_seqlens, layout.chunk_indices, H, **common)
     return dq, dk, dv, dg, dbeta, dh0
 
 

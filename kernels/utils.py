@@ -165,6 +165,15 @@ def _equal_layout(batch: int, seqlen: int, chunk_size: int, device: torch.device
                      chunk_size)
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; the H100's 132 elsewhere (the interpreter),
+    so launch shapes there match the common GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
 def cdiv(a: int, b: int) -> int:
     """Host-side ceil(a / b). Plain Python: ``triton.cdiv`` is a constexpr function whose call
     costs microseconds, and the host work of a kernel call adds up (kernel_host_overhead.py)."""

@@ -78,6 +78,21 @@ except Exception as exc:  # pragma: no cover
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
+def bypass_fla_640() -> bool:
+    """fla 0.6.0 refuses its gated backward on Hopper under Triton 3.4-3.7.0 (its issue #640:
+    that compiler gets one backward kernel wrong there), which leaves nothing to compare our
+    forward+backward with on such an image. Switch the guard off to time it anyway; the
+    correctness table then shows how far its gradients are off. True when switched off."""
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+    except Exception:
+        return False
+    if getattr(chunk_o, "TRITON_ABOVE_3_7_1", True):
+        return False
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    return True
+
+
 def elapsed() -> float:
     return time.time() - T_START
 
@@ -94,29 +109,39 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def bench(fn, dev, warmup=2, reps=15, max_s=8.0) -> float:
-    """Median milliseconds of fn() (CUDA events on GPU)."""
+def bench(fn, dev, warmup=2, reps=15, max_s=8.0) -> tuple[float, float]:
+    """Median milliseconds per call of fn(): (queued, synced).
+
+    queued: calls back to back with CUDA events around each and one sync at the end, as in a
+    training loop; host work overlaps the GPU's, so this is the GPU time unless the host is the
+    slower side. synced: a sync after every call, so the host's launch work is counted too.
+    On CPU both are wall-clock times of single calls.
+    """
     if SMOKE:
         warmup, reps = 1, 2
     for _ in range(warmup):
         fn()
     sync(dev)
-    times = []
-    while len(times) < reps:
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if sum(times) > max_s * 1e3:
+    synced = []
+    while len(synced) < reps:
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        synced.append((time.perf_counter() - t0) * 1e3)
+        if sum(synced) > max_s * 1e3 / 2:
             break
-    return statistics.median(times)
+    if dev.type != "cuda":
+        return statistics.median(synced), statistics.median(synced)
+    n = len(synced)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(n)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    queued = statistics.median(start.elapsed_time(end) for start, end in events)
+    return queued, statistics.median(synced)
 
 
 def make_inputs(B, T, H, K_, V, dev, dtype, n=None, h0=True, seed=0):
@@ -147,7 +172,12 @@ def check_op(name, ours, ref, x, dtype, yardstick=None, cu=None):
     do = torch.randn(B, T, H, V, generator=gen).to(x["q"].device)
     dht = torch.randn(n, H, V, K_, generator=gen).to(x["q"].device)
     kw = dict(cu_seqlens=cu, output_final_state=True)
-    o, s, gr = fwd_bwd(lambda **a: ours(**a, **kw), x, do, dht)
+    try:
+        o, s, gr = fwd_bwd(lambda **a: ours(**a, **kw), x, do, dht)
+    except Exception as exc:  # a compile error on this Triton fails the check, not the run
+        traceback.print_exc()
+        return [dict(check=name, dtype=str(dtype)[6:], tensor="all", err=float("inf"),
+                     fla_err=f"{type(exc).__name__}: {str(exc)[:200]}", ok=False)]
     x64 = {k: t.double() if t is not None else None for k, t in x.items()}
     o2, s2, gr2 = fwd_bwd(lambda **a: ref(**a, **kw), x64, do, dht)
     errs = {"o": rel(o, o2), "final": rel(s, s2)}
@@ -242,7 +272,7 @@ def copy_ceiling(dev) -> float:
     n = (1 << 28) if dev.type == "cuda" else (1 << 20)
     a = torch.empty(n, dtype=torch.float32, device=dev)
     b = torch.empty_like(a)
-    ms = bench(lambda: b.copy_(a), dev, reps=10)
+    ms = bench(lambda: b.copy_(a), dev, reps=10)[0]
     return 2 * a.numel() * 4 / (ms * 1e-3) / 1e9
 
 
@@ -261,7 +291,7 @@ def timed_pair(fn, x: dict, do: torch.Tensor):
     return fwd, fwdbwd
 
 
-def timings(dev, smoke, budget_s):
+def timings(dev, smoke, budget_s, ours_only=False, variant=""):
     sizes = [(2, 64, 2, 16)] if smoke else [(8, 2048, 16, 128), (4, 4096, 16, 128),
                                               (1, 16384, 16, 128)]
     dtype = torch.float32 if smoke else torch.bfloat16
@@ -273,17 +303,19 @@ def timings(dev, smoke, budget_s):
             return
         try:
             fwd, fwdbwd = fn_factory()
-            t_f = bench(fwd, dev)
-            t_fb = None
+            t_f, s_f = bench(fwd, dev)
+            t_fb = s_fb = None
             if not fwd_only and fwdbwd is not None:
                 try:
-                    t_fb = bench(fwdbwd, dev)
+                    t_fb, s_fb = bench(fwdbwd, dev)
                 except Exception as exc:  # e.g. fla refusing its backward on this Triton
                     notes.append(f"{label} {size}: backward failed: {type(exc).__name__}: "
                                  f"{str(exc)[:200]}")
-            results.append(dict(impl=label, size=size, fwd_ms=t_f, fwdbwd_ms=t_fb))
-            print(f"[{elapsed():6.1f}s] {label:28s} {size}: fwd {t_f:8.3f} ms"
-                  + (f", fwd+bwd {t_fb:8.3f} ms" if t_fb is not None else ""), flush=True)
+            results.append(dict(impl=label, size=size, fwd_ms=t_f, fwdbwd_ms=t_fb,
+                                fwd_sync_ms=s_f, fwdbwd_sync_ms=s_fb))
+            print(f"[{elapsed():6.1f}s] {label:34s} {size}: fwd {t_f:8.3f} ms"
+                  + (f", fwd+bwd {t_fb:8.3f} ms" if t_fb is not None else "")
+                  + f" (synced: {s_f:.3f}" + (f", {s_fb:.3f})" if s_fb else ")"), flush=True)
         except Exception as exc:
             notes.append(f"{label} {size}: failed: {type(exc).__name__}: {str(exc)[:200]}")
             traceback.print_exc()
@@ -297,7 +329,10 @@ def timings(dev, smoke, budget_s):
         do = torch.randn(B, T, H, D, device=dev, dtype=dtype)
 
         ours = lambda **a: chunk_gated_delta_rule(**a, backend="triton")[0]
-        run("ours gdr (triton)", size, lambda: timed_pair(ours, x, do))
+        label = f"ours gdr (triton{', ' + variant if variant else ''})"
+        run(label, size, lambda: timed_pair(ours, x, do))
+        if ours_only:
+            continue
         if fla_chunk_gdr is not None and dev.type == "cuda":
             run("fla gdr (chunk)", size, lambda: timed_pair(lambda **a: fla_gdr(**a)[0], x, do))
 
@@ -315,6 +350,8 @@ def timings(dev, smoke, budget_s):
                 F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g_o)
             return fwd, fwdbwd
         run("torch sdpa (causal)", size, sdpa_factory)
+    if ours_only:
+        return results, notes
     # Second pass (skipped first when the time budget runs out): our other paths.
     for size in sizes:
         B, T, H, D = size
@@ -388,7 +425,7 @@ def profile(dev, sizes=((8, 2048, 16, 128), (1, 16384, 16, 128))) -> str:
     return "\n".join(out)
 
 
-def render(meta, rows, results, notes, ceiling):
+def render(meta, rows, results, notes, ceiling, fla_ref=None):
     out = ["# cl_toolkit.kernels GPU benchmark", "",
            f"- device: {meta['device']}", f"- torch {meta['torch']}, triton {meta['triton']}, "
            f"fla: {meta['fla']}", f"- wall: {elapsed():.0f}s", ""]
@@ -403,8 +440,10 @@ def render(meta, rows, results, notes, ceiling):
         bad = "" if all(r["ok"] for r in rows) else " - NOT VALID: a correctness check failed"
         out += ["", f"## Timings (median ms, bf16, CUDA events){bad}", "",
                 "| impl | (B, T, H, D) | fwd ms | fwd+bwd ms | fwd vs fla | fwd+bwd vs fla |"
-                " min-IO fwd GB/s (% copy) |", "|---|---|---|---|---|---|---|"]
+                " min-IO fwd GB/s (% copy) | synced fwd / fwd+bwd ms |",
+                "|---|---|---|---|---|---|---|---|"]
         fla = {r["size"]: r for r in results if r["impl"].startswith("fla gdr")}
+        fla.update(fla_ref or {})
         for r in results:
             ref = fla.get(r["size"])
             sp_f = sp_b = "-"
@@ -420,12 +459,16 @@ def render(meta, rows, results, notes, ceiling):
                 gbs = nbytes / (r["fwd_ms"] * 1e-3) / 1e9
                 bw = f"{gbs:.0f} ({100 * gbs / ceiling:.0f}%)"
             fb = f"{r['fwdbwd_ms']:.3f}" if r["fwdbwd_ms"] else "-"
+            sfb = f"{r['fwdbwd_sync_ms']:.3f}" if r["fwdbwd_sync_ms"] else "-"
             out.append(f"| {r['impl']} | {r['size']} | {r['fwd_ms']:.3f} | {fb} | {sp_f} | "
-                       f"{sp_b} | {bw} |")
+                       f"{sp_b} | {bw} | {r['fwd_sync_ms']:.3f} / {sfb} |")
         out += ["", f"Copy ceiling (device-to-device copy, read+write): {ceiling:.0f} GB/s. "
                 "min-IO bandwidth counts only q, k, v, o, g, beta once; the chunk kernels also "
                 "move per-chunk states, so it is a lower bound on their traffic.", ""]
-        out += ["Speedup columns: fla time / our time at the same size (>1: ours faster)."]
+        out += ["Speedup columns: fla time / our time at the same size (>1: ours faster). "
+                "fwd / fwd+bwd: calls queued back to back (CUDA events per call, one sync at "
+                "the end), i.e. GPU time as in a training loop; synced: a sync after every "
+                "call, so host launch work is included."]
     if notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"
@@ -461,7 +504,7 @@ def cubin_usage(cubin: bytes) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def compile_check(head_dim: int, dtype: str, arch: int = 90) -> int:
+def compile_check(head_dim: int, dtype: str, arch: int = 90, only: str = "") -> int:
     """Compile every kernel, at every config its autotuner may pick, for a CUDA arch without a
     GPU, and print shared memory, registers and spill (stack) bytes per thread.
 
@@ -482,7 +525,7 @@ def compile_check(head_dim: int, dtype: str, arch: int = 90) -> int:
             k = k.fn
         return k
     fp32_ptrs = {"gcum", "ht", "dh0", "dg", "dbeta", "dht", "tmat", "g", "beta", "A_log",
-                 "dt_bias"}
+                 "dt_bias", "dk_part"}
     ints = {"cu_seqlens": "*i32", "chunk_indices": "*i32", "chunk_offsets": "*i32", "H": "i32",
             "scale": "fp32"}
     prec = "tf32x3" if dtype == "fp32" else "tf32"
@@ -498,7 +541,8 @@ def compile_check(head_dim: int, dtype: str, arch: int = 90) -> int:
                  (ct._fwd_h_kernel, dict(base, DELTA=delta, USE_H0=True, BV=bv_scan)),
                  (ct._fwd_h_kernel, dict(base, DELTA=delta, USE_H0=True)),
                  (ct._bwd_dh_kernel, dict(base, DELTA=delta, USE_DHT=True, BV=bv_scan)),
-                 (ct._bwd_chunk_kernel, dict(base, DELTA=delta))]
+                 (ct._bwd_qk_kernel, dict(base, DELTA=delta))]
+    jobs += [(ct._bwd_wy_kernel, dict(base))]
     jobs += [(ct._fwd_o_kernel, dict(base)),
              (rt._recurrent_kernel, dict(K=D, V=D, BK=bk, BV=32, USE_G=True, USE_H0=True,
                                          DELTA=True))]
@@ -508,6 +552,8 @@ def compile_check(head_dim: int, dtype: str, arch: int = 90) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for kernel, consts in jobs:
         fn = jit_fn(kernel)
+        if only and fn.__name__ not in only.split(","):
+            continue
         sig = {n: "constexpr" if n in consts else ints.get(
             n, "*fp32" if n in fp32_ptrs else "*" + dtype) for n in fn.arg_names}
         configs = ([(c.num_warps, c.num_stages) for c in kernel.configs]
@@ -544,9 +590,25 @@ def main():
     ap.add_argument("--compile-check", metavar="DTYPE", choices=("bf16", "fp16", "fp32"),
                     help="no GPU needed: compile the kernels for sm_90 and print shared memory")
     ap.add_argument("--head-dim", type=int, default=128, help="with --compile-check")
+    ap.add_argument("--only", default="", help="with --compile-check: kernel names, comma list")
+    ap.add_argument("--variant", default="",
+                    help="time an earlier version of a kernel part (kernel_variants.py)")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="time only our gdr kernels (for --variant runs)")
+    ap.add_argument("--fla-ref", default="",
+                    help="gpu_kernels.json of an earlier run on this machine: its fla rows "
+                         "give the speedup columns when fla is not timed here")
+    ap.add_argument("--keep-fla-guard", action="store_true",
+                    help="leave fla's #640 guard on (no fla backward on Triton < 3.7.1, Hopper)")
     args = ap.parse_args()
+    if args.variant:
+        try:
+            from cl_toolkit.benchmarks.perf import kernel_variants
+        except ImportError:  # the GPU machine runs this file from the checkout
+            import kernel_variants
+        kernel_variants.apply(args.variant)
     if args.compile_check:
-        return compile_check(args.head_dim, args.compile_check)
+        return compile_check(args.head_dim, args.compile_check, only=args.only)
     dev = torch.device("cpu" if args.smoke else "cuda")
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA device; use --smoke to check the script on CPU")
@@ -555,6 +617,9 @@ def main():
     meta = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter)",
                 torch=torch.__version__, triton=triton.__version__,
                 fla=("0.6.0 importable" if FLA_ERR is None else f"not available ({FLA_ERR})"))
+    if fla_chunk_gdr is not None and dev.type == "cuda" and not args.keep_fla_guard \
+            and bypass_fla_640():
+        meta["fla"] += " (#640 guard off: its backward is timed, its gradients checked)"
     print(meta, flush=True)
     rows = [] if args.skip_correctness else correctness(dev, args.smoke, args.quick,
                                                          not args.no_fla_check)
@@ -562,7 +627,7 @@ def main():
     results, notes, ceiling = [], [], 0.0
     if not failed or args.time_on_fail:
         ceiling = copy_ceiling(dev)
-        results, notes = timings(dev, args.smoke, args.budget_s)
+        results, notes = timings(dev, args.smoke, args.budget_s, args.ours_only, args.variant)
     if failed:
         notes.insert(0, "CORRECTNESS FAILED: " + ("timings are NOT VALID results. "
                      if results else "no timings taken. ") + "Failing: "
@@ -576,16 +641,22 @@ def main():
     if FLA_MOM_ERR:
         notes.append(f"fla MomAttention not timed: {FLA_MOM_ERR}")
     tuned = autotune_choices()
-    text = render(meta, rows, results, notes, ceiling)
+    fla_ref = None
+    if args.fla_ref and os.path.exists(args.fla_ref):
+        with open(args.fla_ref) as f:
+            fla_ref = {tuple(r["size"]): r for r in json.load(f)["timings"]
+                       if r["impl"].startswith("fla gdr")}
+    text = render(meta, rows, results, notes, ceiling, fla_ref)
     if tuned:
         text += "\nAutotuner choices (kernel, key -> config):\n\n" + "\n".join(
             f"- {name} {key}: {cfg}" for name, choices in tuned.items()
             for key, cfg in choices.items()) + "\n"
     print(text, flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_kernels.md"), "w") as f:
+    stem = "gpu_kernels" + (f"_{args.variant}" if args.variant else "")
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(text)
-    with open(os.path.join(args.out, "gpu_kernels.json"), "w") as f:
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(dict(meta=meta, correctness=rows, timings=results, notes=notes,
                        copy_gbs=ceiling, autotune=tuned), f, indent=1, default=str)
     return 1 if failed else 0
