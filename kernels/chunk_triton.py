@@ -395,12 +395,12 @@ def _bwd_qk_kernel(q, k, e, gcum, h_all, dh_all, do, dq, dk, dg, cu_seqlens, chu
 
 @triton.autotune(configs=_configs((4, 8)), key=["BT", "BK", "BV", "USE_G", "L2"])
 @triton.jit
-def _bwd_wy_kernel(k, v, gcum, beta, tmat, h_all, de, dk_part, dk, dv, dg, dbeta, cu_seqlens,
-                   chunk_indices, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+def _bwd_wy_kernel(k, v, gcum, beta, tmat, h_all, de, dk_part, dk, dv, dg_part, dg, dbeta,
+                   cu_seqlens, chunk_indices, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, L2: tl.constexpr,
                    PREC: tl.constexpr):
     """Per-chunk gradients through the WY transform (W = T K~, U = T V~, V' = U - W h):
-    dv, dbeta, and the rest of dk and dg on top of _bwd_qk_kernel's partial ones."""
+    dv, dbeta, and dk and dg: the rest added to _bwd_qk_kernel's partial ones."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_i = tl.arange(0, BT)
@@ -460,7 +460,7 @@ def _bwd_wy_kernel(k, v, gcum, beta, tmat, h_all, de, dk_part, dk, dv, dg, dbeta
     tl.store(dbeta + rows * H + i_h, b_db, mask=m_t)
     if USE_G:
         b_Y = b_dA * b_beta[:, None] * b_kk
-        b_dG = tl.load(dg + rows * H + i_h, mask=m_t, other=0.0)
+        b_dG = tl.load(dg_part + rows * H + i_h, mask=m_t, other=0.0)
         b_dG += b_tmp * b_bE + tl.sum(b_Y, 1) - tl.sum(b_Y, 0)
         tl.store(dg + rows * H + i_h, tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG, mask=m_t)
     b_dk += tl.load(dk_part + p_k, mask=m_tk, other=0.0)
@@ -577,17 +577,20 @@ def chunk_bwd(q, k, v, g, beta, h0, A_log, dt_bias, do, dht: Optional[torch.Tens
     dg = new_buffer((TT, H), torch.float32, dev) if use_g else None
     dbeta = new_buffer((TT, H), torch.float32, dev) if delta else None
     if layout.num_chunks:
-        # With DELTA the first kernel leaves a partial fp32 dk (and dG) for the second.
+        # With DELTA the first kernel leaves partial fp32 dk and dG for the second, in
+        # buffers of their own: a kernel that updated its output in place would add twice
+        # whenever the autotuner runs it more than once.
         dk_part = new_buffer(k.shape, torch.float32, dev) if delta else dk
+        dg_part = new_buffer((TT, H), torch.float32, dev) if delta and use_g else dg
         grid = (layout.num_chunks, H)
         common = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, L2=opts.l2norm, PREC=prec)
         _bwd_qk_kernel[grid](
-            q, k, e, gcum, h_all, dh_all, do, dq, dk_part, dg if use_g else q,
+            q, k, e, gcum, h_all, dh_all, do, dq, dk_part, dg_part if use_g else q,
             layout.cu_seqlens, layout.chunk_indices, opts.scale, H, DELTA=delta, **common)
         if delta:
             _bwd_wy_kernel[grid](
-                k, v, gcum, beta, tmat, h_all, de, dk_part, dk, dv, dg if use_g else q, dbeta,
-                layout.cu_seqlens, layout.chunk_indices, H, **common)
+                k, v, gcum, beta, tmat, h_all, de, dk_part, dk, dv, dg_part if use_g else q,
+                dg if use_g else q, dbeta, layout.cu_seqlens, layout.chunk_indices, H, **common)
     return dq, dk, dv, dg, dbeta, dh0
 
 

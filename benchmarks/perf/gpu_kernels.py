@@ -525,7 +525,7 @@ def compile_check(head_dim: int, dtype: str, arch: int = 90, only: str = "") -> 
             k = k.fn
         return k
     fp32_ptrs = {"gcum", "ht", "dh0", "dg", "dbeta", "dht", "tmat", "g", "beta", "A_log",
-                 "dt_bias", "dk_part"}
+                 "dt_bias", "dk_part", "dg_part"}
     ints = {"cu_seqlens": "*i32", "chunk_indices": "*i32", "chunk_offsets": "*i32", "H": "i32",
             "scale": "fp32"}
     prec = "tf32x3" if dtype == "fp32" else "tf32"

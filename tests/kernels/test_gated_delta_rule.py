@@ -196,3 +196,32 @@ def test_blocked_unit_lower_inverse_matches_linalg(BT):
     _inv_kernel[(1,)](A.float().contiguous(), out, BT=BT)
     ref = torch.linalg.inv(torch.eye(BT, dtype=torch.float64) + A)
     assert rel_err(out, ref) < 1e-5
+
+
+class _Twice:
+    """A kernel whose every launch runs twice, as the autotuner does on a GPU."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            launch(*args, **kwargs)
+            launch(*args, **kwargs)
+        return run
+
+
+def test_triton_kernels_are_idempotent(monkeypatch):
+    # The autotuner times a kernel by launching it several times on the real buffers, so a
+    # kernel that updated an output in place would be wrong on a GPU's first call only.
+    from cl_toolkit.kernels import chunk_triton
+    for name in dir(chunk_triton):
+        if name.startswith("_") and name.endswith("_kernel"):
+            monkeypatch.setattr(chunk_triton, name, _Twice(getattr(chunk_triton, name)))
+    cu = torch.tensor([0, 9, 9, 40])
+    x = make_inputs(1, 40, 2, 16, 16, torch.float32, n_states=3)
+    fails = compare(lambda **a: chunk_gated_delta_rule(**a, chunk_size=16, backend="triton"),
+                    naive_gated_delta_rule, x, TOL[torch.float32], cu_seqlens=cu)
+    assert not fails, fails
