@@ -1,5 +1,7 @@
 """Earlier versions of parts of the chunk kernels, kept to time against the current ones on a
-GPU in the same call (``gpu_kernels.py --variant NAME``). Not used by the library.
+GPU in the same call (``gpu_kernels.py --variant NAME``). Not used by the library. On an H200
+with Triton 3.6 each was slower than the current version (benchmarks/RESULTS.md, fourth
+session); they stay so the comparison can be rerun on other cards and Triton versions.
 
 A variant is applied by replacing a name in ``cl_toolkit.kernels.chunk_triton`` before any
 kernel is compiled: Triton hashes a kernel together with the jit functions it calls, so the
