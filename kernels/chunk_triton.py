@@ -8,7 +8,8 @@ and ``chunk_torch.py``; states are stored as h = S^T, [K, V]. All tensors are fl
 Forward:  prep (gate cumsum, T = (I + A)^-1, W, U)  ->  state scan over chunks (h per chunk,
 V')  ->  output (parallel over chunks).
 Backward: recompute prep and the state scan (per-chunk states are not kept from the forward),
-reverse scan for dh and dV', then one parallel pass per chunk for dq, dk, dv, dbeta, dg.
+reverse scan for dh and dV', then two parallel passes per chunk: dq, dk, dg through the output
+and the state, then through the WY transform (dv, dbeta, the rest of dk and dg).
 """
 from __future__ import annotations
 

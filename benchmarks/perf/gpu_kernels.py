@@ -375,8 +375,8 @@ def timings(dev, smoke, budget_s, ours_only=False, variant=""):
             run("ours gdr (torch chunk)", size, lambda: timed_pair(torch_gdr, x, do))
             xs = {k: (t[:1, :256] if t is not None else None) for k, t in x.items()}
             naive = lambda **a: naive_gated_delta_rule(**a)[0]
-            run("ours gdr (naive loop)", (1, 256, H, D), lambda: timed_pair(naive, xs, do[:1, :256]),
-                fwd_only=True)
+            run("ours gdr (naive loop)", (1, 256, H, D),
+                lambda: timed_pair(naive, xs, do[:1, :256]), fwd_only=True)
             if any(r["impl"] == "ours gdr (naive loop)" for r in results):
                 notes.append("naive token loop: timed at B=1, T=256 forward only (it takes ~T "
                              "sequential steps; larger sizes skipped as too slow)")

@@ -2,7 +2,8 @@
 # One call on a GPU machine: correctness + timings of cl_toolkit.kernels (see gpu_kernels.py),
 # then timings of earlier kernel versions (kernel_variants.py) on the same machine.
 # Usage, from anywhere:  bash benchmarks/perf/gpu_kernels.sh [--budget-s 330] [--profile] ...
-#   VARIANTS="dense-inverse scan-bv-by-pairs" (the default) picks the variants; "" for none.
+#   VARIANTS="dense-inverse fused-bwd scan-bv-by-pairs" also times those earlier versions of
+#   kernel parts (kernel_variants.py) after the main run, on the same machine (default: none).
 # Wheels of flash-linear-attention (fla-core, flash-linear-attention 0.6.0; pure Python) found
 # in .whl/ are installed into /tmp/site first so fla's kernels are timed alongside ours.
 set -uo pipefail
@@ -20,9 +21,9 @@ python3 benchmarks/perf/gpu_kernels.py --out "$OUT" --time-on-fail "$@" 2>&1 \
   | tee "$OUT/gpu_kernels.log"
 status="${PIPESTATUS[0]}"
 smoke=(); for a in "$@"; do [[ "$a" == --smoke ]] && smoke=(--smoke); done
-for variant in ${VARIANTS-dense-inverse scan-bv-by-pairs}; do
-  python3 benchmarks/perf/gpu_kernels.py --out "$OUT" --variant "$variant" --ours-only "${smoke[@]}" \
-    --skip-correctness --fla-ref "$OUT/gpu_kernels.json" --budget-s 120 2>&1 \
+for variant in ${VARIANTS:-}; do
+  python3 benchmarks/perf/gpu_kernels.py --out "$OUT" --variant "$variant" --ours-only \
+    "${smoke[@]}" --skip-correctness --fla-ref "$OUT/gpu_kernels.json" --budget-s 120 2>&1 \
     | tee -a "$OUT/gpu_kernels.log"
 done
 exit "$status"

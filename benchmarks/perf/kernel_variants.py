@@ -48,13 +48,14 @@ def scan_bv_by_pairs(layout, H: int, V: int, BV: int) -> int:
     return min(BV, 32 if n < 256 else BV)
 
 
-@triton.autotune(configs=chunk_triton._configs((4, 8)), key=["BT", "BK", "BV", "USE_G", "DELTA", "L2"])
+@triton.autotune(configs=chunk_triton._configs((4, 8)),
+                 key=["BT", "BK", "BV", "USE_G", "DELTA", "L2"])
 @triton.jit
 def fused_bwd_chunk_kernel(q, k, v, e, gcum, beta, tmat, h_all, dh_all, do, de, dq, dk, dv, dg,
-                      dbeta, cu_seqlens, chunk_indices, scale, H,
-                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr,
-                      L2: tl.constexpr, PREC: tl.constexpr):
+                           dbeta, cu_seqlens, chunk_indices, scale, H,
+                           K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                           DELTA: tl.constexpr, L2: tl.constexpr, PREC: tl.constexpr):
     """The single per-chunk gradient kernel before it was split in two (issue 5, third
     session): every gradient of one chunk in one program."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
