@@ -554,24 +554,42 @@ def chunk_bwd(q, k, v, g, beta, h0, A_log, dt_bias, do, dht: Optional[torch.Tens
               opts: "ChunkOptions"):
     """Gradients of :func:`chunk_fwd`: dq, dk, dv, dg (fp32 or None; w.r.t. the log-decay,
     also under opts.gate), dbeta (fp32 or None), dh0 [N, H, K, V]."""
-    layout, delta = opts.layout, opts.delta
-    TT, H, K = q.shape
-    V = v.shape[-1]
-    BK, BV = _blocks(K, V)
-    BT = layout.chunk_size
-    prec = _prec(q.dtype)
-    dev = q.device
-    use_g = g is not None
     gcum, e, h_all, _, w, tmat = _forward_states(q, k, v, g, beta, h0, A_log, dt_bias, opts,
                                                  store_t=True)
+    use_g = g is not None
+    dh_all, de, dh0 = _reverse_scan(q, k, w, gcum, do, dht, use_g, opts)
+    dq, dk, dv, dg, dbeta = _chunk_grads(q, k, v, e, gcum, beta, tmat, h_all, dh_all, do, de,
+                                         use_g, opts)
+    return dq, dk, dv, dg, dbeta, dh0
+
+
+def _reverse_scan(q, k, w, gcum, do, dht, use_g: bool, opts: "ChunkOptions"):
+    """dh per chunk (grad of the state after it) [NT, H, K, V], dV' [total, H, V] and dh0."""
+    layout = opts.layout
+    TT, H, K = q.shape
+    V = do.shape[-1]
+    BK, BV = _blocks(K, V)
+    dev = q.device
     dh_all = new_buffer((layout.num_chunks, H, K, V), q.dtype, dev)
-    de = new_buffer(v.shape, v.dtype, dev)
+    de = new_buffer(do.shape, do.dtype, dev)
     dh0 = new_buffer((layout.num_seqs, H, K, V), torch.float32, dev)
     bv_h = _bv_scan(layout, H, V, BV)
     _bwd_dh_kernel[(cdiv(V, bv_h), layout.num_seqs * H)](
         q, k, w, gcum, do, de, dh_all, dht if dht is not None else q, dh0, layout.cu_seqlens,
-        layout.chunk_offsets, opts.scale, H, K=K, V=V, BT=BT, BK=BK, BV=bv_h, USE_G=use_g,
-        USE_DHT=dht is not None, DELTA=delta, L2=opts.l2norm, PREC=prec)
+        layout.chunk_offsets, opts.scale, H, K=K, V=V, BT=layout.chunk_size, BK=BK, BV=bv_h,
+        USE_G=use_g, USE_DHT=dht is not None, DELTA=opts.delta, L2=opts.l2norm,
+        PREC=_prec(q.dtype))
+    return dh_all, de, dh0
+
+
+def _chunk_grads(q, k, v, e, gcum, beta, tmat, h_all, dh_all, do, de, use_g: bool,
+                 opts: "ChunkOptions"):
+    """The per-chunk passes: dq, dk, dv, dg (or None), dbeta (or None)."""
+    layout, delta = opts.layout, opts.delta
+    TT, H, K = q.shape
+    V = v.shape[-1]
+    BK, BV = _blocks(K, V)
+    dev = q.device
     dq = new_buffer(q.shape, q.dtype, dev)
     dk = new_buffer(k.shape, k.dtype, dev)
     dv = new_buffer(v.shape, v.dtype, dev) if delta else de
@@ -584,7 +602,8 @@ def chunk_bwd(q, k, v, g, beta, h0, A_log, dt_bias, do, dht: Optional[torch.Tens
         dk_part = new_buffer(k.shape, torch.float32, dev) if delta else dk
         dg_part = new_buffer((TT, H), torch.float32, dev) if delta and use_g else dg
         grid = (layout.num_chunks, H)
-        common = dict(K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, L2=opts.l2norm, PREC=prec)
+        common = dict(K=K, V=V, BT=layout.chunk_size, BK=BK, BV=BV, USE_G=use_g,
+                      L2=opts.l2norm, PREC=_prec(q.dtype))
         _bwd_qk_kernel[grid](
             q, k, e, gcum, h_all, dh_all, do, dq, dk_part, dg_part if use_g else q,
             layout.cu_seqlens, layout.chunk_indices, opts.scale, H, DELTA=delta, **common)
@@ -592,7 +611,7 @@ def chunk_bwd(q, k, v, g, beta, h0, A_log, dt_bias, do, dht: Optional[torch.Tens
             _bwd_wy_kernel[grid](
                 k, v, gcum, beta, tmat, h_all, de, dk_part, dk, dv, dg_part if use_g else q,
                 dg if use_g else q, dbeta, layout.cu_seqlens, layout.chunk_indices, H, **common)
-    return dq, dk, dv, dg, dbeta, dh0
+    return dq, dk, dv, dg, dbeta
 
 
 @dataclass(frozen=True)

@@ -410,27 +410,47 @@ def timings(dev, smoke, budget_s, ours_only=False, variant=""):
     return results, notes
 
 
-def profile(dev, sizes=((8, 2048, 16, 128), (1, 16384, 16, 128))) -> str:
-    """Per-kernel CUDA time (torch.profiler) of our gdr forward and forward+backward, bf16:
-    says which stage to work on next."""
+def profile(dev, sizes=((8, 2048, 16, 128), (1, 16384, 16, 128)), smoke=False) -> str:
+    """Per-kernel CUDA time (torch.profiler) of our gdr forward and forward+backward, bf16,
+    and of the MoM layer (whose time is mostly outside the memory kernels): says which stage
+    to work on next."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     out = []
     acts = [ProfilerActivity.CUDA] if dev.type == "cuda" else [ProfilerActivity.CPU]
+    dtype = torch.float32 if smoke else torch.bfloat16
+
+    def table(title, fn, rows):
+        fn()
+        sync(dev)
+        with torch_profile(activities=acts) as prof:
+            for _ in range(5):
+                fn()
+            sync(dev)
+        text = prof.key_averages().table(sort_by=f"{dev.type}_time_total", row_limit=rows)
+        out.append(f"### {title} (5 calls)\n{text}\n")
+        print(out[-1], flush=True)
+
     for B, T, H, D in sizes:
-        x = make_inputs(B, T, H, D, D, dev, torch.bfloat16, h0=False)
-        do = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+        x = make_inputs(B, T, H, D, D, dev, dtype, h0=False)
+        do = torch.randn(B, T, H, D, device=dev, dtype=dtype)
         fwd, fwdbwd = timed_pair(lambda **a: chunk_gated_delta_rule(**a, backend="triton")[0],
                                  x, do)
-        for name, fn in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
-            fn()
-            sync(dev)
-            with torch_profile(activities=acts) as prof:
-                for _ in range(5):
-                    fn()
-                sync(dev)
-            table = prof.key_averages().table(sort_by=f"{dev.type}_time_total", row_limit=12)
-            out.append(f"### ours gdr {name} {(B, T, H, D)} (5 calls)\n{table}\n")
-            print(out[-1], flush=True)
+        table(f"ours gdr fwd {(B, T, H, D)}", fwd, 12)
+        table(f"ours gdr fwd+bwd {(B, T, H, D)}", fwdbwd, 12)
+    hidden, heads, hd, B, T = (32, 2, 16, 2, 64) if smoke else (1024, 8, 128, 8, 2048)
+    layer = MoMLayer(hidden, num_heads=heads, head_dim=hd, num_memories=4, topk=2,
+                     shared_memory=True, backend="triton").to(dev, dtype)
+    xm = torch.randn(B, T, hidden, device=dev, dtype=dtype, requires_grad=True)
+
+    def mom_fwd():
+        with torch.no_grad():
+            layer(xm)
+
+    def mom_fwdbwd():
+        xm.grad = None
+        layer(xm)[0].float().sum().backward()
+    table(f"ours MoMLayer fwd (B, T, hidden) = {(B, T, hidden)}", mom_fwd, 30)
+    table(f"ours MoMLayer fwd+bwd (B, T, hidden) = {(B, T, hidden)}", mom_fwdbwd, 30)
     return "\n".join(out)
 
 
@@ -642,9 +662,10 @@ def main():
                      if results else "no timings taken. ") + "Failing: "
                      + "; ".join(f"{r['check']} {r['dtype']} {r['tensor']} {r['err']:.2e}"
                                  for r in failed))
-    if args.profile and dev.type == "cuda" and not failed:
+    if args.profile and not failed:
+        sizes = [(2, 64, 2, 16)] if args.smoke else [(8, 2048, 16, 128), (1, 16384, 16, 128)]
         with open(os.path.join(args.out, "gpu_profile.txt"), "w") as f:
-            f.write(profile(dev))
+            f.write(profile(dev, sizes, args.smoke))
     if FLA_ERR:
         notes.append(f"fla kernels not timed: {FLA_ERR}")
     if FLA_MOM_ERR:

@@ -1,7 +1,11 @@
-"""Earlier versions of parts of the chunk kernels, kept to time against the current ones on a
-GPU in the same call (``gpu_kernels.py --variant NAME``). Not used by the library. On an H200
-with Triton 3.6 each was slower than the current version (benchmarks/RESULTS.md, fourth
-session); they stay so the comparison can be rerun on other cards and Triton versions.
+"""Other versions of parts of the chunk kernels, timed against the current ones on a GPU in
+the same call (``gpu_kernels.py --variant NAME``). Not used by the library.
+
+- Earlier versions (``dense-inverse``, ``fused-bwd``, ``scan-bv-by-pairs``): each was slower
+  than the current one on an H200 with Triton 3.6 (benchmarks/RESULTS.md, fourth session); kept
+  so the comparison can be rerun on other cards and Triton versions.
+- Candidates (``bwd-dv-local``): checked for correctness on the CPU, not yet timed; one that
+  wins on a GPU moves into chunk_triton.py.
 
 A variant is applied by replacing a name in ``cl_toolkit.kernels.chunk_triton`` before any
 kernel is compiled: Triton hashes a kernel together with the jit functions it calls, so the
@@ -165,45 +169,154 @@ def fused_bwd_chunk_kernel(q, k, v, e, gcum, beta, tmat, h_all, dh_all, do, de, 
     tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
 
 
-def fused_chunk_bwd(q, k, v, g, beta, h0, A_log, dt_bias, do, dht, opts):
-    """chunk_triton.chunk_bwd with the single per-chunk gradient kernel."""
-    ct = chunk_triton
+def fused_chunk_grads(q, k, v, e, gcum, beta, tmat, h_all, dh_all, do, de, use_g, opts):
+    """chunk_triton._chunk_grads as one kernel."""
     layout, delta = opts.layout, opts.delta
     TT, H, K = q.shape
     V = v.shape[-1]
-    BK, BV = ct._blocks(K, V)
-    BT = layout.chunk_size
-    prec = ct._prec(q.dtype)
-    dev = q.device
-    use_g = g is not None
-    gcum, e, h_all, _, w, tmat = ct._forward_states(q, k, v, g, beta, h0, A_log, dt_bias, opts,
-                                                    store_t=True)
-    dh_all = ct.new_buffer((layout.num_chunks, H, K, V), q.dtype, dev)
-    de = ct.new_buffer(v.shape, v.dtype, dev)
-    dh0 = ct.new_buffer((layout.num_seqs, H, K, V), torch.float32, dev)
-    bv_h = ct._bv_scan(layout, H, V, BV)
-    ct._bwd_dh_kernel[(ct.cdiv(V, bv_h), layout.num_seqs * H)](
-        q, k, w, gcum, do, de, dh_all, dht if dht is not None else q, dh0, layout.cu_seqlens,
-        layout.chunk_offsets, opts.scale, H, K=K, V=V, BT=BT, BK=BK, BV=bv_h, USE_G=use_g,
-        USE_DHT=dht is not None, DELTA=delta, L2=opts.l2norm, PREC=prec)
-    dq = ct.new_buffer(q.shape, q.dtype, dev)
-    dk = ct.new_buffer(k.shape, k.dtype, dev)
-    dv = ct.new_buffer(v.shape, v.dtype, dev) if delta else de
-    dg = ct.new_buffer((TT, H), torch.float32, dev) if use_g else None
-    dbeta = ct.new_buffer((TT, H), torch.float32, dev) if delta else None
+    BK, BV = chunk_triton._blocks(K, V)
+    new_buffer, dev = chunk_triton.new_buffer, q.device
+    dq = new_buffer(q.shape, q.dtype, dev)
+    dk = new_buffer(k.shape, k.dtype, dev)
+    dv = new_buffer(v.shape, v.dtype, dev) if delta else de
+    dg = new_buffer((TT, H), torch.float32, dev) if use_g else None
+    dbeta = new_buffer((TT, H), torch.float32, dev) if delta else None
     if layout.num_chunks:
         fused_bwd_chunk_kernel[(layout.num_chunks, H)](
             q, k, v, e, gcum, beta if delta else q, tmat, h_all, dh_all, do, de, dq, dk, dv,
             dg if use_g else q, dbeta if delta else q, layout.cu_seqlens, layout.chunk_indices,
-            opts.scale, H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DELTA=delta,
-            L2=opts.l2norm, PREC=prec)
-    return dq, dk, dv, dg, dbeta, dh0
+            opts.scale, H, K=K, V=V, BT=layout.chunk_size, BK=BK, BV=BV, USE_G=use_g,
+            DELTA=delta, L2=opts.l2norm, PREC=chunk_triton._prec(q.dtype))
+    return dq, dk, dv, dg, dbeta
+
+
+@triton.autotune(configs=chunk_triton._configs((4, 8)), key=["BT", "BK", "BV", "USE_G", "L2"])
+@triton.jit
+def dv_local_kernel(q, k, gcum, do, de_local, cu_seqlens, chunk_indices, scale, H,
+                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr, USE_G: tl.constexpr, L2: tl.constexpr,
+                    PREC: tl.constexpr):
+    """P^T dO per chunk (P = scale causal(Q K^T * D)), fp32: the part of dV' that does not
+    depend on the state, computed in parallel over chunks instead of inside the reverse scan."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows, m_t, last = chunk_triton._chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
+    m_tk = m_t[:, None] & (o_k < K)[None, :]
+    p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
+    m_tv = m_t[:, None] & (o_v < V)[None, :]
+    b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+    if L2:
+        b_q, _ = chunk_triton._l2normed(b_q)
+        b_k, _ = chunk_triton._l2normed(b_k)
+    o_i = tl.arange(0, BT)
+    causal_t = o_i[:, None] <= o_i[None, :]
+    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [i, t] = k_i . q_t
+    if USE_G:
+        b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
+        b_st = tl.where(causal_t, b_st * tl.exp(b_G[None, :] - b_G[:, None]), 0.0)
+    else:
+        b_st = tl.where(causal_t, b_st, 0.0)
+    b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+    b_de = tl.dot(b_st.to(b_do.dtype), b_do, input_precision=PREC) * scale
+    tl.store(de_local + p_v, b_de, mask=m_tv)
+
+
+@triton.autotune(configs=chunk_triton._configs((4, 8), (2, 3)),
+                 key=["BT", "BK", "BV", "USE_G", "DELTA"])
+@triton.jit
+def dh_scan_local_kernel(q, k, w, gcum, do, de_local, de, dh_all, dht, dh0, cu_seqlens,
+                         chunk_offsets, scale, H, K: tl.constexpr, V: tl.constexpr,
+                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         USE_G: tl.constexpr, USE_DHT: tl.constexpr, DELTA: tl.constexpr,
+                         L2: tl.constexpr, PREC: tl.constexpr):
+    """chunk_triton._bwd_dh_kernel with P^T dO read from dv_local_kernel: per step only the
+    products that depend on dh (K~ dh, W^T dV') and Q^T dO stay on the sequential path."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seqlen = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    nt = tl.cdiv(seqlen, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    o_i = tl.arange(0, BT)
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
+    for i_s in range(0, nt):
+        i_t = nt - 1 - tl.cast(i_s, tl.int64)
+        tl.store(dh_all + ((boh + i_t) * H + i_h) * K * V + p_kv,
+                 b_dh.to(dh_all.dtype.element_ty), mask=m_kv)
+        o_t = i_t * BT + o_i
+        m_t = o_t < seqlen
+        rows = bos + o_t
+        p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        if L2:
+            b_q, _ = chunk_triton._l2normed(b_q)
+            b_k, _ = chunk_triton._l2normed(b_k)
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+        dt = b_q.dtype
+        b_qf = b_q.to(tl.float32) * scale
+        b_kf = b_k.to(tl.float32)
+        if USE_G:
+            b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
+            g_last = tl.load(gcum + (bos + tl.minimum(i_t * BT + BT, seqlen) - 1) * H + i_h)
+            b_qf = b_qf * tl.exp(b_G)[:, None]
+            b_kf = b_kf * tl.exp(g_last - b_G)[:, None]
+        b_de = tl.load(de_local + p_v, mask=m_tv, other=0.0)
+        b_de += tl.dot(b_kf.to(dt), b_dh.to(dt), input_precision=PREC)
+        tl.store(de + p_v, b_de.to(de.dtype.element_ty), mask=m_tv)
+        b_dh_new = tl.dot(tl.trans(b_qf.to(dt)), b_do, input_precision=PREC)
+        if DELTA:
+            b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
+            b_dh_new -= tl.dot(tl.trans(b_w), b_de.to(dt), input_precision=PREC)
+        if USE_G:
+            b_dh = b_dh * tl.exp(g_last)
+        b_dh += b_dh_new
+    tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_kv, b_dh, mask=m_kv)
+
+
+def reverse_scan_dv_local(q, k, w, gcum, do, dht, use_g, opts):
+    """chunk_triton._reverse_scan with the state-free part of dV' as a parallel pass first."""
+    ct = chunk_triton
+    layout = opts.layout
+    TT, H, K = q.shape
+    V = do.shape[-1]
+    BK, BV = ct._blocks(K, V)
+    BT, prec, dev = layout.chunk_size, ct._prec(q.dtype), q.device
+    de_local = ct.new_buffer(do.shape, torch.float32, dev)
+    if layout.num_chunks:
+        dv_local_kernel[(ct.cdiv(V, BV), layout.num_chunks, H)](
+            q, k, gcum, do, de_local, layout.cu_seqlens, layout.chunk_indices, opts.scale, H,
+            K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, L2=opts.l2norm, PREC=prec)
+    dh_all = ct.new_buffer((layout.num_chunks, H, K, V), q.dtype, dev)
+    de = ct.new_buffer(do.shape, do.dtype, dev)
+    dh0 = ct.new_buffer((layout.num_seqs, H, K, V), torch.float32, dev)
+    bv_h = ct._bv_scan(layout, H, V, BV)
+    dh_scan_local_kernel[(ct.cdiv(V, bv_h), layout.num_seqs * H)](
+        q, k, w, gcum, do, de_local, de, dh_all, dht if dht is not None else q, dh0,
+        layout.cu_seqlens, layout.chunk_offsets, opts.scale, H, K=K, V=V, BT=BT, BK=BK,
+        BV=bv_h, USE_G=use_g, USE_DHT=dht is not None, DELTA=opts.delta, L2=opts.l2norm,
+        PREC=prec)
+    return dh_all, de, dh0
 
 
 VARIANTS = {
     "dense-inverse": ("_inverse_unit_lower", dense_inverse_unit_lower),
     "scan-bv-by-pairs": ("_bv_scan", scan_bv_by_pairs),
-    "fused-bwd": ("chunk_bwd", fused_chunk_bwd),
+    "fused-bwd": ("_chunk_grads", fused_chunk_grads),
+    # A candidate, not an earlier version: not yet timed on a GPU.
+    "bwd-dv-local": ("_reverse_scan", reverse_scan_dv_local),
 }
 
 

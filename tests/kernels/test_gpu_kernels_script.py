@@ -5,14 +5,14 @@ import subprocess
 import sys
 
 
-def test_variant_run_times_ours_and_takes_fla_rows_from_a_reference(tmp_path):
+def test_variant_run_times_ours_takes_fla_rows_from_a_reference_and_profiles(tmp_path):
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({"timings": [
         {"impl": "fla gdr (chunk)", "size": [2, 64, 2, 16], "fwd_ms": 12345.0, "fwdbwd_ms": 54321.0}]}))
     proc = subprocess.run(
         [sys.executable, "-m", "cl_toolkit.benchmarks.perf.gpu_kernels", "--smoke",
          "--skip-correctness", "--ours-only", "--variant", "dense-inverse", "--fla-ref", str(ref),
-         "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+         "--profile", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "gpu_kernels_dense-inverse.json").read_text())
     [row] = result["timings"]
@@ -22,3 +22,5 @@ def test_variant_run_times_ours_and_takes_fla_rows_from_a_reference(tmp_path):
     # fla's reference time over ours gives the speedup column.
     assert f"{12345.0 / row['fwd_ms']:.2f}x" in table
     assert f"{54321.0 / row['fwdbwd_ms']:.2f}x" in table
+    profile = (tmp_path / "gpu_profile.txt").read_text()
+    assert "ours gdr fwd+bwd" in profile and "ours MoMLayer fwd+bwd" in profile
