@@ -4,7 +4,7 @@
    the MoM layer) in bf16 and fp32, forward and every input gradient, against float64
    references (the naive token loop at T ~ 1000 with a varlen layout, the torch chunk path at
    T = 2048). flash-linear-attention's kernel, when its wheels are importable, is measured
-   against the same references as a yardstick.
+   against the same reference at T = 2048 as a yardstick.
 2. Only if every check passes: forward and forward+backward times (median of CUDA events)
    at (B, T, H, D) in {(8, 2048, 16, 128), (4, 4096, 16, 128), (1, 16384, 16, 128)}, bf16,
    against our naive/torch paths, causal SDPA, and fla's chunk_gated_delta_rule and
@@ -14,8 +14,9 @@ Times are queued (CUDA events around each call, calls back to back, one sync at 
 time as in a training loop) with the synchronised per-call time alongside. fla 0.6.0 refuses
 its gated backward on Hopper under Triton < 3.7.1 (its issue #640); the guard is switched off
 so the backward is timed, and fla's gradients are checked in the same table.
-``--variant NAME`` times an earlier version of one kernel part (kernel_variants.py) instead of
+``--variant NAME`` times another version of one kernel part (kernel_variants.py) instead of
 the current one, on the same machine; gpu_kernels.sh runs the variants after the main run.
+``--profile`` writes per-kernel times of our gdr and of the MoM layer to gpu_profile.txt.
 
 Prints a markdown table and writes gpu_kernels.md / gpu_kernels.json under --out ($OUT).
 Exit status 1 when a correctness check fails (then no timings or speedups are reported).
@@ -610,7 +611,8 @@ def main():
     ap.add_argument("--no-fla-check", action="store_true",
                     help="leave fla out of the correctness table (saves its compile time)")
     ap.add_argument("--profile", action="store_true",
-                    help="per-kernel CUDA times of our gdr forward and forward+backward")
+                    help="per-kernel CUDA times of our gdr and MoM layer, forward and "
+                         "forward+backward")
     ap.add_argument("--skip-correctness", action="store_true",
                     help="timings only (when the checks already passed on this commit)")
     ap.add_argument("--time-on-fail", action="store_true",
@@ -621,7 +623,7 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128, help="with --compile-check")
     ap.add_argument("--only", default="", help="with --compile-check: kernel names, comma list")
     ap.add_argument("--variant", default="",
-                    help="time an earlier version of a kernel part (kernel_variants.py)")
+                    help="time another version of a kernel part (kernel_variants.py)")
     ap.add_argument("--ours-only", action="store_true",
                     help="time only our gdr kernels (for --variant runs)")
     ap.add_argument("--fla-ref", default="",
