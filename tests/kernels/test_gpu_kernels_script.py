@@ -7,8 +7,9 @@ import sys
 
 def test_variant_run_times_ours_takes_fla_rows_from_a_reference_and_profiles(tmp_path):
     ref = tmp_path / "ref.json"
-    ref.write_text(json.dumps({"timings": [
-        {"impl": "fla gdr (chunk)", "size": [2, 64, 2, 16], "fwd_ms": 12345.0, "fwdbwd_ms": 54321.0}]}))
+    fla_row = {"impl": "fla gdr (chunk)", "size": [2, 64, 2, 16], "fwd_ms": 12345.0,
+               "fwdbwd_ms": 54321.0}
+    ref.write_text(json.dumps({"timings": [fla_row]}))
     proc = subprocess.run(
         [sys.executable, "-m", "cl_toolkit.benchmarks.perf.gpu_kernels", "--smoke",
          "--skip-correctness", "--ours-only", "--variant", "dense-inverse", "--fla-ref", str(ref),
