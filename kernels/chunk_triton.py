@@ -249,13 +249,19 @@ def _fwd_o_kernel(q, k, e, gcum, h_all, o, cu_seqlens, chunk_indices, scale, H,
     tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
-@triton.autotune(configs=_configs((4, 8), (2, 3)), key=["BT", "BK", "BV", "USE_G", "DELTA"])
+@triton.autotune(configs=_configs((4, 8), (2, 3)),
+                 key=["BT", "BK", "BV", "USE_G", "DELTA", "DV_LOCAL"])
 @triton.jit
-def _bwd_dh_kernel(q, k, w, gcum, do, de, dh_all, dht, dh0, cu_seqlens, chunk_offsets, scale, H,
-                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, USE_G: tl.constexpr, USE_DHT: tl.constexpr,
-                   DELTA: tl.constexpr, L2: tl.constexpr, PREC: tl.constexpr):
-    """Reverse scan: dh (w.r.t. the state after each chunk) and dV' = P^T dO + K~ dh."""
+def _bwd_dh_kernel(q, k, w, gcum, do, de_local, de, dh_all, dht, dh0, cu_seqlens, chunk_offsets,
+                   scale, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                   USE_DHT: tl.constexpr, DELTA: tl.constexpr, L2: tl.constexpr,
+                   PREC: tl.constexpr, DV_LOCAL: tl.constexpr):
+    """Reverse scan: dh (w.r.t. the state after each chunk) and dV' = P^T dO + K~ dh.
+
+    DV_LOCAL: P^T dO is read from de_local (fp32, computed in parallel beforehand) instead of
+    formed here; the untimed candidate ``bwd-dv-local`` of benchmarks/perf/kernel_variants.py.
+    """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -289,18 +295,23 @@ def _bwd_dh_kernel(q, k, w, gcum, do, de, dh_all, dht, dh0, cu_seqlens, chunk_of
             b_k, _ = _l2normed(b_k)
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
         dt = b_q.dtype
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [i, t] = k_i . q_t
+        if not DV_LOCAL:
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [i, t] = k_i . q_t
         b_qf = b_q.to(tl.float32) * scale
         b_kf = b_k.to(tl.float32)
         if USE_G:
             b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
             g_last = tl.load(gcum + (bos + tl.minimum(i_t * BT + BT, seqlen) - 1) * H + i_h)
-            b_st = tl.where(causal_t, b_st * tl.exp(b_G[None, :] - b_G[:, None]), 0.0)
+            if not DV_LOCAL:
+                b_st = tl.where(causal_t, b_st * tl.exp(b_G[None, :] - b_G[:, None]), 0.0)
             b_qf = b_qf * tl.exp(b_G)[:, None]
             b_kf = b_kf * tl.exp(g_last - b_G)[:, None]
-        else:
+        elif not DV_LOCAL:
             b_st = tl.where(causal_t, b_st, 0.0)
-        b_de = tl.dot(b_st.to(dt), b_do, input_precision=PREC) * scale
+        if DV_LOCAL:
+            b_de = tl.load(de_local + p_v, mask=m_tv, other=0.0)
+        else:
+            b_de = tl.dot(b_st.to(dt), b_do, input_precision=PREC) * scale
         b_de += tl.dot(b_kf.to(dt), b_dh.to(dt), input_precision=PREC)
         tl.store(de + p_v, b_de.to(de.dtype.element_ty), mask=m_tv)
         b_dh_new = tl.dot(tl.trans(b_qf.to(dt)), b_do, input_precision=PREC)
@@ -563,8 +574,10 @@ def chunk_bwd(q, k, v, g, beta, h0, A_log, dt_bias, do, dht: Optional[torch.Tens
     return dq, dk, dv, dg, dbeta, dh0
 
 
-def _reverse_scan(q, k, w, gcum, do, dht, use_g: bool, opts: "ChunkOptions"):
-    """dh per chunk (grad of the state after it) [NT, H, K, V], dV' [total, H, V] and dh0."""
+def _reverse_scan(q, k, w, gcum, do, dht, use_g: bool, opts: "ChunkOptions",
+                  de_local: Optional[torch.Tensor] = None):
+    """dh per chunk (grad of the state after it) [NT, H, K, V], dV' [total, H, V] and dh0.
+    de_local: P^T dO computed beforehand (fp32 [total, H, V]), or None to form it in the scan."""
     layout = opts.layout
     TT, H, K = q.shape
     V = do.shape[-1]
@@ -575,10 +588,10 @@ def _reverse_scan(q, k, w, gcum, do, dht, use_g: bool, opts: "ChunkOptions"):
     dh0 = new_buffer((layout.num_seqs, H, K, V), torch.float32, dev)
     bv_h = _bv_scan(layout, H, V, BV)
     _bwd_dh_kernel[(cdiv(V, bv_h), layout.num_seqs * H)](
-        q, k, w, gcum, do, de, dh_all, dht if dht is not None else q, dh0, layout.cu_seqlens,
-        layout.chunk_offsets, opts.scale, H, K=K, V=V, BT=layout.chunk_size, BK=BK, BV=bv_h,
-        USE_G=use_g, USE_DHT=dht is not None, DELTA=opts.delta, L2=opts.l2norm,
-        PREC=_prec(q.dtype))
+        q, k, w, gcum, do, de_local if de_local is not None else q, de, dh_all,
+        dht if dht is not None else q, dh0, layout.cu_seqlens, layout.chunk_offsets, opts.scale,
+        H, K=K, V=V, BT=layout.chunk_size, BK=BK, BV=bv_h, USE_G=use_g, USE_DHT=dht is not None,
+        DELTA=opts.delta, L2=opts.l2norm, PREC=_prec(q.dtype), DV_LOCAL=de_local is not None)
     return dh_all, de, dh0
 
 

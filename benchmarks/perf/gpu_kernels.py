@@ -384,8 +384,7 @@ def timings(dev, smoke, budget_s, ours_only=False, variant=""):
             if any(r["impl"] == "ours gdr (torch chunk)" for r in results):
                 notes.append("torch chunk path: first size only (fp32 math, CPU fast path)")
     # MoM layers, ours vs fla.
-    hidden, heads, hd = (32, 2, 16) if smoke else (1024, 8, 128)
-    B, T = (2, 64) if smoke else (8, 2048)
+    B, T, hidden, heads, hd = mom_shape(smoke)
     xm = torch.randn(B, T, hidden, device=dev, dtype=dtype)
 
     def mom_factory(layer, call):
@@ -400,9 +399,7 @@ def timings(dev, smoke, budget_s, ours_only=False, variant=""):
             call(layer, leaves).float().sum().backward()
         return fwd, fwdbwd
     run("ours MoMLayer", (B, T, hidden), lambda: mom_factory(
-        MoMLayer(hidden, num_heads=heads, head_dim=hd, num_memories=4, topk=2,
-                 shared_memory=True, backend="triton").to(dev, dtype),
-        lambda m, x: m(x)[0]))
+        our_mom(smoke).to(dev, dtype), lambda m, x: m(x)[0]))
     if FlaMomAttention is not None and dev.type == "cuda":
         run("fla MomAttention", (B, T, hidden), lambda: mom_factory(
             FlaMomAttention(hidden_size=hidden, head_dim=hd, num_heads=heads, expand_v=1,
@@ -411,7 +408,18 @@ def timings(dev, smoke, budget_s, ours_only=False, variant=""):
     return results, notes
 
 
-def profile(dev, sizes=((8, 2048, 16, 128), (1, 16384, 16, 128)), smoke=False) -> str:
+def mom_shape(smoke: bool):
+    """(B, T, hidden, heads, head dim) of the MoM layer timings: 4 memories, top-2, shared."""
+    return (2, 64, 32, 2, 16) if smoke else (8, 2048, 1024, 8, 128)
+
+
+def our_mom(smoke: bool) -> MoMLayer:
+    _, _, hidden, heads, hd = mom_shape(smoke)
+    return MoMLayer(hidden, num_heads=heads, head_dim=hd, num_memories=4, topk=2,
+                    shared_memory=True, backend="triton")
+
+
+def profile(dev, smoke=False) -> str:
     """Per-kernel CUDA time (torch.profiler) of our gdr forward and forward+backward, bf16,
     and of the MoM layer (whose time is mostly outside the memory kernels): says which stage
     to work on next."""
@@ -431,6 +439,7 @@ def profile(dev, sizes=((8, 2048, 16, 128), (1, 16384, 16, 128)), smoke=False) -
         out.append(f"### {title} (5 calls)\n{text}\n")
         print(out[-1], flush=True)
 
+    sizes = [(2, 64, 2, 16)] if smoke else [(8, 2048, 16, 128), (1, 16384, 16, 128)]
     for B, T, H, D in sizes:
         x = make_inputs(B, T, H, D, D, dev, dtype, h0=False)
         do = torch.randn(B, T, H, D, device=dev, dtype=dtype)
@@ -438,9 +447,8 @@ def profile(dev, sizes=((8, 2048, 16, 128), (1, 16384, 16, 128)), smoke=False) -
                                  x, do)
         table(f"ours gdr fwd {(B, T, H, D)}", fwd, 12)
         table(f"ours gdr fwd+bwd {(B, T, H, D)}", fwdbwd, 12)
-    hidden, heads, hd, B, T = (32, 2, 16, 2, 64) if smoke else (1024, 8, 128, 8, 2048)
-    layer = MoMLayer(hidden, num_heads=heads, head_dim=hd, num_memories=4, topk=2,
-                     shared_memory=True, backend="triton").to(dev, dtype)
+    B, T, hidden, _, _ = mom_shape(smoke)
+    layer = our_mom(smoke).to(dev, dtype)
     xm = torch.randn(B, T, hidden, device=dev, dtype=dtype, requires_grad=True)
 
     def mom_fwd():
@@ -555,7 +563,7 @@ def compile_check(head_dim: int, dtype: str, arch: int = 90, only: str = "") -> 
             k = k.fn
         return k
     fp32_ptrs = {"gcum", "ht", "dh0", "dg", "dbeta", "dht", "tmat", "g", "beta", "A_log",
-                 "dt_bias", "dk_part", "dg_part"}
+                 "dt_bias", "dk_part", "dg_part", "de_local"}
     ints = {"cu_seqlens": "*i32", "chunk_indices": "*i32", "chunk_offsets": "*i32", "H": "i32",
             "scale": "fp32"}
     prec = "tf32x3" if dtype == "fp32" else "tf32"
@@ -570,7 +578,8 @@ def compile_check(head_dim: int, dtype: str, arch: int = 90, only: str = "") -> 
         jobs += [(ct._prep_kernel, dict(base, DELTA=delta, STORE_T=True, GATE=True)),
                  (ct._fwd_h_kernel, dict(base, DELTA=delta, USE_H0=True, BV=bv_scan)),
                  (ct._fwd_h_kernel, dict(base, DELTA=delta, USE_H0=True)),
-                 (ct._bwd_dh_kernel, dict(base, DELTA=delta, USE_DHT=True, BV=bv_scan)),
+                 (ct._bwd_dh_kernel, dict(base, DELTA=delta, USE_DHT=True, BV=bv_scan,
+                                          DV_LOCAL=False)),
                  (ct._bwd_qk_kernel, dict(base, DELTA=delta))]
     jobs += [(ct._bwd_wy_kernel, dict(base))]
     jobs += [(ct._fwd_o_kernel, dict(base)),
@@ -665,9 +674,8 @@ def main():
                      + "; ".join(f"{r['check']} {r['dtype']} {r['tensor']} {r['err']:.2e}"
                                  for r in failed))
     if args.profile and not failed:
-        sizes = [(2, 64, 2, 16)] if args.smoke else [(8, 2048, 16, 128), (1, 16384, 16, 128)]
         with open(os.path.join(args.out, "gpu_profile.txt"), "w") as f:
-            f.write(profile(dev, sizes, args.smoke))
+            f.write(profile(dev, args.smoke))
     if FLA_ERR:
         notes.append(f"fla kernels not timed: {FLA_ERR}")
     if FLA_MOM_ERR:
