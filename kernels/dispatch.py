@@ -38,8 +38,9 @@ def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
     if chunk_size not in (16, 32, 64, 128):
         raise ValueError(f"chunk_size must be one of 16, 32, 64, 128, got {chunk_size}")
     cu_host = check_cu_seqlens(cu_seqlens, T, B)
-    if cu_seqlens is not None and cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if cu_seqlens is not None and cu_seqlens.device not in (q.device, torch.device("cpu")):
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; "
+                         "pass it on q's device or on the CPU")
     n = B if cu_seqlens is None else cu_seqlens.numel() - 1
     floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     if g is not None:
@@ -117,7 +118,7 @@ def run_recurrent(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
                      contiguous=False)
     from .recurrent_triton import recurrent_fwd
     cu = (torch.arange(0, B + 1, device=q.device, dtype=torch.int32) * T
-          if cu_seqlens is None else cu_seqlens.to(torch.int32))
+          if cu_seqlens is None else cu_seqlens.to(q.device, torch.int32))
     h0 = initial_state.transpose(-1, -2).contiguous() if initial_state is not None else None
     flat = lambda x: x.reshape((B * T,) + tuple(x.shape[2:])) if x is not None else None
     o, ht = recurrent_fwd(flat(q), flat(k), flat(v), flat(g), flat(beta) if delta else None, h0,

@@ -47,34 +47,37 @@ def switch_aux_loss(probs: torch.Tensor, topi: torch.Tensor, num_memories: int) 
     return num_memories * (frac * probs.float().mean(0)).sum()
 
 
-def segment_conv(x: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor,
-                 lens: torch.Tensor, starts: torch.Tensor, cache: Optional[torch.Tensor]
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+def segment_conv(x: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor,
+                 cache: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Causal depthwise convolution that never looks across segment boundaries.
 
-    x: [P, C] packed rows; weight: [C, W]; seg/pos: [P] segment id and position inside it;
-    lens/starts: [S]; cache: [S, C, W-1] inputs that precede each segment (oldest first) or
-    None (zeros). Returns silu(conv) [P, C] and the new cache [S, C, W-1] (last W-1 inputs).
+    x: [P, C] packed rows; weight: [C, W]; seg: [P] segment of each row; cu: [S+1] segment
+    starts; cache: [S, C, W-1] inputs that precede each segment (oldest first) or None (zeros).
+    Returns silu(conv) [P, C] and the new cache [S, C, W-1] (the last W-1 inputs).
+
+    Each segment is written after its own W-1 cached rows into one extended sequence, so one
+    shifted multiply-add per tap serves every segment and the new cache is a plain slice of
+    it: W + 2 passes over the rows, no per-row boundary masks.
     """
     P, C = x.shape
     W = weight.shape[1]
-    S = lens.numel()
+    S, pad = cu.numel() - 1, W - 1
+    dev = x.device
     if cache is None:
-        cache = x.new_zeros(S, C, W - 1)
-    y = x * weight[:, W - 1]
-    for j in range(1, W):
-        shifted = F.pad(x, (0, 0, j, 0))[:P]
-        from_cache = cache[seg, :, (W - 1 - j + pos).clamp(0, W - 2)]
-        y = y + torch.where((pos >= j)[:, None], shifted, from_cache) * weight[:, W - 1 - j]
-    # New cache: the W-1 most recent inputs of each segment, reaching into the old cache.
-    idx = lens[:, None] - (W - 1) + torch.arange(W - 1, device=x.device)[None, :]  # [S, W-1]
-    rows = (starts[:, None] + idx).clamp(0, max(P - 1, 0))
-    from_x = x[rows] if P else x.new_zeros(S, W - 1, C)
-    old = cache.transpose(1, 2).gather(
-        1, (lens[:, None] + torch.arange(W - 1, device=x.device)[None, :]).clamp(max=W - 2)
-        [:, :, None].expand(S, W - 1, C))
-    new_cache = torch.where((idx >= 0)[:, :, None], from_x, old).transpose(1, 2)
-    return F.silu(y), new_cache
+        cache = x.new_zeros(S, C, pad)
+    ext_rows = torch.arange(P, device=dev) + (seg + 1) * pad  # where x's rows go
+    taps = torch.arange(pad, device=dev)
+    head_rows = (cu[:-1] + torch.arange(S, device=dev) * pad)[:, None] + taps  # [S, pad]
+    ext = x.new_empty(P + S * pad, C).index_copy(
+        0, torch.cat([ext_rows, head_rows.reshape(-1)]),
+        torch.cat([x, cache.transpose(1, 2).reshape(S * pad, C).to(x.dtype)]))
+    n = ext.shape[0] - pad  # y_ext[t] = sum_i weight[:, i] ext[t + i]
+    y_ext = ext[:n] * weight[:, 0]
+    for i in range(1, W):
+        y_ext = torch.addcmul(y_ext, ext[i:i + n], weight[:, i])
+    tail_rows = (cu[1:] + torch.arange(1, S + 1, device=dev) * pad)[:, None] - pad + taps
+    new_cache = ext[tail_rows].transpose(1, 2)
+    return F.silu(y_ext.index_select(0, ext_rows - pad)), new_cache
 
 
 class GatedRMSNorm(nn.Module):
@@ -188,69 +191,72 @@ class MoMLayer(nn.Module):
             cache = self.init_cache(B, dev, x.dtype)
         weights, topi, aux = self.route(x, memory_mask)
 
-        # (token, memory, weight) pairs; the shared memory takes every token with weight 1.
-        tok = torch.arange(B * T, device=dev)
-        pair_tok = tok.repeat_interleave(self.topk)
-        pair_mem = topi.reshape(-1)
-        pair_w = weights.reshape(-1)
+        # (token, memory) pairs in token-major order: topk routed, then the shared memory,
+        # which takes every token with weight 1.
+        N, R = B * T, self.topk + int(self.shared_memory)
+        pair_mem = topi.reshape(N, self.topk)
         if self.shared_memory:
-            pair_tok = torch.cat([pair_tok, tok])
-            pair_mem = torch.cat([pair_mem, torch.full_like(tok, E)])
-            pair_w = torch.cat([pair_w, pair_w.new_ones(B * T)])
-        key = pair_mem * B + pair_tok // T
-        order = torch.sort(key, stable=True).indices
-        p_tok, p_w = pair_tok[order], pair_w[order]
-        lens = torch.bincount(key, minlength=M * B)
+            pair_mem = torch.cat([pair_mem, pair_mem.new_full((N, 1), E)], 1)
+        tok = torch.arange(N, device=dev)
+        key = (pair_mem * B + (tok // T)[:, None]).reshape(-1)
+        order = torch.sort(key, stable=True).indices  # stable: time order inside a segment
+        lens = torch.zeros(M * B, dtype=torch.long, device=dev).scatter_add_(
+            0, key, torch.ones_like(key))
         cu = F.pad(lens.cumsum(0), (1, 0))
-        seg = torch.repeat_interleave(torch.arange(M * B, device=dev), lens)
-        pos = torch.arange(seg.numel(), device=dev) - cu[seg]
-        cu_host = cu.tolist()
+        cu_cpu = cu.cpu()  # the layer's one device sync: segment sizes drive the host code
+        cu_host = cu_cpu.tolist()
+        P = N * R
+        seg = torch.repeat_interleave(torch.arange(M * B, device=dev), lens, output_size=P)
 
-        xf = x.reshape(B * T, D)
+        xf = x.reshape(N, D)
         acc = torch.promote_types(x.dtype, torch.float32)  # router/gates: fp32 or better
         q = self.q_proj(xf)
         new_cache: Dict[str, torch.Tensor] = {}
         if self.use_short_conv:
             q, new_cache["conv_q"] = segment_conv(
-                q, self.q_conv, tok // T, tok % T, torch.full((B,), T, device=dev),
-                torch.arange(B, device=dev) * T, cache.get("conv_q") if cache else None)
-        xp = xf[p_tok]
-        ks, vs, gs, bs, ck, cv = [], [], [], [], [], []
-        # Per-memory weights and tokens through unbind / split: indexing a tensor per memory
-        # would make its backward zero-fill the whole gradient once per memory.
-        k_w, v_w, a_w, A_log, dt_bias = (p.unbind(0) for p in (
-            self.k_proj, self.v_proj, self.a_proj, self.A_log, self.dt_bias))
-        b_w = self.b_proj.unbind(0) if self.delta else None
-        k_conv, v_conv = ((self.k_conv.unbind(0), self.v_conv.unbind(0)) if self.use_short_conv
-                          else (None, None))
-        x_per_memory = xp.split([cu_host[(m + 1) * B] - cu_host[m * B] for m in range(M)])
-        for m, xm in enumerate(x_per_memory):
-            lo, hi = cu_host[m * B], cu_host[(m + 1) * B]
-            km, vm = xm @ k_w[m].T, xm @ v_w[m].T
+                q, self.q_conv, tok // T, torch.arange(B + 1, device=dev) * T,
+                cache.get("conv_q") if cache else None)
+
+        def to_pairs(t: torch.Tensor) -> torch.Tensor:
+            """Rows per token -> rows per pair in segment order. A gather by a permutation of
+            expanded rows: its backward adds no two rows into one place (deterministic)."""
+            return t[:, None].expand(N, R, t.shape[1]).reshape(P, -1).index_select(0, order)
+
+        # Per memory, one matmul for k, v, the gate logit and beta (weights concatenated), and
+        # one convolution for k and v together. unbind / split rather than indexing per
+        # memory: indexing would zero-fill the whole gradient once per memory.
+        HK, HV = H * K, H * V
+        w_all = torch.cat([self.k_proj, self.v_proj, self.a_proj]
+                          + ([self.b_proj] if self.delta else []), 1).unbind(0)
+        conv_w = (torch.cat([self.k_conv, self.v_conv], 1).unbind(0) if self.use_short_conv
+                  else None)
+        sizes = [cu_host[(m + 1) * B] - cu_host[m * B] for m in range(M)]
+        ks, vs, rest, conv_tails = [], [], [], []
+        for m, xm in enumerate(to_pairs(xf).split(sizes)):
+            lo = cu_host[m * B]
+            kv, ab = (xm @ w_all[m].T).split([HK + HV, w_all[m].shape[0] - HK - HV], 1)
             if self.use_short_conv:
                 sl = slice(m * B, (m + 1) * B)
-                s_lens, s_starts = lens[sl], cu[m * B:(m + 1) * B] - lo
-                km, c_k = segment_conv(km, k_conv[m], seg[lo:hi] - m * B, pos[lo:hi], s_lens,
-                                       s_starts, cache["conv_k"][sl] if cache else None)
-                vm, c_v = segment_conv(vm, v_conv[m], seg[lo:hi] - m * B, pos[lo:hi], s_lens,
-                                       s_starts, cache["conv_v"][sl] if cache else None)
-                ck.append(c_k)
-                cv.append(c_v)
-            ks.append(km)
-            vs.append(vm)
-            gs.append(-A_log[m].to(acc).exp() * F.softplus(
-                (xm @ a_w[m].T).to(acc) + dt_bias[m].to(acc)))
-            if self.delta:
-                bs.append(torch.sigmoid(xm @ b_w[m].T))
+                tail = (torch.cat([cache["conv_k"][sl], cache["conv_v"][sl]], 1)
+                        if cache else None)
+                kv, tail = segment_conv(kv, conv_w[m], seg[lo:lo + sizes[m]] - m * B,
+                                        cu[m * B:(m + 1) * B + 1] - lo, tail)
+                conv_tails.append(tail)
+            ks.append(kv[:, :HK])
+            vs.append(kv[:, HK:])
+            rest.append(ab)
         if self.use_short_conv:
-            new_cache["conv_k"], new_cache["conv_v"] = torch.cat(ck), torch.cat(cv)
-        P = xp.shape[0]
-        qp = l2norm(q[p_tok].view(1, P, H, K))
-        kp = l2norm(torch.cat(ks).view(1, P, H, K))
+            new_cache["conv_k"], new_cache["conv_v"] = torch.cat(conv_tails).split([HK, HV], 1)
+        # Gates of all memories at once, each row with its memory's A_log and dt_bias.
+        ab = torch.cat(rest).view(P, -1, H)
+        mem = seg // B
+        gp = -self.A_log.to(acc).exp()[mem] * F.softplus(ab[:, 0].to(acc)
+                                                          + self.dt_bias.to(acc)[mem])
+        qp = to_pairs(q).view(1, P, H, K)
+        kp = torch.cat(ks).view(1, P, H, K)
         vp = torch.cat(vs).view(1, P, H, V)
-        gp = torch.cat(gs).view(1, P, H)
         h0 = cache["state"] if cache is not None else None
-        kw = dict(initial_state=h0, output_final_state=use_cache, cu_seqlens=cu,
+        kw = dict(initial_state=h0, output_final_state=use_cache, cu_seqlens=cu_cpu,
                   backend=self.backend)
         if cache is not None and T == 1 and not torch.is_grad_enabled():
             # Decoding step: one launch over all (memory, sample) states; forward only.
@@ -258,15 +264,22 @@ class MoMLayer(nn.Module):
         else:
             run = chunk_gated_delta_rule if self.delta else chunk_linear_attn
             kw["chunk_size"] = self.chunk_size
-        if self.delta:
-            bp = torch.cat(bs).view(1, P, H)
-            o, state = run(qp, kp, vp, gp, bp, **kw)
+        if run is chunk_gated_delta_rule:
+            kw["use_qk_l2norm"] = True  # fused into the kernels
         else:
-            o, state = run(qp, kp, vp, gp, **kw)
-        o = o[0] * p_w[:, None, None].to(o.dtype)
-        out = o.new_zeros(B * T, H, V).index_add_(0, p_tok, o)
-        gate = self.g_proj(xf).view(B * T, H, V)
-        y = self.o_proj(self.o_norm(out, gate).reshape(B * T, H * V)).view(B, T, D)
+            qp, kp = l2norm(qp), l2norm(kp)
+        if self.delta:
+            o, state = run(qp, kp, vp, gp.view(1, P, H), torch.sigmoid(ab[:, 1]).view(1, P, H),
+                           **kw)
+        else:
+            o, state = run(qp, kp, vp, gp.view(1, P, H), **kw)
+        # Back to token-major pairs (a scatter by a permutation), then the weighted sum.
+        o = o[0].new_empty(P, H, V).index_copy(0, order, o[0]).view(N, R, H, V)
+        out = (o[:, :self.topk] * weights.reshape(N, self.topk, 1, 1).to(o.dtype)).sum(1)
+        if self.shared_memory:
+            out = out + o[:, self.topk]
+        gate = self.g_proj(xf).view(N, H, V)
+        y = self.o_proj(self.o_norm(out, gate).reshape(N, H * V)).view(B, T, D)
         if use_cache:
             new_cache["state"] = state
             return y, aux, new_cache

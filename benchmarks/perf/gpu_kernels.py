@@ -260,20 +260,27 @@ def correctness(dev, smoke, quick=False, fla_check=True):
         print(f"[{elapsed():6.1f}s] correctness {dtype} done", flush=True)
     if quick:
         return rows
-    # MoM layer: Triton backend against the torch backend in float64.
+    # MoM layer: Triton backend against the torch backend in float64, output and gradients.
     torch.manual_seed(0)
     hidden, T = (32, 40) if smoke else (256, 512)
     layer = MoMLayer(hidden, num_heads=4, num_memories=4, topk=2, backend="triton",
                      chunk_size=16 if smoke else 64).to(dev)
-    xm = torch.randn(2, T, hidden, device=dev)
-    y, _, _ = layer(xm)
     ref_layer = MoMLayer(hidden, num_heads=4, num_memories=4, topk=2, backend="torch",
                          chunk_size=16 if smoke else 64).to(dev).double()
     ref_layer.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
-    y2, _, _ = ref_layer(xm.double())
-    e = rel(y, y2)
-    rows.append(dict(check=f"MoM layer fp32 triton vs torch fp64 (T={T})", dtype="float32",
-                     tensor="y", err=e, fla_err=None, ok=e <= 1e-4))
+    xm = torch.randn(2, T, hidden, device=dev)
+    dy = torch.randn(2, T, hidden, device=dev)
+    got = {}
+    for name, mod, xin in (("ours", layer, xm), ("ref", ref_layer, xm.double())):
+        xin = xin.clone().requires_grad_()
+        y, _, _ = mod(xin)
+        (y * dy.to(y.dtype)).sum().backward()
+        got[name] = dict(y=y, dx=xin.grad, **{"d" + n: p.grad for n, p in mod.named_parameters()
+                                              if n in ("k_proj", "v_proj", "A_log", "k_conv")})
+    for tensor, ref in got["ref"].items():
+        e = rel(got["ours"][tensor], ref)
+        rows.append(dict(check=f"MoM layer fp32 triton vs torch fp64 (T={T})", dtype="float32",
+                         tensor=tensor, err=e, fla_err=None, ok=e <= 1e-4))
     return rows
 
 
@@ -301,9 +308,10 @@ def timed_pair(fn, x: dict, do: torch.Tensor):
     return fwd, fwdbwd
 
 
-def timings(dev, smoke, budget_s, ours_only=False, variant=""):
-    sizes = [(2, 64, 2, 16)] if smoke else [(8, 2048, 16, 128), (4, 4096, 16, 128),
-                                              (1, 16384, 16, 128)]
+def timings(dev, smoke, budget_s, ours_only=False, variant="", mom_only=False,
+            mom_baseline=""):
+    sizes = [] if mom_only else [(2, 64, 2, 16)] if smoke else [
+        (8, 2048, 16, 128), (4, 4096, 16, 128), (1, 16384, 16, 128)]
     dtype = torch.float32 if smoke else torch.bfloat16
     results, notes = [], []
 
@@ -360,9 +368,39 @@ def timings(dev, smoke, budget_s, ours_only=False, variant=""):
                 F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g_o)
             return fwd, fwdbwd
         run("torch sdpa (causal)", size, sdpa_factory)
-    if ours_only:
+    if ours_only and not mom_only:
         return results, notes
-    # Second pass (skipped first when the time budget runs out): our other paths.
+    # MoM layers, ours vs fla (before the second pass: the budget runs out last there).
+    B, T, hidden, heads, hd = mom_shape(smoke)
+    xm = torch.randn(B, T, hidden, device=dev, dtype=dtype)
+
+    def mom_factory(layer, call):
+        leaves = xm.detach().clone().requires_grad_()
+
+        def fwd():
+            with torch.no_grad():
+                call(layer, xm)
+
+        def fwdbwd():
+            leaves.grad = None
+            call(layer, leaves).float().sum().backward()
+        return fwd, fwdbwd
+    layer = our_mom(smoke).to(dev, dtype)
+    run("ours MoMLayer", (B, T, hidden), lambda: mom_factory(layer, lambda m, x: m(x)[0]))
+    if mom_baseline:
+        old = load_mom_baseline(mom_baseline, smoke).to(dev, dtype)
+        old.load_state_dict(layer.state_dict())
+        with torch.no_grad():
+            notes.append(f"MoM baseline {mom_baseline}: output differs from ours by "
+                         f"{rel(old(xm)[0], layer(xm)[0]):.1e} (relative, bf16, same weights)")
+        run("ours MoMLayer, baseline " + os.path.basename(mom_baseline), (B, T, hidden),
+            lambda: mom_factory(old, lambda m, x: m(x)[0]))
+    if FlaMomAttention is not None and dev.type == "cuda" and not ours_only:
+        run("fla MomAttention", (B, T, hidden), lambda: mom_factory(
+            FlaMomAttention(hidden_size=hidden, head_dim=hd, num_heads=heads, expand_v=1,
+                            num_memories=4, topk=2, shared_mem=True).to(dev, dtype),
+            lambda m, x: m(x)[0]))
+    # Second pass: our other paths.
     for size in sizes:
         B, T, H, D = size
         x = make_inputs(B, T, H, D, D, dev, dtype, h0=False)
@@ -383,28 +421,6 @@ def timings(dev, smoke, budget_s, ours_only=False, variant=""):
                              "sequential steps; larger sizes skipped as too slow)")
             if any(r["impl"] == "ours gdr (torch chunk)" for r in results):
                 notes.append("torch chunk path: first size only (fp32 math, CPU fast path)")
-    # MoM layers, ours vs fla.
-    B, T, hidden, heads, hd = mom_shape(smoke)
-    xm = torch.randn(B, T, hidden, device=dev, dtype=dtype)
-
-    def mom_factory(layer, call):
-        leaves = xm.detach().clone().requires_grad_()
-
-        def fwd():
-            with torch.no_grad():
-                call(layer, xm)
-
-        def fwdbwd():
-            leaves.grad = None
-            call(layer, leaves).float().sum().backward()
-        return fwd, fwdbwd
-    run("ours MoMLayer", (B, T, hidden), lambda: mom_factory(
-        our_mom(smoke).to(dev, dtype), lambda m, x: m(x)[0]))
-    if FlaMomAttention is not None and dev.type == "cuda":
-        run("fla MomAttention", (B, T, hidden), lambda: mom_factory(
-            FlaMomAttention(hidden_size=hidden, head_dim=hd, num_heads=heads, expand_v=1,
-                            num_memories=4, topk=2, shared_mem=True).to(dev, dtype),
-            lambda m, x: m(x)[0]))
     return results, notes
 
 
@@ -413,10 +429,21 @@ def mom_shape(smoke: bool):
     return (2, 64, 32, 2, 16) if smoke else (8, 2048, 1024, 8, 128)
 
 
-def our_mom(smoke: bool) -> MoMLayer:
+def our_mom(smoke: bool, cls=MoMLayer) -> MoMLayer:
     _, _, hidden, heads, hd = mom_shape(smoke)
-    return MoMLayer(hidden, num_heads=heads, head_dim=hd, num_memories=4, topk=2,
-                    shared_memory=True, backend="triton")
+    return cls(hidden, num_heads=heads, head_dim=hd, num_memories=4, topk=2,
+               shared_memory=True, backend="triton")
+
+
+def load_mom_baseline(path: str, smoke: bool) -> MoMLayer:
+    """Our MoM layer as an earlier version of kernels/mom.py defines it (a file written by
+    ``git show COMMIT:kernels/mom.py``), so before/after is timed on one machine. Loaded as a
+    module of the kernels package, so its relative imports use today's kernels."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cl_toolkit.kernels._mom_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return our_mom(smoke, module.MoMLayer)
 
 
 def profile(dev, smoke=False) -> str:
@@ -638,6 +665,11 @@ def main():
     ap.add_argument("--fla-ref", default="",
                     help="gpu_kernels.json of an earlier run on this machine: its fla rows "
                          "give the speedup columns when fla is not timed here")
+    ap.add_argument("--mom-only", action="store_true",
+                    help="time only the MoM layers (ours, the baseline, fla's)")
+    ap.add_argument("--mom-baseline", default=os.environ.get("MOM_BASELINE", ""),
+                    metavar="FILE", help="also time the MoMLayer of this earlier kernels/mom.py "
+                    "(git show COMMIT:kernels/mom.py > FILE)")
     ap.add_argument("--keep-fla-guard", action="store_true",
                     help="leave fla's #640 guard on (no fla backward on Triton < 3.7.1, Hopper)")
     args = ap.parse_args()
@@ -667,12 +699,14 @@ def main():
     results, notes, ceiling = [], [], 0.0
     if not failed or args.time_on_fail:
         ceiling = copy_ceiling(dev)
-        results, notes = timings(dev, args.smoke, args.budget_s, args.ours_only, args.variant)
+        results, notes = timings(dev, args.smoke, args.budget_s, args.ours_only, args.variant,
+                                 args.mom_only, args.mom_baseline)
     if failed:
         notes.insert(0, "CORRECTNESS FAILED: " + ("timings are NOT VALID results. "
                      if results else "no timings taken. ") + "Failing: "
                      + "; ".join(f"{r['check']} {r['dtype']} {r['tensor']} {r['err']:.2e}"
                                  for r in failed))
+    os.makedirs(args.out, exist_ok=True)
     if args.profile and not failed:
         with open(os.path.join(args.out, "gpu_profile.txt"), "w") as f:
             f.write(profile(dev, args.smoke))
@@ -692,7 +726,6 @@ def main():
             f"- {name} {key}: {cfg}" for name, choices in tuned.items()
             for key, cfg in choices.items()) + "\n"
     print(text, flush=True)
-    os.makedirs(args.out, exist_ok=True)
     stem = "gpu_kernels" + (f"_{args.variant}" if args.variant else "")
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(text)

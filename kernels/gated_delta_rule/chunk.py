@@ -33,7 +33,8 @@ def chunk_gated_delta_rule(
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; g (log-decay <= 0) and beta: [B, T, H] (g=None: no
     decay; beta=None: 1). scale defaults to K ** -0.5. With cu_seqlens [N+1] the inputs are
-    packed as [1, total, H, D]; zero-length sequences are allowed. initial_state: [N, H, V, K].
+    packed as [1, total, H, D]; zero-length sequences are allowed; cu_seqlens on the CPU saves
+    the device sync that reading it from the GPU costs. initial_state: [N, H, V, K].
     Returns (o [B, T, H, V], final state [N, H, V, K] float32 or None).
 
     use_qk_l2norm normalises q and k first; gate_logits/A_log/dt_bias ([B, T, H], [H], [H])
