@@ -41,6 +41,7 @@ def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
     if cu_seqlens is not None and cu_seqlens.device not in (q.device, torch.device("cpu")):
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; "
                          "pass it on q's device or on the CPU")
+    cu_seqlens = cu_seqlens.to(q.device) if cu_seqlens is not None else None
     n = B if cu_seqlens is None else cu_seqlens.numel() - 1
     floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     if g is not None:
