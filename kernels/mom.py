@@ -8,7 +8,7 @@ only by its own tokens. A shared memory sees every token and is added with weigh
 Efficient form: (token, memory) pairs are sorted with a *stable* sort so time order inside a
 memory survives (an unstable sort scrambles it), each (memory, batch) run becomes one segment
 of a packed variable-length batch, one kernel call processes all of them, and the outputs are
-scattered back weighted by the routing weights. Segments are ordered memory-major
+permuted back to token order and summed with the routing weights. Segments are ordered memory-major
 (key = memory * B + batch), which keeps each memory's tokens contiguous so its projections are
 one matmul; the segment order does not change the result.
 
@@ -20,7 +20,7 @@ last ``conv_size - 1`` inputs of every memory in the cache, so training and deco
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -47,37 +47,54 @@ def switch_aux_loss(probs: torch.Tensor, topi: torch.Tensor, num_memories: int) 
     return num_memories * (frac * probs.float().mean(0)).sum()
 
 
-def segment_conv(x: torch.Tensor, weight: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor,
+def segment_conv(x: torch.Tensor, weight: torch.Tensor, cu: Sequence[int],
                  cache: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Causal depthwise convolution that never looks across segment boundaries.
 
-    x: [P, C] packed rows; weight: [C, W]; seg: [P] segment of each row; cu: [S+1] segment
-    starts; cache: [S, C, W-1] inputs that precede each segment (oldest first) or None (zeros).
+    x: [P, C] packed rows; weight: [C, W]; cu: [S+1] segment starts (host ints); cache:
+    [S, C, W-1] inputs that precede each segment (oldest first) or None (zeros).
     Returns silu(conv) [P, C] and the new cache [S, C, W-1] (the last W-1 inputs).
 
-    Each segment is written after its own W-1 cached rows into one extended sequence, so one
-    shifted multiply-add per tap serves every segment and the new cache is a plain slice of
-    it: W + 2 passes over the rows, no per-row boundary masks.
+    Each segment is laid out after its own W-1 cached rows in one extended sequence, so one
+    shifted multiply-add per tap serves every segment and the new cache is a slice of it; all
+    offsets are host ints, so only slices and concatenations move rows (no index kernels).
     """
     P, C = x.shape
     W = weight.shape[1]
-    S, pad = cu.numel() - 1, W - 1
-    dev = x.device
-    if cache is None:
-        cache = x.new_zeros(S, C, pad)
-    ext_rows = torch.arange(P, device=dev) + (seg + 1) * pad  # where x's rows go
-    taps = torch.arange(pad, device=dev)
-    head_rows = (cu[:-1] + torch.arange(S, device=dev) * pad)[:, None] + taps  # [S, pad]
-    ext = x.new_empty(P + S * pad, C).index_copy(
-        0, torch.cat([ext_rows, head_rows.reshape(-1)]),
-        torch.cat([x, cache.transpose(1, 2).reshape(S * pad, C).to(x.dtype)]))
+    S, pad = len(cu) - 1, W - 1
+    heads = (x.new_zeros(S, pad, C) if cache is None
+             else cache.transpose(1, 2).to(x.dtype))
+    ext = torch.cat([r for s in range(S) for r in (heads[s], x[cu[s]:cu[s + 1]])])
+    taps = weight.t().contiguous()  # [W, C]: contiguous rows keep the multiply-adds vectorised
     n = ext.shape[0] - pad  # y_ext[t] = sum_i weight[:, i] ext[t + i]
-    y_ext = ext[:n] * weight[:, 0]
+    y_ext = ext[:n] * taps[0]
     for i in range(1, W):
-        y_ext = torch.addcmul(y_ext, ext[i:i + n], weight[:, i])
-    tail_rows = (cu[1:] + torch.arange(1, S + 1, device=dev) * pad)[:, None] - pad + taps
-    new_cache = ext[tail_rows].transpose(1, 2)
-    return F.silu(y_ext.index_select(0, ext_rows - pad)), new_cache
+        y_ext = torch.addcmul(y_ext, ext[i:i + n], taps[i])
+    # Segment s's rows sit at ext[cu[s] + (s+1) pad ...], so their outputs at y_ext[cu[s] + s pad].
+    y = torch.cat([y_ext[cu[s] + s * pad:cu[s + 1] + s * pad] for s in range(S)])
+    tails = torch.stack([ext[cu[s + 1] + s * pad:cu[s + 1] + (s + 1) * pad] for s in range(S)])
+    return F.silu(y), tails.transpose(1, 2)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x.index_select(0, index) where each output row is one of ``group`` copies of an input
+    row and ``inv`` maps the copies back (a permutation of [N * group]). The backward is a
+    gather and a sum over the copies: deterministic, and on GPUs much faster than the
+    scatter-add that index_select's own backward runs."""
+
+    @staticmethod
+    def forward(ctx, x, index, inv, group: int):
+        ctx.save_for_backward(inv)
+        ctx.group = group
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inv, = ctx.saved_tensors
+        g = grad.index_select(0, inv)
+        if ctx.group > 1:
+            g = g.view(-1, ctx.group, *g.shape[1:]).sum(1)
+        return g, None, None, None
 
 
 class GatedRMSNorm(nn.Module):
@@ -197,30 +214,31 @@ class MoMLayer(nn.Module):
         pair_mem = topi.reshape(N, self.topk)
         if self.shared_memory:
             pair_mem = torch.cat([pair_mem, pair_mem.new_full((N, 1), E)], 1)
-        tok = torch.arange(N, device=dev)
-        key = (pair_mem * B + (tok // T)[:, None]).reshape(-1)
+        key = (pair_mem * B + (torch.arange(N, device=dev) // T)[:, None]).reshape(-1)
         order = torch.sort(key, stable=True).indices  # stable: time order inside a segment
+        P = N * R
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(P, device=dev))
         lens = torch.zeros(M * B, dtype=torch.long, device=dev).scatter_add_(
             0, key, torch.ones_like(key))
-        cu = F.pad(lens.cumsum(0), (1, 0))
-        cu_cpu = cu.cpu()  # the layer's one device sync: segment sizes drive the host code
-        cu_host = cu_cpu.tolist()
-        P = N * R
-        seg = torch.repeat_interleave(torch.arange(M * B, device=dev), lens, output_size=P)
+        cu = F.pad(lens.cumsum(0), (1, 0)).cpu()  # the layer's one device sync
+        cu_host = cu.tolist()
+        sizes = [cu_host[(m + 1) * B] - cu_host[m * B] for m in range(M)]
+
+        def to_pairs(t: torch.Tensor) -> torch.Tensor:
+            """Rows per token -> rows per (token, memory) pair, in segment order."""
+            return _GatherRows.apply(t, order // R, inv, R)
+
+        def per_row(p: torch.Tensor) -> torch.Tensor:
+            """[M, H] per-memory parameter -> [P, H], each pair row with its memory's."""
+            return torch.cat([r.expand(n, -1) for r, n in zip(p.unbind(0), sizes)])
 
         xf = x.reshape(N, D)
         acc = torch.promote_types(x.dtype, torch.float32)  # router/gates: fp32 or better
         q = self.q_proj(xf)
         new_cache: Dict[str, torch.Tensor] = {}
         if self.use_short_conv:
-            q, new_cache["conv_q"] = segment_conv(
-                q, self.q_conv, tok // T, torch.arange(B + 1, device=dev) * T,
-                cache.get("conv_q") if cache else None)
-
-        def to_pairs(t: torch.Tensor) -> torch.Tensor:
-            """Rows per token -> rows per pair in segment order. A gather by a permutation of
-            expanded rows: its backward adds no two rows into one place (deterministic)."""
-            return t[:, None].expand(N, R, t.shape[1]).reshape(P, -1).index_select(0, order)
+            q, new_cache["conv_q"] = segment_conv(q, self.q_conv, range(0, N + 1, T),
+                                                  cache.get("conv_q") if cache else None)
 
         # Per memory, one matmul for k, v, the gate logit and beta (weights concatenated), and
         # one convolution for k and v together. unbind / split rather than indexing per
@@ -230,33 +248,29 @@ class MoMLayer(nn.Module):
                           + ([self.b_proj] if self.delta else []), 1).unbind(0)
         conv_w = (torch.cat([self.k_conv, self.v_conv], 1).unbind(0) if self.use_short_conv
                   else None)
-        sizes = [cu_host[(m + 1) * B] - cu_host[m * B] for m in range(M)]
         ks, vs, rest, conv_tails = [], [], [], []
         for m, xm in enumerate(to_pairs(xf).split(sizes)):
-            lo = cu_host[m * B]
             kv, ab = (xm @ w_all[m].T).split([HK + HV, w_all[m].shape[0] - HK - HV], 1)
             if self.use_short_conv:
                 sl = slice(m * B, (m + 1) * B)
                 tail = (torch.cat([cache["conv_k"][sl], cache["conv_v"][sl]], 1)
                         if cache else None)
-                kv, tail = segment_conv(kv, conv_w[m], seg[lo:lo + sizes[m]] - m * B,
-                                        cu[m * B:(m + 1) * B + 1] - lo, tail)
+                seg_cu = [c - cu_host[m * B] for c in cu_host[m * B:(m + 1) * B + 1]]
+                kv, tail = segment_conv(kv, conv_w[m], seg_cu, tail)
                 conv_tails.append(tail)
             ks.append(kv[:, :HK])
             vs.append(kv[:, HK:])
             rest.append(ab)
         if self.use_short_conv:
             new_cache["conv_k"], new_cache["conv_v"] = torch.cat(conv_tails).split([HK, HV], 1)
-        # Gates of all memories at once, each row with its memory's A_log and dt_bias.
         ab = torch.cat(rest).view(P, -1, H)
-        mem = seg // B
-        gp = -self.A_log.to(acc).exp()[mem] * F.softplus(ab[:, 0].to(acc)
-                                                          + self.dt_bias.to(acc)[mem])
+        gp = -per_row(self.A_log.to(acc).exp()) * F.softplus(
+            ab[:, 0].to(acc) + per_row(self.dt_bias.to(acc)))
         qp = to_pairs(q).view(1, P, H, K)
         kp = torch.cat(ks).view(1, P, H, K)
         vp = torch.cat(vs).view(1, P, H, V)
         h0 = cache["state"] if cache is not None else None
-        kw = dict(initial_state=h0, output_final_state=use_cache, cu_seqlens=cu_cpu,
+        kw = dict(initial_state=h0, output_final_state=use_cache, cu_seqlens=cu,
                   backend=self.backend)
         if cache is not None and T == 1 and not torch.is_grad_enabled():
             # Decoding step: one launch over all (memory, sample) states; forward only.
@@ -273,8 +287,8 @@ class MoMLayer(nn.Module):
                            **kw)
         else:
             o, state = run(qp, kp, vp, gp.view(1, P, H), **kw)
-        # Back to token-major pairs (a scatter by a permutation), then the weighted sum.
-        o = o[0].new_empty(P, H, V).index_copy(0, order, o[0]).view(N, R, H, V)
+        # Back to token-major pairs (a permutation), then the routing-weighted sum.
+        o = _GatherRows.apply(o[0], inv, order, 1).view(N, R, H, V)
         out = (o[:, :self.topk] * weights.reshape(N, self.topk, 1, 1).to(o.dtype)).sum(1)
         if self.shared_memory:
             out = out + o[:, self.topk]

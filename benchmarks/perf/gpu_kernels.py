@@ -606,9 +606,9 @@ def compile_check(head_dim: int, dtype: str, arch: int = 90, only: str = "") -> 
                  (ct._fwd_h_kernel, dict(base, DELTA=delta, USE_H0=True, BV=bv_scan)),
                  (ct._fwd_h_kernel, dict(base, DELTA=delta, USE_H0=True)),
                  (ct._bwd_dh_kernel, dict(base, DELTA=delta, USE_DHT=True, BV=bv_scan,
-                                          DV_LOCAL=False)),
+                                          DV_LOCAL=True)),
                  (ct._bwd_qk_kernel, dict(base, DELTA=delta))]
-    jobs += [(ct._bwd_wy_kernel, dict(base))]
+    jobs += [(ct._bwd_wy_kernel, dict(base)), (ct._bwd_dv_local_kernel, dict(base))]
     jobs += [(ct._fwd_o_kernel, dict(base)),
              (rt._recurrent_kernel, dict(K=D, V=D, BK=bk, BV=32, USE_G=True, USE_H0=True,
                                          DELTA=True))]

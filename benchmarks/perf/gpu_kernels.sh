@@ -2,7 +2,7 @@
 # One call on a GPU machine: correctness + timings of cl_toolkit.kernels (see gpu_kernels.py),
 # then timings of earlier kernel versions (kernel_variants.py) on the same machine.
 # Usage, from anywhere:  bash benchmarks/perf/gpu_kernels.sh [--budget-s 330] [--profile] ...
-#   VARIANTS="bwd-dv-local" also times that other version of a kernel part (kernel_variants.py)
+#   VARIANTS="dv-in-scan" also times that other version of a kernel part (kernel_variants.py)
 #   after the main run, on the same machine (default: none).
 # Wheels of flash-linear-attention (fla-core, flash-linear-attention 0.6.0; pure Python) found
 # in .whl/ are installed into /tmp/site first so fla's kernels are timed alongside ours.

@@ -12,14 +12,14 @@ def test_variant_run_times_ours_takes_fla_rows_from_a_reference_and_profiles(tmp
     ref.write_text(json.dumps({"timings": [fla_row]}))
     proc = subprocess.run(
         [sys.executable, "-m", "cl_toolkit.benchmarks.perf.gpu_kernels", "--smoke",
-         "--skip-correctness", "--ours-only", "--variant", "bwd-dv-local", "--fla-ref", str(ref),
+         "--skip-correctness", "--ours-only", "--variant", "dv-in-scan", "--fla-ref", str(ref),
          "--profile", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((tmp_path / "gpu_kernels_bwd-dv-local.json").read_text())
+    result = json.loads((tmp_path / "gpu_kernels_dv-in-scan.json").read_text())
     [row] = result["timings"]
-    assert row["impl"] == "ours gdr (triton, bwd-dv-local)"
+    assert row["impl"] == "ours gdr (triton, dv-in-scan)"
     assert row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0
-    table = (tmp_path / "gpu_kernels_bwd-dv-local.md").read_text()
+    table = (tmp_path / "gpu_kernels_dv-in-scan.md").read_text()
     # fla's reference time over ours gives the speedup column.
     assert f"{12345.0 / row['fwd_ms']:.2f}x" in table
     assert f"{54321.0 / row['fwdbwd_ms']:.2f}x" in table
