@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: correctness + timings of cl_toolkit.kernels (see gpu_kernels.py),
-# then timings of earlier kernel versions (kernel_variants.py) on the same machine.
+# then other kernel versions (kernel_variants.py) and fla's MoM layer on the same machine.
 # Usage, from anywhere:  bash benchmarks/perf/gpu_kernels.sh [--budget-s 330] [--profile] ...
-#   VARIANTS="dv-in-scan" also times that other version of a kernel part (kernel_variants.py)
-#   after the main run, on the same machine (default: none).
+#   VARIANTS="dv-in-scan" also times that other version of a kernel part after the main run.
+#   MOM_BASELINE=FILE (git show COMMIT:kernels/mom.py > FILE) times that earlier MoM layer too.
+#   FLA_MOM_S=240: seconds for fla's MomAttention, timed last in a process of its own (its
+#   varlen backward compiles and tunes for minutes); 0 skips it.
 # Wheels of flash-linear-attention (fla-core, flash-linear-attention 0.6.0; pure Python) found
 # in .whl/ are installed into /tmp/site first so fla's kernels are timed alongside ours.
 set -uo pipefail
@@ -26,4 +28,8 @@ for variant in ${VARIANTS:-}; do
     "${smoke[@]}" --skip-correctness --fla-ref "$OUT/gpu_kernels.json" --budget-s 120 2>&1 \
     | tee -a "$OUT/gpu_kernels.log"
 done
+if [[ "${FLA_MOM_S:-240}" != 0 ]]; then
+  timeout "${FLA_MOM_S:-240}" python3 benchmarks/perf/gpu_kernels.py --out "$OUT" --mom-only \
+    --fla-mom "${smoke[@]}" --skip-correctness 2>&1 | tee -a "$OUT/gpu_kernels.log"
+fi
 exit "$status"
