@@ -323,33 +323,41 @@ def _bwd_dh_kernel(q, k, w, gcum, do, de_local, de, dh_all, dht, dh0, cu_seqlens
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
         m_tv = m_t[:, None] & (o_v < V)[None, :]
-        b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+        # Each operand is loaded where it is first needed and scaled straight to the input
+        # dtype (the dots take it rounded anyway): short live ranges, fewer spills.
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+        dt = b_do.dtype
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
         if L2:
-            b_q, _ = _l2normed(b_q)
             b_k, _ = _l2normed(b_k)
-        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
-        dt = b_q.dtype
-        if not DV_LOCAL:
-            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [i, t] = k_i . q_t
-        b_qf = b_q.to(tl.float32) * scale
-        b_kf = b_k.to(tl.float32)
         if USE_G:
             b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
             g_last = tl.load(gcum + (bos + tl.minimum(i_t * BT + BT, seqlen) - 1) * H + i_h)
-            if not DV_LOCAL:
-                b_st = tl.where(causal_t, b_st * tl.exp(b_G[None, :] - b_G[:, None]), 0.0)
-            b_qf = b_qf * tl.exp(b_G)[:, None]
-            b_kf = b_kf * tl.exp(g_last - b_G)[:, None]
-        elif not DV_LOCAL:
-            b_st = tl.where(causal_t, b_st, 0.0)
         if DV_LOCAL:
             b_de = tl.load(de_local + p_v, mask=m_tv, other=0.0)
         else:
+            b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+            if L2:
+                b_q, _ = _l2normed(b_q)
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [i, t] = k_i . q_t
+            if USE_G:
+                b_st = b_st * tl.exp(b_G[None, :] - b_G[:, None])
+            b_st = tl.where(causal_t, b_st, 0.0)
             b_de = tl.dot(b_st.to(dt), b_do, input_precision=PREC) * scale
-        b_de += tl.dot(b_kf.to(dt), b_dh.to(dt), input_precision=PREC)
+        if USE_G:
+            b_ks = (b_k.to(tl.float32) * tl.exp(g_last - b_G)[:, None]).to(dt)
+        else:
+            b_ks = b_k
+        b_de += tl.dot(b_ks, b_dh.to(dt), input_precision=PREC)
         tl.store(de + p_v, b_de.to(de.dtype.element_ty), mask=m_tv)
-        b_dh_new = tl.dot(tl.trans(b_qf.to(dt)), b_do, input_precision=PREC)
+        if DV_LOCAL:
+            b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+            if L2:
+                b_q, _ = _l2normed(b_q)
+        b_qs = b_q.to(tl.float32) * scale
+        if USE_G:
+            b_qs = b_qs * tl.exp(b_G)[:, None]
+        b_dh_new = tl.dot(tl.trans(b_qs.to(dt)), b_do, input_precision=PREC)
         if DELTA:
             b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
             b_dh_new -= tl.dot(tl.trans(b_w), b_de.to(dt), input_precision=PREC)

@@ -20,7 +20,7 @@ last ``conv_size - 1`` inputs of every memory in the cache, so training and deco
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,7 @@ from .gated_delta_rule.chunk import chunk_gated_delta_rule
 from .gated_delta_rule.recurrent import fused_recurrent_gated_delta_rule
 from .linear_attn.chunk import chunk_linear_attn
 from .linear_attn.recurrent import fused_recurrent_linear_attn
+from .short_conv import segment_conv
 from .utils import l2norm
 
 MEMORY_TYPES = ("gated_delta", "gla")
@@ -45,35 +46,6 @@ def switch_aux_loss(probs: torch.Tensor, topi: torch.Tensor, num_memories: int) 
     counts.scatter_add_(0, topi.reshape(-1), torch.ones(topi.numel(), device=probs.device))
     frac = counts / topi.numel()
     return num_memories * (frac * probs.float().mean(0)).sum()
-
-
-def segment_conv(x: torch.Tensor, weight: torch.Tensor, cu: Sequence[int],
-                 cache: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Causal depthwise convolution that never looks across segment boundaries.
-
-    x: [P, C] packed rows; weight: [C, W]; cu: [S+1] segment starts (host ints); cache:
-    [S, C, W-1] inputs that precede each segment (oldest first) or None (zeros).
-    Returns silu(conv) [P, C] and the new cache [S, C, W-1] (the last W-1 inputs).
-
-    Each segment is laid out after its own W-1 cached rows in one extended sequence, so one
-    shifted multiply-add per tap serves every segment and the new cache is a slice of it; all
-    offsets are host ints, so only slices and concatenations move rows (no index kernels).
-    """
-    P, C = x.shape
-    W = weight.shape[1]
-    S, pad = len(cu) - 1, W - 1
-    heads = (x.new_zeros(S, pad, C) if cache is None
-             else cache.transpose(1, 2).to(x.dtype))
-    ext = torch.cat([r for s in range(S) for r in (heads[s], x[cu[s]:cu[s + 1]])])
-    taps = weight.t().contiguous()  # [W, C]: contiguous rows keep the multiply-adds vectorised
-    n = ext.shape[0] - pad  # y_ext[t] = sum_i weight[:, i] ext[t + i]
-    y_ext = ext[:n] * taps[0]
-    for i in range(1, W):
-        y_ext = torch.addcmul(y_ext, ext[i:i + n], taps[i])
-    # Segment s's rows sit at ext[cu[s] + (s+1) pad ...], so their outputs at y_ext[cu[s] + s pad].
-    y = torch.cat([y_ext[cu[s] + s * pad:cu[s + 1] + s * pad] for s in range(S)])
-    tails = torch.stack([ext[cu[s + 1] + s * pad:cu[s + 1] + (s + 1) * pad] for s in range(S)])
-    return F.silu(y), tails.transpose(1, 2)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -236,9 +208,12 @@ class MoMLayer(nn.Module):
         acc = torch.promote_types(x.dtype, torch.float32)  # router/gates: fp32 or better
         q = self.q_proj(xf)
         new_cache: Dict[str, torch.Tensor] = {}
+        conv = dict(return_tail=use_cache, backend=self.backend)
         if self.use_short_conv:
-            q, new_cache["conv_q"] = segment_conv(q, self.q_conv, range(0, N + 1, T),
-                                                  cache.get("conv_q") if cache else None)
+            q = segment_conv(q, self.q_conv, range(0, N + 1, T),
+                             cache.get("conv_q") if cache else None, **conv)
+            if use_cache:
+                q, new_cache["conv_q"] = q
 
         # Per memory, one matmul for k, v, the gate logit and beta (weights concatenated), and
         # one convolution for k and v together. unbind / split rather than indexing per
@@ -256,12 +231,14 @@ class MoMLayer(nn.Module):
                 tail = (torch.cat([cache["conv_k"][sl], cache["conv_v"][sl]], 1)
                         if cache else None)
                 seg_cu = [c - cu_host[m * B] for c in cu_host[m * B:(m + 1) * B + 1]]
-                kv, tail = segment_conv(kv, conv_w[m], seg_cu, tail)
-                conv_tails.append(tail)
+                kv = segment_conv(kv, conv_w[m], seg_cu, tail, **conv)
+                if use_cache:
+                    kv, tail = kv
+                    conv_tails.append(tail)
             ks.append(kv[:, :HK])
             vs.append(kv[:, HK:])
             rest.append(ab)
-        if self.use_short_conv:
+        if self.use_short_conv and use_cache:
             new_cache["conv_k"], new_cache["conv_v"] = torch.cat(conv_tails).split([HK, HV], 1)
         ab = torch.cat(rest).view(P, -1, H)
         gp = -per_row(self.A_log.to(acc).exp()) * F.softplus(

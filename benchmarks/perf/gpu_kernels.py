@@ -590,16 +590,16 @@ def compile_check(head_dim: int, dtype: str, arch: int = 90, only: str = "") -> 
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
     import triton
-    from cl_toolkit.kernels import chunk_triton as ct, recurrent_triton as rt
+    from cl_toolkit.kernels import chunk_triton as ct, recurrent_triton as rt, short_conv as sc
 
     def jit_fn(k):
         while not isinstance(k, JITFunction):
             k = k.fn
         return k
     fp32_ptrs = {"gcum", "ht", "dh0", "dg", "dbeta", "dht", "tmat", "g", "beta", "A_log",
-                 "dt_bias", "dk_part", "dg_part", "de_local"}
+                 "dt_bias", "dk_part", "dg_part", "de_local", "dw_part", "dcache"}
     ints = {"cu_seqlens": "*i32", "chunk_indices": "*i32", "chunk_offsets": "*i32", "H": "i32",
-            "scale": "fp32"}
+            "scale": "fp32", "C": "i32", "stride_x": "i32"}
     prec = "tf32x3" if dtype == "fp32" else "tf32"
     D = head_dim
     bk = max(16, triton.next_power_of_2(D))
@@ -619,18 +619,23 @@ def compile_check(head_dim: int, dtype: str, arch: int = 90, only: str = "") -> 
     jobs += [(ct._fwd_o_kernel, dict(base)),
              (rt._recurrent_kernel, dict(K=D, V=D, BK=bk, BV=32, USE_G=True, USE_H0=True,
                                          DELTA=True))]
+    conv = dict(W=4, BT=sc._BT, BC=sc._BC, USE_CACHE=True, num_warps=sc._WARPS)
+    jobs += [(sc._segment_conv_fwd_kernel, conv),
+             (sc._segment_conv_bwd_kernel, dict(conv, CACHE_GRAD=True))]
     failed = 0
     print(f"| kernel ({dtype}, K = V = {D}, BT 64) | DELTA | BV | warps | stages | shared (KB) "
           "| registers | spill stack (B/thread) |")
     print("|---|---|---|---|---|---|---|---|")
     for kernel, consts in jobs:
+        consts = dict(consts)
+        warps_fixed = consts.pop("num_warps", 4)  # a kernel launched without the autotuner
         fn = jit_fn(kernel)
         if only and fn.__name__ not in only.split(","):
             continue
         sig = {n: "constexpr" if n in consts else ints.get(
             n, "*fp32" if n in fp32_ptrs else "*" + dtype) for n in fn.arg_names}
         configs = ([(c.num_warps, c.num_stages) for c in kernel.configs]
-                   if isinstance(kernel, Autotuner) else [(4, 2)])
+                   if isinstance(kernel, Autotuner) else [(warps_fixed, 2)])
         for warps, stages in configs:
             row = (f"| {fn.__name__} | {consts.get('DELTA', '-')} | {consts.get('BV', '-')} | "
                    f"{warps} | {stages} |")

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cl_toolkit.kernels.mom import MoMLayer, _GatherRows, segment_conv, switch_aux_loss
+from cl_toolkit.kernels.mom import MoMLayer, _GatherRows, switch_aux_loss
+from cl_toolkit.kernels.short_conv import segment_conv
 
 from .conftest import rel_err
 
@@ -127,21 +128,42 @@ def _naive_segment_conv(x, weight, cu, cache):
     return torch.stack(ys), torch.stack(tails)
 
 
-def test_segment_conv_matches_row_by_row_reference_with_cache_and_short_segments():
+@pytest.mark.parametrize("backend,dtype,tol", [("torch", torch.float64, 1e-12),
+                                               ("triton", torch.float32, 1e-5)])
+@pytest.mark.parametrize("with_cache", [True, False])
+def test_segment_conv_matches_row_by_row_reference(backend, dtype, tol, with_cache):
+    # Lengths 5, 0, 1, 40 (more than one 32-row kernel block), 2 with W - 1 = 3; C = 70 is
+    # not a multiple of the kernel's 64-channel block.
     torch.manual_seed(0)
-    cu = [0, 5, 5, 6, 13, 15]  # lengths 5, 0, 1, 7, 2 with W - 1 = 3
-    x = torch.randn(15, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
-    cache = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
-    dy, dt = torch.randn(15, 4, dtype=torch.float64), torch.randn(5, 4, 3, dtype=torch.float64)
+    cu = [0, 5, 5, 6, 46, 48]
+    C = 70
+    x = torch.randn(48, C, dtype=dtype, requires_grad=True)
+    w = torch.randn(C, 4, dtype=dtype, requires_grad=True)
+    cache = torch.randn(5, C, 3, dtype=dtype, requires_grad=True) if with_cache else None
+    dy, dt = torch.randn(48, C, dtype=dtype), torch.randn(5, C, 3, dtype=dtype)
     outs = []
-    for fn in (segment_conv, _naive_segment_conv):
+    for fn in (lambda *a: segment_conv(*a, return_tail=True, backend=backend),
+               lambda x, w, cu, c: _naive_segment_conv(
+                   x, w, cu, c if c is not None else x.new_zeros(5, C, 3))):
         y, tail = fn(x, w, cu, cache)
         ((y * dy).sum() + (tail * dt).sum()).backward()
-        outs.append((y, tail, x.grad, w.grad, cache.grad))
-        x.grad = w.grad = cache.grad = None
+        outs.append((y, tail, x.grad, w.grad) + ((cache.grad,) if with_cache else ()))
+        x.grad = w.grad = None
+        if with_cache:
+            cache.grad = None
     for name, ours, ref in zip(("y", "tail", "dx", "dw", "dcache"), *outs):
-        assert rel_err(ours, ref) < 1e-12, name
+        assert rel_err(ours, ref) < tol, name
+
+
+def test_segment_conv_reads_a_row_stride_and_rejects_bad_offsets():
+    x = torch.randn(6, 10)[:, :4]  # row stride 10, as a column slice of a projection
+    w = torch.randn(4, 3)
+    ref = segment_conv(x.contiguous(), w, [0, 2, 6], backend="torch")
+    assert rel_err(segment_conv(x, w, [0, 2, 6], backend="triton"), ref) < 1e-6
+    with pytest.raises(ValueError, match="rise from 0 to the row count 6"):
+        segment_conv(x, w, [0, 4, 3, 6])
+    with pytest.raises(ValueError, match="cache must be"):
+        segment_conv(x, w, [0, 2, 6], torch.zeros(2, 4, 3))
 
 
 @pytest.mark.parametrize("group", [1, 3])
