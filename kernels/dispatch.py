@@ -5,8 +5,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .utils import (check_cu_seqlens, check_qkv, check_tensor, gdn_gate, l2norm, make_layout,
-                    resolve_backend)
+from .utils import (check_cu_seqlens, check_qkv, check_tensor, gdn_gate, host_to_device, l2norm,
+                    make_layout, resolve_backend)
 
 
 def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
@@ -41,7 +41,6 @@ def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
     if cu_seqlens is not None and cu_seqlens.device not in (q.device, torch.device("cpu")):
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; "
                          "pass it on q's device or on the CPU")
-    cu_seqlens = cu_seqlens.to(q.device) if cu_seqlens is not None else None
     n = B if cu_seqlens is None else cu_seqlens.numel() - 1
     floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     if g is not None:
@@ -58,6 +57,8 @@ def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
         for name, t in zip(("A_log", "dt_bias"), gate):
             check_tensor(name, t, (H,), q.device, floats, contiguous=triton_path)
     if backend != "triton":
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.to(q.device)
         if gate is not None:
             g = gdn_gate(g, *gate)
         if qk_l2norm:
@@ -107,7 +108,7 @@ def run_recurrent(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
     check_qkv(q, k, v, True)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    check_cu_seqlens(cu_seqlens, T, B)
+    cu_host = check_cu_seqlens(cu_seqlens, T, B)
     n = B if cu_seqlens is None else cu_seqlens.numel() - 1
     floats = (torch.float16, torch.bfloat16, torch.float32)
     if g is not None:
@@ -118,8 +119,7 @@ def run_recurrent(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
         check_tensor("initial_state", initial_state, (n, H, V, K), q.device, floats,
                      contiguous=False)
     from .recurrent_triton import recurrent_fwd
-    cu = (torch.arange(0, B + 1, device=q.device, dtype=torch.int32) * T
-          if cu_seqlens is None else cu_seqlens.to(q.device, torch.int32))
+    cu = host_to_device(range(0, B * T + 1, T) if cu_host is None else cu_host, q.device)
     h0 = initial_state.transpose(-1, -2).contiguous() if initial_state is not None else None
     flat = lambda x: x.reshape((B * T,) + tuple(x.shape[2:])) if x is not None else None
     o, ht = recurrent_fwd(flat(q), flat(k), flat(v), flat(g), flat(beta) if delta else None, h0,

@@ -138,18 +138,28 @@ def make_layout(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor], chu
     """cu_host: cu_seqlens already on the host (from :func:`check_cu_seqlens`)."""
     if cu_seqlens is None:
         return _equal_layout(batch, seqlen, chunk_size, torch.device(device))
-    cu = cu_seqlens.tolist() if cu_host is None else cu_host
+    cu = cu_seqlens.tolist() if cu_host is None else list(cu_host)
     nts = [(b - a + chunk_size - 1) // chunk_size for a, b in zip(cu[:-1], cu[1:])]
     n = len(nts)
     offsets = [0]
     for c in nts:
         offsets.append(offsets[-1] + c)
-    seq = [i for i, c in enumerate(nts) for _ in range(c)]
-    chk = [j for c in nts for j in range(c)]
-    idx = torch.tensor(list(zip(seq, chk)) or [], dtype=torch.int32, device=device).reshape(-1, 2)
-    return SeqLayout(cu_seqlens.to(device=device, dtype=torch.int32).contiguous(), idx.contiguous(),
-                     torch.tensor(offsets, dtype=torch.int32, device=device), n, offsets[-1],
-                     chunk_size)
+    pairs = [v for i, c in enumerate(nts) for j in range(c) for v in (i, j)]
+    flat = host_to_device(cu + offsets + pairs, device)
+    return SeqLayout(flat[:n + 1], flat[2 * n + 2:].view(-1, 2), flat[n + 1:2 * n + 2], n,
+                     offsets[-1], chunk_size)
+
+
+def host_to_device(values: Sequence[int], device) -> torch.Tensor:
+    """int32 tensor of host ints on ``device`` without a device sync: a blocking copy from
+    pageable memory waits for the stream to drain, which would stall the host each call
+    (the MoM layer builds several layouts per forward). Pinned memory from torch's caching
+    host allocator, copied asynchronously; the allocator keeps the block until the copy is
+    done."""
+    t = torch.tensor(values, dtype=torch.int32)
+    if torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,4 +1,6 @@
-"""The plain-Python host helpers agree with Triton's own cdiv / next_power_of_2."""
+"""The plain-Python host helpers: cdiv / next_power_of_2 against Triton's, the scan V block and
+the varlen chunk layout against hand-computed values."""
+import torch
 import triton
 
 from cl_toolkit.kernels.utils import cdiv, next_power_of_2
@@ -22,3 +24,14 @@ def test_scan_v_block_narrows_until_the_programs_fill_the_sms():
     assert bv(4, 16) == 32     # 128 at 64 -> 256 at 32
     assert bv(1, 16) == 16     # 32 -> 64 -> 128: stops at the narrowest block
     assert bv(1, 1, V=16, BV=16) == 16
+
+
+def test_varlen_layout_hand_computed():
+    # Lengths 5, 0, 65 in chunks of 32: one chunk, none, three.
+    from cl_toolkit.kernels.utils import make_layout
+    layout = make_layout(1, 70, torch.tensor([0, 5, 5, 70]), 32, "cpu", [0, 5, 5, 70])
+    assert layout.cu_seqlens.tolist() == [0, 5, 5, 70]
+    assert layout.chunk_offsets.tolist() == [0, 1, 1, 4]
+    assert layout.chunk_indices.tolist() == [[0, 0], [2, 0], [2, 1], [2, 2]]
+    assert (layout.num_seqs, layout.num_chunks) == (3, 4)
+    assert layout.chunk_indices.dtype == torch.int32
