@@ -252,9 +252,9 @@ def _fwd_o_kernel(q, k, e, gcum, h_all, o, cu_seqlens, chunk_indices, scale, H,
 @triton.autotune(configs=_configs((4, 8)), key=["BT", "BK", "BV", "USE_G", "L2"])
 @triton.jit
 def _bwd_dv_local_kernel(q, k, gcum, do, de_local, cu_seqlens, chunk_indices, scale, H,
-                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr, USE_G: tl.constexpr, L2: tl.constexpr,
-                    PREC: tl.constexpr):
+                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                         BV: tl.constexpr, USE_G: tl.constexpr, L2: tl.constexpr,
+                         PREC: tl.constexpr):
     """P^T dO per chunk (P = scale causal(Q K^T * D)), fp32: the part of dV' that does not
     depend on the state, in parallel over chunks, so fewer products sit on the reverse scan's
     sequential path (-8 % forward+backward at T = 16384 on an H200, RESULTS.md)."""

@@ -8,9 +8,9 @@ only by its own tokens. A shared memory sees every token and is added with weigh
 Efficient form: (token, memory) pairs are sorted with a *stable* sort so time order inside a
 memory survives (an unstable sort scrambles it), each (memory, batch) run becomes one segment
 of a packed variable-length batch, one kernel call processes all of them, and the outputs are
-permuted back to token order and summed with the routing weights. Segments are ordered memory-major
-(key = memory * B + batch), which keeps each memory's tokens contiguous so its projections are
-one matmul; the segment order does not change the result.
+permuted back to token order and summed with the routing weights. Segments are ordered
+memory-major (key = memory * B + batch), which keeps each memory's tokens contiguous so its
+projections are one matmul; the segment order does not change the result.
 
 Decoding reuses the same path with T = 1: a memory that receives no token has an empty
 segment, and an empty segment returns its initial state untouched (no decay), so only the
@@ -259,11 +259,10 @@ class MoMLayer(nn.Module):
             kw["use_qk_l2norm"] = True  # fused into the kernels
         else:
             qp, kp = l2norm(qp), l2norm(kp)
+        gates = [gp.reshape(1, P, H)]
         if self.delta:
-            o, state = run(qp, kp, vp, gp.view(1, P, H), torch.sigmoid(ab[:, 1]).view(1, P, H),
-                           **kw)
-        else:
-            o, state = run(qp, kp, vp, gp.view(1, P, H), **kw)
+            gates.append(torch.sigmoid(ab[:, 1]).reshape(1, P, H))
+        o, state = run(qp, kp, vp, *gates, **kw)
         # Back to token-major pairs (a permutation), then the routing-weighted sum.
         o = _GatherRows.apply(o[0], inv, order, 1).view(N, R, H, V)
         out = (o[:, :self.topk] * weights.reshape(N, self.topk, 1, 1).to(o.dtype)).sum(1)

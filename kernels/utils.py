@@ -145,8 +145,11 @@ def make_layout(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor], chu
     for c in nts:
         offsets.append(offsets[-1] + c)
     pairs = [v for i, c in enumerate(nts) for j in range(c) for v in (i, j)]
-    flat = host_to_device(cu + offsets + pairs, device)
-    return SeqLayout(flat[:n + 1], flat[2 * n + 2:].view(-1, 2), flat[n + 1:2 * n + 2], n,
+    # One copy for all three; each part starts 16-byte aligned, as Triton specialises on it.
+    a = -(-(n + 1) // 4) * 4
+    pad = [0] * (a - n - 1)
+    flat = host_to_device(cu + pad + offsets + pad + pairs, device)
+    return SeqLayout(flat[:n + 1], flat[2 * a:].view(-1, 2), flat[a:a + n + 1], n,
                      offsets[-1], chunk_size)
 
 

@@ -25,3 +25,18 @@ def test_variant_run_times_ours_takes_fla_rows_from_a_reference_and_profiles(tmp
     assert f"{54321.0 / row['fwdbwd_ms']:.2f}x" in table
     profile = (tmp_path / "gpu_profile.txt").read_text()
     assert "ours gdr fwd+bwd" in profile and "ours MoMLayer fwd+bwd" in profile
+
+
+def test_mom_baseline_is_timed_beside_ours_with_the_same_weights(tmp_path):
+    # The baseline here is today's layer file itself, so the two outputs must agree.
+    from cl_toolkit.kernels import mom
+    proc = subprocess.run(
+        [sys.executable, "-m", "cl_toolkit.benchmarks.perf.gpu_kernels", "--smoke",
+         "--skip-correctness", "--mom-only", "--ours-only", "--mom-baseline", mom.__file__,
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_kernels_mom.json").read_text())
+    assert [r["impl"] for r in result["timings"]] == ["ours MoMLayer",
+                                                      "ours MoMLayer, baseline mom.py"]
+    [note] = [n for n in result["notes"] if n.startswith("MoM baseline")]
+    assert float(note.split("differs from ours by ")[1].split()[0]) < 1e-6

@@ -35,3 +35,6 @@ def test_varlen_layout_hand_computed():
     assert layout.chunk_indices.tolist() == [[0, 0], [2, 0], [2, 1], [2, 2]]
     assert (layout.num_seqs, layout.num_chunks) == (3, 4)
     assert layout.chunk_indices.dtype == torch.int32
+    # The three parts share one buffer; each starts 16-byte aligned (Triton specialises on it).
+    assert all(t.storage_offset() % 4 == 0
+               for t in (layout.cu_seqlens, layout.chunk_offsets, layout.chunk_indices))
