@@ -207,6 +207,8 @@ def check_op(name, ours, ref, x, dtype, yardstick=None, cu=None):
     if "error" in ys:
         rows.append(dict(check=name, dtype=str(dtype)[6:], tensor="fla", err=float("nan"),
                          fla_err=ys["error"], ok=True))
+    # Where a fresh machine's minutes go (mostly compiling and tuning kernels).
+    print(f"[{elapsed():6.1f}s] checked {name} {str(dtype)[6:]}", flush=True)
     return rows
 
 
