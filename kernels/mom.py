@@ -235,14 +235,15 @@ class MoMLayer(nn.Module):
                 if use_cache:
                     kv, tail = kv
                     conv_tails.append(tail)
-            ks.append(kv[:, :HK])
-            vs.append(kv[:, HK:])
+            k_m, v_m = kv.split([HK, HV], 1)  # one backward node (slices would zero-fill twice)
+            ks.append(k_m)
+            vs.append(v_m)
             rest.append(ab)
         if self.use_short_conv and use_cache:
             new_cache["conv_k"], new_cache["conv_v"] = torch.cat(conv_tails).split([HK, HV], 1)
-        ab = torch.cat(rest).view(P, -1, H)
+        a_logit, *b_logit = torch.cat(rest).view(P, -1, H).unbind(1)
         gp = -per_row(self.A_log.to(acc).exp()) * F.softplus(
-            ab[:, 0].to(acc) + per_row(self.dt_bias.to(acc)))
+            a_logit.to(acc) + per_row(self.dt_bias.to(acc)))
         qp = to_pairs(q).view(1, P, H, K)
         kp = torch.cat(ks).view(1, P, H, K)
         vp = torch.cat(vs).view(1, P, H, V)
@@ -261,13 +262,14 @@ class MoMLayer(nn.Module):
             qp, kp = l2norm(qp), l2norm(kp)
         gates = [gp.reshape(1, P, H)]
         if self.delta:
-            gates.append(torch.sigmoid(ab[:, 1]).reshape(1, P, H))
+            gates.append(torch.sigmoid(b_logit[0]).reshape(1, P, H))
         o, state = run(qp, kp, vp, *gates, **kw)
         # Back to token-major pairs (a permutation), then the routing-weighted sum.
         o = _GatherRows.apply(o[0], inv, order, 1).view(N, R, H, V)
-        out = (o[:, :self.topk] * weights.reshape(N, self.topk, 1, 1).to(o.dtype)).sum(1)
-        if self.shared_memory:
-            out = out + o[:, self.topk]
+        routed, *shared = o.split([self.topk] + ([1] if self.shared_memory else []), 1)
+        out = (routed * weights.reshape(N, self.topk, 1, 1).to(o.dtype)).sum(1)
+        if shared:
+            out = out + shared[0][:, 0]
         gate = self.g_proj(xf).view(N, H, V)
         y = self.o_proj(self.o_norm(out, gate).reshape(N, H * V)).view(B, T, D)
         if use_cache:
