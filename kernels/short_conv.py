@@ -171,11 +171,17 @@ def segment_conv(x: torch.Tensor, weight: torch.Tensor, cu: Sequence[int],
     starts as host ints; cache: [S, C, W-1] inputs that precede each segment, oldest first
     (None: zeros). Returns y [P, C], and with return_tail the new cache [S, C, W-1] (each
     segment's last W-1 inputs, reaching into its cache when it is shorter than that).
-    backend: 'auto' (CUDA -> Triton), 'triton', 'torch' ('naive' means 'torch' here).
+    backend: 'auto' (CUDA -> Triton), 'triton', 'torch' ('naive' means 'torch' here); float64
+    always takes the torch path.
     """
+    if x.dim() != 2:
+        raise ValueError(f"x must be [P, C] packed rows, got shape {tuple(x.shape)}")
     P, C = x.shape
     if weight.dim() != 2 or weight.shape[0] != C or weight.shape[1] < 2:
         raise ValueError(f"weight must be [C, W] = [{C}, W >= 2], got {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("cache", cache)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     W = weight.shape[1]
     cu = [int(c) for c in cu]
     S, pad = len(cu) - 1, W - 1

@@ -164,6 +164,10 @@ def test_segment_conv_reads_a_row_stride_and_rejects_bad_offsets():
         segment_conv(x, w, [0, 4, 3, 6])
     with pytest.raises(ValueError, match="cache must be"):
         segment_conv(x, w, [0, 2, 6], torch.zeros(2, 4, 3))
+    with pytest.raises(ValueError, match=r"weight must be \[C, W\] = \[4, W >= 2\]"):
+        segment_conv(x, torch.randn(5, 3), [0, 2, 6])
+    with pytest.raises(ValueError, match="x must be"):
+        segment_conv(x[None], w, [0, 2, 6])
 
 
 @pytest.mark.parametrize("group", [1, 3])
