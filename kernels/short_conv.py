@@ -24,6 +24,17 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _block(cu_seqlens, chunk_indices, i_b, C, BT: tl.constexpr, BC: tl.constexpr):
+        """Block i_b's segment, the segment's first row and length, the rows' positions in it,
+        the channels, and their masks (a block never straddles two segments)."""
+        i_n = tl.load(chunk_indices + 2 * i_b).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seqlen = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        pos = tl.load(chunk_indices + 2 * i_b + 1).to(tl.int64) * BT + tl.arange(0, BT)
+        o_c = tl.program_id(1) * BC + tl.arange(0, BC)
+        return i_n, bos, seqlen, pos, o_c, o_c < C, pos < seqlen
+
+    @triton.jit
     def _tap(x, cache, bos, src, m_t, i_n, o_c, m_c, C, stride_x, W: tl.constexpr,
              USE_CACHE: tl.constexpr):
         """Inputs at segment positions src [BT] (fp32 [BT, BC]): x rows for src >= 0, the
@@ -40,14 +51,8 @@ if triton_available():
     def _segment_conv_fwd_kernel(x, w, cache, y, cu_seqlens, chunk_indices, C, stride_x,
                                  W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                                  USE_CACHE: tl.constexpr):
-        i_b, i_c = tl.program_id(0), tl.program_id(1)
-        i_n = tl.load(chunk_indices + 2 * i_b).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seqlen = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-        pos = tl.load(chunk_indices + 2 * i_b + 1).to(tl.int64) * BT + tl.arange(0, BT)
-        o_c = i_c * BC + tl.arange(0, BC)
-        m_c = o_c < C
-        m_t = pos < seqlen
+        i_b = tl.program_id(0)
+        i_n, bos, seqlen, pos, o_c, m_c, m_t = _block(cu_seqlens, chunk_indices, i_b, C, BT, BC)
         acc = tl.zeros([BT, BC], dtype=tl.float32)
         for i in tl.static_range(W):
             acc += tl.load(w + o_c * W + i, mask=m_c, other=0.0).to(tl.float32)[None, :] * \
@@ -65,14 +70,8 @@ if triton_available():
         """dx[t] = sum_d weight[W-1-d] dpre[t+d] (same segment); dw_part[block] = this block's
         sum of dpre[t] * tap input; dcache by atomic adds (only the first W-1 rows of a
         segment reach the cache, so they do not contend). dpre is recomputed, not stored."""
-        i_b, i_c = tl.program_id(0), tl.program_id(1)
-        i_n = tl.load(chunk_indices + 2 * i_b).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seqlen = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-        pos = tl.load(chunk_indices + 2 * i_b + 1).to(tl.int64) * BT + tl.arange(0, BT)
-        o_c = i_c * BC + tl.arange(0, BC)
-        m_c = o_c < C
-        m_t = pos < seqlen
+        i_b = tl.program_id(0)
+        i_n, bos, seqlen, pos, o_c, m_c, m_t = _block(cu_seqlens, chunk_indices, i_b, C, BT, BC)
         b_dx = tl.zeros([BT, BC], dtype=tl.float32)
         dpre0 = tl.zeros([BT, BC], dtype=tl.float32)
         for d in tl.static_range(W):  # dpre at the rows d later, which read this row at tap W-1-d
