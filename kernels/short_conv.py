@@ -119,7 +119,7 @@ class _SegmentConvFunction(torch.autograd.Function):
             _segment_conv_fwd_kernel[grid](x, w, c, y, layout.cu_seqlens, layout.chunk_indices,
                                            C, x.stride(0), W=W, BT=_BT, BC=_BC,
                                            USE_CACHE=cache is not None, num_warps=_WARPS)
-        ctx.save_for_backward(x, w, cache)
+        ctx.save_for_backward(x, w, c if cache is not None else None)
         ctx.layout = layout
         return y
 

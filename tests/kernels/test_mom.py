@@ -139,7 +139,9 @@ def test_segment_conv_matches_row_by_row_reference(backend, dtype, tol, with_cac
     C = 70
     x = torch.randn(48, C, dtype=dtype, requires_grad=True)
     w = torch.randn(C, 4, dtype=dtype, requires_grad=True)
-    cache = torch.randn(5, C, 3, dtype=dtype, requires_grad=True) if with_cache else None
+    # The cache as the layer returns it: a transposed (non-contiguous) view.
+    leaf = torch.randn(5, 3, C, dtype=dtype, requires_grad=True) if with_cache else None
+    cache = leaf.transpose(1, 2) if with_cache else None
     dy, dt = torch.randn(48, C, dtype=dtype), torch.randn(5, C, 3, dtype=dtype)
     outs = []
     for fn in (lambda *a: segment_conv(*a, return_tail=True, backend=backend),
@@ -147,10 +149,10 @@ def test_segment_conv_matches_row_by_row_reference(backend, dtype, tol, with_cac
                    x, w, cu, c if c is not None else x.new_zeros(5, C, 3))):
         y, tail = fn(x, w, cu, cache)
         ((y * dy).sum() + (tail * dt).sum()).backward()
-        outs.append((y, tail, x.grad, w.grad) + ((cache.grad,) if with_cache else ()))
+        outs.append((y, tail, x.grad, w.grad) + ((leaf.grad,) if with_cache else ()))
         x.grad = w.grad = None
         if with_cache:
-            cache.grad = None
+            leaf.grad = None
     for name, ours, ref in zip(("y", "tail", "dx", "dw", "dcache"), *outs):
         assert rel_err(ours, ref) < tol, name
 
