@@ -19,7 +19,7 @@ _LIBRARY_REVERSE_SCAN = chunk_triton._reverse_scan  # a variant replaces the mod
 
 
 def reverse_scan_dv_in_scan(q, k, w, gcum, do, dht, use_g, opts):
-    """The reverse scan as before the fifth session: P^T dO formed inside the sequential scan
+    """The reverse scan with P^T dO formed inside the sequential scan, as in the fourth session
     (no parallel pass and no fp32 buffer). On an H200 it was 1 % slower forward+backward at
     T <= 4096 and 8.5 % slower at T = 16384 (benchmarks/RESULTS.md)."""
     return _LIBRARY_REVERSE_SCAN(q, k, w, gcum, do, dht, use_g, opts, local_first=False)
