@@ -148,16 +148,32 @@ class _SegmentConvFunction(torch.autograd.Function):
 def _conv_torch(x: torch.Tensor, weight: torch.Tensor, cu: Sequence[int],
                 heads: torch.Tensor) -> torch.Tensor:
     """Each segment after its own W-1 cached rows in one extended sequence, so one shifted
-    multiply-add per tap serves every segment; rows move only by host-offset slices."""
+    multiply-add per tap serves every segment. Rows move by split and cat only: a slice per
+    segment would zero-fill a full-size gradient per segment in the backward."""
     S, pad = len(cu) - 1, weight.shape[1] - 1
-    ext = torch.cat([r for s in range(S) for r in (heads[s], x[cu[s]:cu[s + 1]])])
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    ext = torch.cat([r for h, xs in zip(heads.unbind(0), x.split(lens)) for r in (h, xs)])
     taps = weight.t().contiguous()  # [W, C]: contiguous rows keep the multiply-adds vectorised
     n = ext.shape[0] - pad  # y_ext[t] = sum_i weight[:, i] ext[t + i]
     y_ext = ext[:n] * taps[0]
     for i in range(1, pad + 1):
         y_ext = torch.addcmul(y_ext, ext[i:i + n], taps[i])
-    # Segment s's rows sit at ext[cu[s] + (s+1) pad ...], so their outputs at y_ext[cu[s] + s pad].
-    return F.silu(torch.cat([y_ext[cu[s] + s * pad:cu[s + 1] + s * pad] for s in range(S)]))
+    # y_ext holds segment 0's outputs, pad rows that straddle a boundary, segment 1's, ...
+    pieces = y_ext.split([r for n_s in lens for r in (n_s, pad)][:-1])
+    return F.silu(torch.cat(pieces[::2]))
+
+
+def _tails(x: torch.Tensor, heads: torch.Tensor, cu: Sequence[int]) -> torch.Tensor:
+    """[S, pad, C]: each segment's last pad inputs, the older ones from its cache when the
+    segment is shorter than pad; one gather (host-built index) over [cache rows; x]."""
+    S, pad = heads.shape[:2]
+    idx = []
+    for s in range(S):
+        taken = min(cu[s + 1] - cu[s], pad)  # rows from the segment itself
+        idx += [s * pad + j for j in range(taken, pad)]
+        idx += [S * pad + r for r in range(cu[s + 1] - taken, cu[s + 1])]
+    src = torch.cat([heads.reshape(S * pad, -1), x])
+    return src.index_select(0, torch.tensor(idx, device=x.device)).view(S, pad, -1)
 
 
 def segment_conv(x: torch.Tensor, weight: torch.Tensor, cu: Sequence[int],
@@ -203,8 +219,4 @@ def segment_conv(x: torch.Tensor, weight: torch.Tensor, cu: Sequence[int],
     if heads is None:
         heads = (x.new_zeros(S, pad, C) if cache is None
                  else cache.transpose(1, 2).to(x.dtype))
-    tails = []
-    for s in range(S):  # the last pad inputs: from the segment, the rest from its cache
-        rows = x[max(cu[s], cu[s + 1] - pad):cu[s + 1]]
-        tails.append(torch.cat([heads[s][rows.shape[0]:], rows]))
-    return y, torch.stack(tails).transpose(1, 2)
+    return y, _tails(x, heads, cu).transpose(1, 2)
