@@ -150,7 +150,7 @@ def _conv_torch(x: torch.Tensor, weight: torch.Tensor, cu: Sequence[int],
     """Each segment after its own W-1 cached rows in one extended sequence, so one shifted
     multiply-add per tap serves every segment. Rows move by split and cat only: a slice per
     segment would zero-fill a full-size gradient per segment in the backward."""
-    S, pad = len(cu) - 1, weight.shape[1] - 1
+    pad = weight.shape[1] - 1
     lens = [b - a for a, b in zip(cu, cu[1:])]
     ext = torch.cat([r for h, xs in zip(heads.unbind(0), x.split(lens)) for r in (h, xs)])
     taps = weight.t().contiguous()  # [W, C]: contiguous rows keep the multiply-adds vectorised
