@@ -220,18 +220,26 @@ def fla_gdr(q, k, v, g, beta, initial_state=None, output_final_state=False, cu_s
     return o, (s.transpose(-1, -2) if s is not None else None)
 
 
+def check_shapes(smoke: bool, dtype):
+    """(B, T, H, K, V) of the varlen check, its cu_seqlens, and (B, T, H, K, V) of the large
+    check. fp32 Triton kernels support K <= 64 (shared memory), so fp32 is checked at D = 64."""
+    if smoke:
+        return (1, 40, 2, 16, 16), [0, 7, 7, 33, 40], (1, 70, 2, 16, 16)
+    D = 64 if dtype == torch.float32 else 128
+    return (1, 1000, 4, D, D), [0, 100, 100, 613, 1000], (2, 2048, 16, D, D)
+
+
+def triton_gdr(**a):
+    return chunk_gated_delta_rule(**a, backend="triton")
+
+
+def triton_la(**a):
+    return chunk_linear_attn(**{k: v for k, v in a.items() if k != "beta"}, backend="triton")
+
+
 def correctness(dev, smoke, quick=False, fla_check=True):
     rows = []
-    if smoke:
-        small, big = (1, 40, 2, 16, 16), (1, 70, 2, 16, 16)
-        cu_small = [0, 7, 7, 33, 40]
-    else:
-        small, big = (1, 1000, 4, 128, 128), (2, 2048, 16, 128, 128)
-        cu_small = [0, 100, 100, 613, 1000]
-    triton_gdr = lambda **a: chunk_gated_delta_rule(**a, backend="triton")
     torch_gdr = lambda **a: chunk_gated_delta_rule(**a, backend="torch")
-    triton_la = lambda **a: chunk_linear_attn(**{k: v for k, v in a.items() if k != "beta"},
-                                              backend="triton")
     naive_la = lambda **a: naive_linear_attn(**{k: v for k, v in a.items() if k != "beta"})
     torch_la = lambda **a: chunk_linear_attn(**{k: v for k, v in a.items() if k != "beta"},
                                              backend="torch")
@@ -239,9 +247,7 @@ def correctness(dev, smoke, quick=False, fla_check=True):
     dtypes = (torch.float32,) if smoke else ((torch.bfloat16,) if quick else
                                               (torch.bfloat16, torch.float32))
     for dtype in dtypes:
-        # fp32 Triton kernels support K <= 64 (shared memory), so fp32 is checked at D = 64.
-        fp32_dims = lambda s: s if (smoke or dtype != torch.float32) else s[:3] + (64, 64)
-        sm, bg = fp32_dims(small), fp32_dims(big)
+        sm, cu_small, bg = check_shapes(smoke, dtype)
         B, T, H, K_, V = sm
         cu = torch.tensor(cu_small, device=dev)
         x = make_inputs(B, T, H, K_, V, dev, dtype, n=cu.numel() - 1)
@@ -262,9 +268,9 @@ def correctness(dev, smoke, quick=False, fla_check=True):
         print(f"[{elapsed():6.1f}s] correctness {dtype} done", flush=True)
     # MoM layer: Triton backend against the torch backend in float64, output and gradients.
     torch.manual_seed(0)
-    hidden, T = (32, 40) if smoke else (256, 512)
-    layer = MoMLayer(hidden, num_heads=4, num_memories=4, topk=2, backend="triton",
-                     chunk_size=16 if smoke else 64).to(dev)
+    layer, T = mom_check_layer(smoke)
+    layer = layer.to(dev)
+    hidden = layer.hidden_size
     ref_layer = MoMLayer(hidden, num_heads=4, num_memories=4, topk=2, backend="torch",
                          chunk_size=16 if smoke else 64).to(dev).double()
     ref_layer.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
@@ -290,6 +296,68 @@ def correctness(dev, smoke, quick=False, fla_check=True):
                          ok=e <= 1e-4))
     print(f"[{elapsed():6.1f}s] checked {check}", flush=True)
     return rows
+
+
+def mom_check_layer(smoke: bool):
+    """The fp32 MoM layer of the correctness check, and its sequence length."""
+    hidden, T = (32, 40) if smoke else (256, 512)
+    return MoMLayer(hidden, num_heads=4, num_memories=4, topk=2, backend="triton",
+                    chunk_size=16 if smoke else 64), T
+
+
+WARM_PARTS = ("gdr-bf16", "gla-bf16", "gdr-fp32", "gla-fp32", "sizes", "mom", "fla", "fla-mom")
+
+
+def warm(part: str, dev, smoke: bool) -> None:
+    """Make the calls of one part of this script once (results thrown away), so that Triton
+    builds and tunes their kernels into its on-disk cache. gpu_kernels.sh runs the parts as
+    parallel processes before the main run, which then finds the kernels built: a fresh
+    machine otherwise spends most of its minutes compiling one kernel config after another."""
+    dtype = torch.float32 if (smoke or part.endswith("fp32")) else torch.bfloat16
+
+    def exercise(fn, x, cu=None):
+        B, T, H, _ = x["q"].shape
+        n, _, V, K_ = x["initial_state"].shape
+        fwd_bwd(lambda **a: fn(**a, cu_seqlens=cu, output_final_state=True), x,
+                torch.randn(B, T, H, V, device=dev), torch.randn(n, H, V, K_, device=dev))
+
+    if part in ("gdr-bf16", "gla-bf16", "gdr-fp32", "gla-fp32", "fla"):
+        fn = {"gdr": triton_gdr, "gla": triton_la, "fla": fla_gdr}[part[:3]]
+        sm, cu_small, bg = check_shapes(smoke, dtype)
+        if part != "fla":  # fla is the yardstick at the large shape only
+            cu = torch.tensor(cu_small, device=dev)
+            exercise(fn, make_inputs(*sm, dev, dtype, n=cu.numel() - 1), cu)
+        exercise(fn, make_inputs(*bg, dev, dtype))
+    if part in ("sizes", "fla"):
+        for B, T, H, D in timing_sizes(smoke):
+            x = make_inputs(B, T, H, D, D, dev, dtype, h0=False)
+            do = torch.randn(B, T, H, D, device=dev, dtype=dtype)
+            fns = ((lambda **a: fla_gdr(**a)[0],) if part == "fla" else
+                   (lambda **a: triton_gdr(**a)[0], lambda **a: triton_la(**a)[0]))
+            for fn in fns:
+                for call in timed_pair(fn, x, do):
+                    call()
+    if part == "mom":
+        layer, T = mom_check_layer(smoke)
+        layer.to(dev)(torch.randn(2, T, layer.hidden_size, device=dev,
+                                  requires_grad=True))[0].sum().backward()
+        layer = our_mom(smoke).to(dev, dtype)
+    elif part == "fla-mom":
+        _, _, hidden, heads, hd = mom_shape(smoke)
+        layer = FlaMomAttention(hidden_size=hidden, head_dim=hd, num_heads=heads, expand_v=1,
+                                num_memories=4, topk=2, shared_mem=True).to(dev, dtype)
+    if part in ("mom", "fla-mom"):
+        B, T, hidden, _, _ = mom_shape(smoke)
+        layer(torch.randn(B, T, hidden, device=dev, dtype=dtype, requires_grad=True))[0] \
+            .float().sum().backward()
+    sync(dev)
+    print(f"[{elapsed():6.1f}s] warmed {part}", flush=True)
+
+
+def timing_sizes(smoke: bool):
+    """(B, T, H, D) of the timed gdr / gla calls."""
+    return [(2, 64, 2, 16)] if smoke else [(8, 2048, 16, 128), (4, 4096, 16, 128),
+                                           (1, 16384, 16, 128)]
 
 
 def copy_ceiling(dev) -> float:
@@ -318,8 +386,7 @@ def timed_pair(fn, x: dict, do: torch.Tensor):
 
 def timings(dev, smoke, budget_s, ours_only=False, variant="", mom_only=False,
             mom_baseline="", fla_mom=False):
-    sizes = [] if mom_only else [(2, 64, 2, 16)] if smoke else [
-        (8, 2048, 16, 128), (4, 4096, 16, 128), (1, 16384, 16, 128)]
+    sizes = [] if mom_only else timing_sizes(smoke)
     dtype = torch.float32 if smoke else torch.bfloat16
     results, notes = [], []
 
@@ -687,6 +754,9 @@ def main():
     ap.add_argument("--mom-baseline", default=os.environ.get("MOM_BASELINE", ""),
                     metavar="FILE", help="also time the MoMLayer of this earlier kernels/mom.py "
                     "(git show COMMIT:kernels/mom.py > FILE)")
+    ap.add_argument("--warm", metavar="PARTS", default="",
+                    help="only build and tune the kernels of these parts (comma list of "
+                    f"{', '.join(WARM_PARTS)}); gpu_kernels.sh runs them in parallel first")
     ap.add_argument("--keep-fla-guard", action="store_true",
                     help="leave fla's #640 guard on (no fla backward on Triton < 3.7.1, Hopper)")
     args = ap.parse_args()
@@ -710,6 +780,15 @@ def main():
             and bypass_fla_640():
         meta["fla"] += " (#640 guard off: its backward is timed, its gradients checked)"
     print(meta, flush=True)
+    if args.warm:
+        for part in args.warm.split(","):
+            if part not in WARM_PARTS:
+                raise SystemExit(f"--warm: unknown part {part!r}; choose from {WARM_PARTS}")
+            if part.startswith("fla") and (FLA_ERR or FLA_MOM_ERR or dev.type != "cuda"):
+                print(f"warm {part}: skipped (fla not importable here)")
+                continue
+            warm(part, dev, args.smoke)
+        return 0
     rows = [] if args.skip_correctness else correctness(dev, args.smoke, args.quick,
                                                          not args.no_fla_check)
     failed = [r for r in rows if not r["ok"]]

@@ -6,6 +6,9 @@
 #   MOM_BASELINE=FILE (git show COMMIT:kernels/mom.py > FILE) times that earlier MoM layer too.
 #   FLA_MOM_S=240: seconds for fla's MomAttention, timed last in a process of its own (its
 #   varlen backward compiles and tunes for minutes); 0 skips it.
+#   WARM=1: first build and tune every kernel the run will use in parallel processes, one per
+#   part (gpu_kernels.py --warm), each under WARM_S=240 seconds; the main run then finds the
+#   kernels in Triton's cache instead of compiling one config after another. WARM=0 skips it.
 # Wheels of flash-linear-attention (fla-core, flash-linear-attention 0.6.0; pure Python) found
 # in .whl/ are installed into /tmp/site first so fla's kernels are timed alongside ours.
 set -uo pipefail
@@ -19,10 +22,22 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+smoke=(); quick=0
+for a in "$@"; do [[ "$a" == --smoke ]] && smoke=(--smoke); [[ "$a" == --quick ]] && quick=1; done
+if [[ "${WARM:-1}" != 0 ]]; then
+  parts="gdr-bf16 gla-bf16 sizes mom fla fla-mom"
+  [[ "$quick" == 1 ]] || parts="$parts gdr-fp32 gla-fp32"
+  start=$SECONDS
+  for part in $parts; do
+    timeout "${WARM_S:-240}" python3 benchmarks/perf/gpu_kernels.py --warm "$part" \
+      "${smoke[@]}" > "$OUT/warm_$part.log" 2>&1 &
+  done
+  wait
+  echo "warm-up ($parts): $((SECONDS - start)) s"; tail -qn1 "$OUT"/warm_*.log
+fi
 python3 benchmarks/perf/gpu_kernels.py --out "$OUT" --time-on-fail "$@" 2>&1 \
   | tee "$OUT/gpu_kernels.log"
 status="${PIPESTATUS[0]}"
-smoke=(); for a in "$@"; do [[ "$a" == --smoke ]] && smoke=(--smoke); done
 for variant in ${VARIANTS:-}; do
   python3 benchmarks/perf/gpu_kernels.py --out "$OUT" --variant "$variant" --ours-only \
     "${smoke[@]}" --skip-correctness --fla-ref "$OUT/gpu_kernels.json" --budget-s 120 2>&1 \

@@ -40,3 +40,12 @@ def test_mom_baseline_is_timed_beside_ours_with_the_same_weights(tmp_path):
                                                       "ours MoMLayer, baseline mom.py"]
     [note] = [n for n in result["notes"] if n.startswith("MoM baseline")]
     assert float(note.split("differs from ours by ")[1].split()[0]) < 1e-6
+
+
+def test_warm_parts_run_the_calls_of_the_checks_and_timings(capsys):
+    # gpu_kernels.sh runs these in parallel processes before the main run (kernel builds).
+    import torch
+    from cl_toolkit.benchmarks.perf import gpu_kernels
+    for part in ("gla-bf16", "sizes"):
+        gpu_kernels.warm(part, torch.device("cpu"), smoke=True)
+    assert "warmed gla-bf16" in capsys.readouterr().out
