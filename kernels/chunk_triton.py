@@ -52,6 +52,22 @@ def _l2normed(b_x):
 
 
 @triton.jit
+def _chunk_qk(q, k, rows, m_t, i_h, H, K: tl.constexpr, BK: tl.constexpr, L2: tl.constexpr):
+    """One chunk's q and k tiles of head i_h, [BT, BK] (zeros past K and past the sequence),
+    L2-normalised with L2. (The scans keep their own loads: sharing the offsets between k and
+    w there keeps fewer registers live.)"""
+    o_k = tl.arange(0, BK)
+    p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
+    m_tk = m_t[:, None] & (o_k < K)[None, :]
+    b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+    if L2:
+        b_q, _ = _l2normed(b_q)
+        b_k, _ = _l2normed(b_k)
+    return b_q, b_k
+
+
+@triton.jit
 def _diag_blocks(b_X, NB: tl.constexpr):
     """The NB diagonal 16 x 16 blocks of b_X [NB * 16, NB * 16], as [NB, 16, 16]."""
     o_b = tl.arange(0, NB)
@@ -223,15 +239,9 @@ def _fwd_o_kernel(q, k, e, gcum, h_all, o, cu_seqlens, chunk_indices, scale, H,
     rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
-    m_tk = m_t[:, None] & (o_k < K)[None, :]
     p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
     m_tv = m_t[:, None] & (o_v < V)[None, :]
-    b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
-    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-    if L2:
-        b_q, _ = _l2normed(b_q)
-        b_k, _ = _l2normed(b_k)
+    b_q, b_k = _chunk_qk(q, k, rows, m_t, i_h, H, K, BK, L2)
     b_h = tl.load(h_all + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
                   mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
     b_o = tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC)
@@ -260,17 +270,10 @@ def _bwd_dv_local_kernel(q, k, gcum, do, de_local, cu_seqlens, chunk_indices, sc
     sequential path (-8 % forward+backward at T = 16384 on an H200, RESULTS.md)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
-    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
-    m_tk = m_t[:, None] & (o_k < K)[None, :]
     p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
     m_tv = m_t[:, None] & (o_v < V)[None, :]
-    b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
-    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-    if L2:
-        b_q, _ = _l2normed(b_q)
-        b_k, _ = _l2normed(b_k)
+    b_q, b_k = _chunk_qk(q, k, rows, m_t, i_h, H, K, BK, L2)
     o_i = tl.arange(0, BT)
     causal_t = o_i[:, None] <= o_i[None, :]
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [i, t] = k_i . q_t
