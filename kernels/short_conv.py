@@ -110,7 +110,7 @@ class _SegmentConvFunction(torch.autograd.Function):
     def forward(ctx, x, weight, cache, cu: Tuple[int, ...]):
         P, C = x.shape
         W = weight.shape[1]
-        layout = make_layout(1, P, torch.tensor(cu), _BT, x.device, list(cu))
+        layout = make_layout(1, P, None, _BT, x.device, cu)
         y = new_buffer((P, C), x.dtype, x.device)
         w = weight.contiguous()
         c = cache.contiguous() if cache is not None else x

@@ -135,8 +135,9 @@ class SeqLayout:
 
 def make_layout(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor], chunk_size: int,
                 device: torch.device, cu_host: Optional[Sequence[int]] = None) -> SeqLayout:
-    """cu_host: cu_seqlens already on the host (from :func:`check_cu_seqlens`)."""
-    if cu_seqlens is None:
+    """cu_host: cu_seqlens already on the host (from :func:`check_cu_seqlens`); either one
+    gives a varlen layout, neither the equal-length one."""
+    if cu_seqlens is None and cu_host is None:
         return _equal_layout(batch, seqlen, chunk_size, torch.device(device))
     cu = cu_seqlens.tolist() if cu_host is None else list(cu_host)
     nts = [(b - a + chunk_size - 1) // chunk_size for a, b in zip(cu[:-1], cu[1:])]
