@@ -130,16 +130,18 @@ def _wy_inverse(b_k, b_beta, b_G, BT: tl.constexpr, PREC: tl.constexpr):
     return _inverse_unit_lower(b_A, BT)
 
 
-@triton.autotune(configs=_configs((4, 8)), key=["BT", "BK", "BV", "USE_G", "DELTA"])
+@triton.autotune(configs=_configs((4, 8)),
+                 key=["BT", "BK", "BV", "USE_G", "DELTA", "STORE_T", "LOAD_T"])
 @triton.jit
 def _prep_kernel(k, v, g, beta, gcum, w, u, tmat, A_log, dt_bias, cu_seqlens, chunk_indices,
                  H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                  BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr,
-                 STORE_T: tl.constexpr, GATE: tl.constexpr, L2: tl.constexpr,
-                 PREC: tl.constexpr):
+                 STORE_T: tl.constexpr, LOAD_T: tl.constexpr, GATE: tl.constexpr,
+                 L2: tl.constexpr, PREC: tl.constexpr):
     """Gate cumsum and, for the delta rule, T = (I + A)^-1, W and U of one chunk.
 
-    STORE_T (backward only) keeps T, [total, H, BT] fp32 row by row, for the gradient kernel.
+    STORE_T keeps T, [total, H, BT] fp32 row by row, for the gradient kernels; LOAD_T reads
+    the T that the forward kept instead of inverting again (the backward's recompute).
     GATE: g holds the gate logits a and the log-decay -exp(A_log) softplus(a + dt_bias) is
     formed here. L2: k is L2-normalised on load.
     """
@@ -164,11 +166,13 @@ def _prep_kernel(k, v, g, beta, gcum, w, u, tmat, A_log, dt_bias, cu_seqlens, ch
             b_k, _ = _l2normed(b_k)
         dt = b_k.dtype
         b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-        b_Tf = _wy_inverse(b_k, b_beta, b_G, BT, PREC)
+        p_T = tmat + (rows[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :]
+        if LOAD_T:
+            b_Tf = tl.load(p_T, mask=m_t[:, None], other=0.0)
+        else:
+            b_Tf = _wy_inverse(b_k, b_beta, b_G, BT, PREC)
         if STORE_T:
-            o_i = tl.arange(0, BT)
-            tl.store(tmat + (rows[:, None] * H + i_h) * BT + o_i[None, :], b_Tf,
-                     mask=m_t[:, None])
+            tl.store(p_T, b_Tf, mask=m_t[:, None])
         b_T = b_Tf.to(dt)
         b_kb = (b_k * (b_beta * tl.exp(b_G))[:, None]).to(dt)
         b_w = tl.dot(b_T, b_kb, input_precision=PREC)
@@ -543,9 +547,9 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def _forward_states(q, k, v, g, beta, h0, A_log, dt_bias, opts: "ChunkOptions",
-                    store_t: bool = False):
+                    store_t: bool = False, tmat: Optional[torch.Tensor] = None):
     """prep + state scan: gcum, e (= V' or V), h_all [NT, H, K, V], ht [N, H, K, V], W (or k),
-    T [total, H, BT] (with store_t)."""
+    T [total, H, BT] (with store_t, or the tmat given: read, not formed again)."""
     layout, delta = opts.layout, opts.delta
     TT, H, K = q.shape
     V = v.shape[-1]
@@ -555,17 +559,22 @@ def _forward_states(q, k, v, g, beta, h0, A_log, dt_bias, opts: "ChunkOptions",
     dev = q.device
     use_g = g is not None
     gcum = new_buffer((TT, H), torch.float32, dev) if use_g else q
-    w, u, tmat = k, v, gcum
+    load_t = tmat is not None
+    store_t = store_t and not load_t
     if delta:
         w, u = new_buffer(k.shape, k.dtype, dev), new_buffer(v.shape, v.dtype, dev)
         if store_t:
             tmat = new_buffer((TT, H, BT), torch.float32, dev)
+    else:
+        w, u = k, v
+    tmat = tmat if tmat is not None else gcum
     if layout.num_chunks and (use_g or delta):
         _prep_kernel[(layout.num_chunks, H)](
             k, v, g if use_g else q, beta if delta else q, gcum, w, u, tmat,
             A_log if opts.gate else q, dt_bias if opts.gate else q, layout.cu_seqlens,
             layout.chunk_indices, H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DELTA=delta,
-            STORE_T=delta and store_t, GATE=opts.gate, L2=opts.l2norm, PREC=prec)
+            STORE_T=delta and store_t, LOAD_T=delta and load_t, GATE=opts.gate,
+            L2=opts.l2norm, PREC=prec)
     h_all = new_buffer((layout.num_chunks, H, K, V), q.dtype, dev)
     e = new_buffer(v.shape, v.dtype, dev) if delta else v
     ht = new_buffer((layout.num_seqs, H, K, V), torch.float32, dev)
@@ -586,17 +595,26 @@ def _bv_scan(layout: SeqLayout, H: int, V: int, BV: int) -> int:
     return BV
 
 
+def _keeps_t(opts: "ChunkOptions") -> bool:
+    """Whether the forward keeps the WY inverse T for the backward: fp32 [total, H, BT], the
+    size of a bf16 k at K = 128, against inverting every chunk a second time (about a tenth
+    of a forward+backward at H = 16, D = 128 on an H200)."""
+    return opts.delta and opts.needs_grad
+
+
 def chunk_fwd(q, k, v, g, beta, h0, A_log, dt_bias, opts: "ChunkOptions"):
     """q, k: [total, H, K]; v: [total, H, V]; g, beta: [total, H]; h0: [N, H, K, V].
 
     With opts.gate, g holds gate logits and A_log, dt_bias ([H]) form the log-decay in-kernel;
-    with opts.l2norm, q and k are L2-normalised on load. Returns o [total, H, V] and the final
-    states [N, H, K, V] (fp32).
+    with opts.l2norm, q and k are L2-normalised on load. Returns o [total, H, V], the final
+    states [N, H, K, V] (fp32) and T for the backward (None unless _keeps_t).
     """
     TT, H, K = q.shape
     V = v.shape[-1]
     BK, BV = _blocks(K, V)
-    gcum, e, h_all, ht, _, _ = _forward_states(q, k, v, g, beta, h0, A_log, dt_bias, opts)
+    keep_t = _keeps_t(opts)
+    gcum, e, h_all, ht, _, tmat = _forward_states(q, k, v, g, beta, h0, A_log, dt_bias, opts,
+                                                  store_t=keep_t)
     o = new_buffer(v.shape, v.dtype, q.device)
     layout = opts.layout
     if layout.num_chunks:
@@ -604,15 +622,16 @@ def chunk_fwd(q, k, v, g, beta, h0, A_log, dt_bias, opts: "ChunkOptions"):
             q, k, e, gcum, h_all, o, layout.cu_seqlens, layout.chunk_indices, opts.scale, H,
             K=K, V=V, BT=layout.chunk_size, BK=BK, BV=BV, USE_G=g is not None, L2=opts.l2norm,
             PREC=_prec(q.dtype))
-    return o, ht
+    return o, ht, (tmat if keep_t else None)
 
 
 def chunk_bwd(q, k, v, g, beta, h0, A_log, dt_bias, do, dht: Optional[torch.Tensor],
-              opts: "ChunkOptions"):
+              opts: "ChunkOptions", tmat: Optional[torch.Tensor] = None):
     """Gradients of :func:`chunk_fwd`: dq, dk, dv, dg (fp32 or None; w.r.t. the log-decay,
-    also under opts.gate), dbeta (fp32 or None), dh0 [N, H, K, V]."""
+    also under opts.gate), dbeta (fp32 or None), dh0 [N, H, K, V]. tmat: the T the forward
+    kept (else it is formed again)."""
     gcum, e, h_all, _, w, tmat = _forward_states(q, k, v, g, beta, h0, A_log, dt_bias, opts,
-                                                 store_t=True)
+                                                 store_t=True, tmat=tmat)
     use_g = g is not None
     dh_all, de, dh0 = _reverse_scan(q, k, w, gcum, do, dht, use_g, opts)
     dq, dk, dv, dg, dbeta = _chunk_grads(q, k, v, e, gcum, beta, tmat, h_all, dh_all, do, de,
@@ -685,17 +704,20 @@ class ChunkOptions:
     """Static settings of one chunk call (kept out of the autograd Function's argument list).
 
     l2norm: normalise q and k inside the kernels; gate: g holds Gated DeltaNet gate logits
-    and the log-decay -exp(A_log) softplus(g + dt_bias) is formed inside the kernels.
+    and the log-decay -exp(A_log) softplus(g + dt_bias) is formed inside the kernels;
+    needs_grad: a backward will follow (the forward then keeps what it can hand on).
     """
     delta: bool
     scale: float
     layout: SeqLayout
     l2norm: bool = False
     gate: bool = False
+    needs_grad: bool = False
 
 
 class ChunkFunction(torch.autograd.Function):
-    """Autograd glue: forward keeps only the inputs; backward recomputes the chunk states.
+    """Autograd glue: forward keeps the inputs and the WY inverse T; backward recomputes the
+    chunk states.
 
     Tensors are flattened: q, k [total, H, K], v [total, H, V], g, beta [total, H] (or None),
     h0 [N, H, K, V] (or None), A_log, dt_bias [H] (opts.gate only, else None).
@@ -704,21 +726,21 @@ class ChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, opts: ChunkOptions, q, k, v, g, beta, h0, A_log, dt_bias):
-        o, ht = chunk_fwd(q, k, v, g, beta, h0, A_log, dt_bias, opts)
-        ctx.save_for_backward(q, k, v, g, beta, h0, A_log, dt_bias)
+        o, ht, tmat = chunk_fwd(q, k, v, g, beta, h0, A_log, dt_bias, opts)
+        ctx.save_for_backward(q, k, v, g, beta, h0, A_log, dt_bias, tmat)
         ctx.opts = opts
         ctx.set_materialize_grads(False)  # an unused final state costs no zero-filled dht
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, h0, A_log, dt_bias = ctx.saved_tensors
+        q, k, v, g, beta, h0, A_log, dt_bias, tmat = ctx.saved_tensors
         opts = ctx.opts
         if do is None:
             do = torch.zeros_like(v)
         dq, dk, dv, dg, dbeta, dh0 = chunk_bwd(
             q, k, v, g, beta, h0, A_log, dt_bias, do.contiguous(),
-            dht.contiguous() if dht is not None else None, opts)
+            dht.contiguous() if dht is not None else None, opts, tmat)
         dA_log = ddt_bias = None
         if opts.gate:
             # g_t = -exp(A_log) softplus(a_t + dt_bias): cheap [total, H] chain rule.

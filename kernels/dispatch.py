@@ -83,8 +83,11 @@ def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
         beta = q.new_ones(B, T, H)
     h0 = initial_state.transpose(-1, -2).contiguous() if initial_state is not None else None
     flat = lambda x: x.reshape((B * T,) + tuple(x.shape[2:])) if x is not None else None
-    opts = ChunkOptions(delta, scale, layout, l2norm=qk_l2norm, gate=gate is not None)
     A_log, dt_bias = gate if gate is not None else (None, None)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, beta, h0, A_log, dt_bias))
+    opts = ChunkOptions(delta, scale, layout, l2norm=qk_l2norm, gate=gate is not None,
+                        needs_grad=needs_grad)
     o, ht = ChunkFunction.apply(opts, flat(q), flat(k), flat(v), flat(g),
                                 flat(beta) if delta else None, h0, A_log, dt_bias)
     final = ht.transpose(-1, -2) if output_final_state else None

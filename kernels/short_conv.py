@@ -6,9 +6,12 @@ never from the segment before. Two paths with one contract:
 
 - torch: each segment laid out after its cached rows in one extended sequence, one shifted
   multiply-add per tap; the CPU path and the reference for the kernels.
-- Triton: one forward kernel (one read of x, one write of y) and one backward kernel that
-  recomputes the pre-activation and gives dx, per-block dweight sums and dcache, instead of
-  the torch path's W + 3 passes forward and about 3 W backward.
+- Triton: one forward kernel (one read of x, one write of y) and two backward passes, instead
+  of the torch path's W + 3 passes forward and about 3 W backward: the first recomputes the
+  pre-activation and gives dpre (stored in x's dtype, as torch's own bf16 backward would),
+  per-block dweight sums and dcache; the second gives dx from W shifted reads of dpre. (One
+  fused pass had to recompute the pre-activation at all W shifts: on an H200 it took 8x the
+  forward's time; see benchmarks/RESULTS.md.)
 """
 from __future__ import annotations
 
@@ -63,46 +66,54 @@ if triton_available():
                  mask=m_t[:, None] & m_c[None, :])
 
     @triton.jit
-    def _segment_conv_bwd_kernel(x, w, cache, dy, dx, dw_part, dcache, cu_seqlens,
-                                 chunk_indices, C, stride_x, W: tl.constexpr, BT: tl.constexpr,
-                                 BC: tl.constexpr, USE_CACHE: tl.constexpr,
-                                 CACHE_GRAD: tl.constexpr):
-        """dx[t] = sum_d weight[W-1-d] dpre[t+d] (same segment); dw_part[block] = this block's
-        sum of dpre[t] * tap input; dcache by atomic adds (only the first W-1 rows of a
-        segment reach the cache, so they do not contend). dpre is recomputed, not stored."""
+    def _segment_conv_dpre_kernel(x, w, cache, dy, dpre, dw_part, dcache, cu_seqlens,
+                                  chunk_indices, C, stride_x, W: tl.constexpr,
+                                  BT: tl.constexpr, BC: tl.constexpr, USE_CACHE: tl.constexpr,
+                                  CACHE_GRAD: tl.constexpr):
+        """First backward pass, per row: dpre = dy * silu'(pre) (pre recomputed) stored in x's
+        dtype; this block's dweight sums of dpre * tap input (fp32); dcache by atomic adds
+        (only a segment's first W-1 rows reach its cache, so they do not contend)."""
         i_b = tl.program_id(0)
         i_n, bos, seqlen, pos, o_c, m_c, m_t = _block(cu_seqlens, chunk_indices, i_b, C, BT, BC)
-        b_dx = tl.zeros([BT, BC], dtype=tl.float32)
-        dpre0 = tl.zeros([BT, BC], dtype=tl.float32)
-        for d in tl.static_range(W):  # dpre at the rows d later, which read this row at tap W-1-d
-            m_d = (pos + d) < seqlen
-            pre = tl.zeros([BT, BC], dtype=tl.float32)
-            for i in tl.static_range(W):
-                pre += tl.load(w + o_c * W + i, mask=m_c, other=0.0).to(tl.float32)[None, :] * \
-                    _tap(x, cache, bos, pos + d - (W - 1 - i), m_d, i_n, o_c, m_c, C, stride_x,
-                         W, USE_CACHE)
-            g = tl.load(dy + (bos + pos + d)[:, None] * C + o_c[None, :],
-                        mask=m_d[:, None] & m_c[None, :], other=0.0).to(tl.float32)
-            sig = tl.sigmoid(pre)
-            dpre = g * sig * (1.0 + pre * (1.0 - sig))
-            b_dx += tl.load(w + o_c * W + (W - 1 - d), mask=m_c,
-                            other=0.0).to(tl.float32)[None, :] * dpre
-            if d == 0:
-                dpre0 = dpre
-        tl.store(dx + (bos + pos)[:, None] * C + o_c[None, :], b_dx.to(dx.dtype.element_ty),
-                 mask=m_t[:, None] & m_c[None, :])
+        m = m_t[:, None] & m_c[None, :]
+        pre = tl.zeros([BT, BC], dtype=tl.float32)
+        for i in tl.static_range(W):
+            pre += tl.load(w + o_c * W + i, mask=m_c, other=0.0).to(tl.float32)[None, :] * \
+                _tap(x, cache, bos, pos - (W - 1 - i), m_t, i_n, o_c, m_c, C, stride_x, W,
+                     USE_CACHE)
+        g = tl.load(dy + (bos + pos)[:, None] * C + o_c[None, :], mask=m,
+                    other=0.0).to(tl.float32)
+        sig = tl.sigmoid(pre)
+        b_dpre = g * sig * (1.0 + pre * (1.0 - sig))
+        tl.store(dpre + (bos + pos)[:, None] * C + o_c[None, :],
+                 b_dpre.to(dpre.dtype.element_ty), mask=m)
         for i in tl.static_range(W):
             src = pos - (W - 1 - i)
             tap = _tap(x, cache, bos, src, m_t, i_n, o_c, m_c, C, stride_x, W, USE_CACHE)
-            tl.store(dw_part + (i_b * C + o_c) * W + i, tl.sum(dpre0 * tap, 0), mask=m_c)
+            tl.store(dw_part + (i_b * C + o_c) * W + i, tl.sum(b_dpre * tap, 0), mask=m_c)
             if CACHE_GRAD:
                 w_i = tl.load(w + o_c * W + i, mask=m_c, other=0.0).to(tl.float32)
                 tl.atomic_add(dcache + (i_n * C + o_c[None, :]) * (W - 1) + (W - 1 + src)[:, None],
-                              dpre0 * w_i[None, :],
-                              mask=m_t[:, None] & m_c[None, :] & (src < 0)[:, None])
+                              b_dpre * w_i[None, :], mask=m & (src < 0)[:, None])
+
+    @triton.jit
+    def _segment_conv_dx_kernel(w, dpre, dx, cu_seqlens, chunk_indices, C, W: tl.constexpr,
+                                BT: tl.constexpr, BC: tl.constexpr):
+        """Second backward pass: dx[t] = sum_d weight[W-1-d] dpre[t+d] within t's segment."""
+        i_b = tl.program_id(0)
+        _, bos, seqlen, pos, o_c, m_c, m_t = _block(cu_seqlens, chunk_indices, i_b, C, BT, BC)
+        b_dx = tl.zeros([BT, BC], dtype=tl.float32)
+        for d in tl.static_range(W):
+            m_d = (pos + d) < seqlen
+            b_dx += tl.load(w + o_c * W + (W - 1 - d), mask=m_c,
+                            other=0.0).to(tl.float32)[None, :] * \
+                tl.load(dpre + (bos + pos + d)[:, None] * C + o_c[None, :],
+                        mask=m_d[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+        tl.store(dx + (bos + pos)[:, None] * C + o_c[None, :], b_dx.to(dx.dtype.element_ty),
+                 mask=m_t[:, None] & m_c[None, :])
 
 
-_BT, _BC, _WARPS = 32, 64, 8  # 4 warps spill 2.4 KB per thread in the backward (sm_90 build)
+_BT, _BC, _WARPS = 32, 64, 8  # at 4 warps the sm_90 builds spill (backward first pass: 224 B)
 
 
 class _SegmentConvFunction(torch.autograd.Function):
@@ -126,23 +137,32 @@ class _SegmentConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w, cache = ctx.saved_tensors
-        layout = ctx.layout
-        P, C = x.shape
-        W = w.shape[1]
-        dy = dy.contiguous()
-        dx = new_buffer((P, C), x.dtype, x.device)
-        dw_part = new_buffer((layout.num_chunks, C, W), torch.float32, x.device)
         cache_grad = cache is not None and ctx.needs_input_grad[2]
-        dcache = (torch.zeros(cache.shape, dtype=torch.float32, device=x.device)
-                  if cache_grad else None)
-        if layout.num_chunks:
-            _segment_conv_bwd_kernel[(layout.num_chunks, triton.cdiv(C, _BC))](
-                x, w, cache if cache is not None else x, dy, dx, dw_part,
-                dcache if cache_grad else dw_part, layout.cu_seqlens, layout.chunk_indices, C,
-                x.stride(0), W=W, BT=_BT, BC=_BC, USE_CACHE=cache is not None,
-                CACHE_GRAD=cache_grad, num_warps=_WARPS)
+        dx, dw_part, dcache = _conv_bwd(x, w, cache, dy.contiguous(), ctx.layout, cache_grad)
         dw = dw_part.sum(0).to(w.dtype)
         return dx, dw, dcache.to(cache.dtype) if cache_grad else None, None
+
+
+def _conv_bwd(x, w, cache, dy, layout, cache_grad: bool):
+    """The backward's two passes: dx, per-block dweight sums [blocks, C, W] fp32, and dcache
+    (fp32, or None without cache_grad)."""
+    P, C = x.shape
+    W = w.shape[1]
+    dx = new_buffer((P, C), x.dtype, x.device)
+    dw_part = new_buffer((layout.num_chunks, C, W), torch.float32, x.device)
+    dcache = (torch.zeros(cache.shape, dtype=torch.float32, device=x.device)
+              if cache_grad else None)
+    if layout.num_chunks:
+        grid = (layout.num_chunks, triton.cdiv(C, _BC))
+        dpre = new_buffer((P, C), x.dtype, x.device)
+        _segment_conv_dpre_kernel[grid](
+            x, w, cache if cache is not None else x, dy, dpre, dw_part,
+            dcache if cache_grad else dw_part, layout.cu_seqlens, layout.chunk_indices, C,
+            x.stride(0), W=W, BT=_BT, BC=_BC, USE_CACHE=cache is not None,
+            CACHE_GRAD=cache_grad, num_warps=_WARPS)
+        _segment_conv_dx_kernel[grid](w, dpre, dx, layout.cu_seqlens, layout.chunk_indices,
+                                      C, W=W, BT=_BT, BC=_BC, num_warps=_WARPS)
+    return dx, dw_part, dcache
 
 
 def _conv_torch(x: torch.Tensor, weight: torch.Tensor, cu: Sequence[int],

@@ -461,7 +461,8 @@ def timings(dev, smoke, budget_s, ours_only=False, variant="", mom_only=False,
             call(layer, leaves).float().sum().backward()
         return fwd, fwdbwd
     layer = our_mom(smoke).to(dev, dtype)
-    run("ours MoMLayer", (B, T, hidden), lambda: mom_factory(layer, lambda m, x: m(x)[0]))
+    run("ours MoMLayer" + (f" ({variant})" if variant else ""), (B, T, hidden),
+        lambda: mom_factory(layer, lambda m, x: m(x)[0]))
     if mom_baseline:
         old = load_mom_baseline(mom_baseline, smoke).to(dev, dtype)
         old.load_state_dict(layer.state_dict())
@@ -677,19 +678,23 @@ def compile_check(head_dim: int, dtype: str, arch: int = 90, only: str = "") -> 
     base = dict(K=D, V=D, BT=64, BK=bk, BV=bv, USE_G=True, L2=True, PREC=prec)
     jobs = []
     for delta in (True, False):
-        jobs += [(ct._prep_kernel, dict(base, DELTA=delta, STORE_T=True, GATE=True)),
+        jobs += [(ct._prep_kernel, dict(base, DELTA=delta, STORE_T=True, LOAD_T=False,
+                                        GATE=True)),
                  (ct._fwd_h_kernel, dict(base, DELTA=delta, USE_H0=True, BV=bv_scan)),
                  (ct._fwd_h_kernel, dict(base, DELTA=delta, USE_H0=True)),
                  (ct._bwd_dh_kernel, dict(base, DELTA=delta, USE_DHT=True, BV=bv_scan,
                                           DV_LOCAL=True)),
                  (ct._bwd_qk_kernel, dict(base, DELTA=delta))]
-    jobs += [(ct._bwd_wy_kernel, dict(base)), (ct._bwd_dv_local_kernel, dict(base))]
+    jobs += [(ct._prep_kernel, dict(base, DELTA=True, STORE_T=False, LOAD_T=True, GATE=True)),
+             (ct._bwd_wy_kernel, dict(base)), (ct._bwd_dv_local_kernel, dict(base))]
     jobs += [(ct._fwd_o_kernel, dict(base)),
              (rt._recurrent_kernel, dict(K=D, V=D, BK=bk, BV=32, USE_G=True, USE_H0=True,
                                          DELTA=True))]
     conv = dict(W=4, BT=sc._BT, BC=sc._BC, USE_CACHE=True, num_warps=sc._WARPS)
     jobs += [(sc._segment_conv_fwd_kernel, conv),
-             (sc._segment_conv_bwd_kernel, dict(conv, CACHE_GRAD=True))]
+             (sc._segment_conv_dpre_kernel, dict(conv, CACHE_GRAD=True)),
+             (sc._segment_conv_dx_kernel, dict(W=4, BT=sc._BT, BC=sc._BC,
+                                               num_warps=sc._WARPS))]
     failed = 0
     print(f"| kernel ({dtype}, K = V = {D}, BT 64) | DELTA | BV | warps | stages | shared (KB) "
           "| registers | spill stack (B/thread) |")
@@ -766,6 +771,8 @@ def main():
         except ImportError:  # the GPU machine runs this file from the checkout
             import kernel_variants
         kernel_variants.apply(args.variant)
+        if kernel_variants.VARIANTS[args.variant][0].__name__.endswith("short_conv"):
+            args.mom_only = True  # the convolution only changes the MoM layer's times
     if args.compile_check:
         return compile_check(args.head_dim, args.compile_check, only=args.only)
     dev = torch.device("cpu" if args.smoke else "cuda")

@@ -11,7 +11,10 @@
 #   is the time left minus DEADLINE_RESERVE_S=60, and fla's MomAttention the time left.
 #   WARM=1: first build and tune every kernel the run will use in parallel processes, one per
 #   part (gpu_kernels.py --warm), each under WARM_S=240 seconds; the main run then finds the
-#   kernels in Triton's cache instead of compiling one config after another. WARM=0 skips it.
+#   kernels in Triton's cache instead of compiling one config after another. WARM=0 skips it;
+#   WARM_PARTS="gdr-bf16 sizes" warms only those parts. Autotuning itself is left to the main
+#   run, which has the GPU to itself: FLA_CACHE_RESULTS=0 stops fla from reusing the choices
+#   its warm-up made while the other parts shared the GPU (ours are never cached).
 # Wheels of flash-linear-attention (fla-core, flash-linear-attention 0.6.0; pure Python) found
 # in .whl/ are installed into /tmp/site first so fla's kernels are timed alongside ours.
 set -uo pipefail
@@ -22,7 +25,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 FLA_CACHE_RESULTS=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 smoke=(); quick=0
@@ -30,6 +33,7 @@ for a in "$@"; do [[ "$a" == --smoke ]] && smoke=(--smoke); [[ "$a" == --quick ]
 if [[ "${WARM:-1}" != 0 ]]; then
   parts="gdr-bf16 gla-bf16 sizes mom fla fla-mom"
   [[ "$quick" == 1 ]] || parts="$parts gdr-fp32 gla-fp32"
+  parts="${WARM_PARTS:-$parts}"
   start=$SECONDS
   warm_s=$(( ${WARM_S:-240} < ${DEADLINE_S:-470} / 2 ? ${WARM_S:-240} : ${DEADLINE_S:-470} / 2 ))
   for part in $parts; do

@@ -129,7 +129,8 @@ def _naive_segment_conv(x, weight, cu, cache):
 
 
 @pytest.mark.parametrize("backend,dtype,tol", [("torch", torch.float64, 1e-12),
-                                               ("triton", torch.float32, 1e-5)])
+                                               ("triton", torch.float32, 1e-5),
+                                               ("triton", torch.float16, 1e-2)])
 @pytest.mark.parametrize("with_cache", [True, False])
 def test_segment_conv_matches_row_by_row_reference(backend, dtype, tol, with_cache):
     # Lengths 5, 0, 1, 40 (more than one 32-row kernel block), 2 with W - 1 = 3; C = 70 is
