@@ -597,8 +597,8 @@ def _bv_scan(layout: SeqLayout, H: int, V: int, BV: int) -> int:
 
 def _keeps_t(opts: "ChunkOptions") -> bool:
     """Whether the forward keeps the WY inverse T for the backward: fp32 [total, H, BT], the
-    size of a bf16 k at K = 128, against inverting every chunk a second time (about a tenth
-    of a forward+backward at H = 16, D = 128 on an H200)."""
+    size of a bf16 k at K = 128, against inverting every chunk a second time (5 % of a
+    forward+backward at H = 16, D = 128 on an H200)."""
     return opts.delta and opts.needs_grad
 
 
