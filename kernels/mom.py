@@ -147,10 +147,6 @@ class MoMLayer(nn.Module):
             if memory_mask.shape != (B, self.num_memories):
                 raise ValueError(f"memory_mask must be [B, E] = [{B}, {self.num_memories}], "
                                  f"got {tuple(memory_mask.shape)}")
-            allowed = memory_mask.sum(-1)
-            if (allowed < self.topk).any():
-                raise ValueError(f"every sample must allow at least topk={self.topk} memories; "
-                                 f"allowed counts {allowed.tolist()}")
             logits = logits.masked_fill(~memory_mask[:, None, :], float("-inf"))
         probs = logits.softmax(-1)
         topv, topi = probs.topk(self.topk, dim=-1)
@@ -192,7 +188,14 @@ class MoMLayer(nn.Module):
         inv = torch.empty_like(order).scatter_(0, order, torch.arange(P, device=dev))
         lens = torch.zeros(M * B, dtype=torch.long, device=dev).scatter_add_(
             0, key, torch.ones_like(key))
-        cu = F.pad(lens.cumsum(0), (1, 0)).cpu()  # the layer's one device sync
+        counts = F.pad(lens.cumsum(0), (1, 0))
+        if memory_mask is not None:  # its check rides on the same transfer
+            counts = torch.cat([counts, memory_mask.sum(-1)])
+        counts = counts.cpu()  # the layer's one device sync
+        cu = counts[:M * B + 1]
+        if memory_mask is not None and (counts[M * B + 1:] < self.topk).any():
+            raise ValueError(f"every sample must allow at least topk={self.topk} memories; "
+                             f"allowed counts {counts[M * B + 1:].tolist()}")
         cu_host = cu.tolist()
         sizes = [cu_host[(m + 1) * B] - cu_host[m * B] for m in range(M)]
 
