@@ -51,6 +51,23 @@ if triton_available():
         return b
 
     @triton.jit
+    def _weight_cache_grads(x, w, cache, dw_part, dcache, b_dpre, i_b, i_n, bos, pos, o_c, m_c,
+                            m_t, C, stride_x, W: tl.constexpr, USE_CACHE: tl.constexpr,
+                            CACHE_GRAD: tl.constexpr):
+        """From one block's dpre: its dweight sums (dpre * tap input over the rows) and, with
+        CACHE_GRAD, dcache by atomic adds (only a segment's first W-1 rows reach its cache, so
+        they do not contend)."""
+        for i in tl.static_range(W):
+            src = pos - (W - 1 - i)
+            tap = _tap(x, cache, bos, src, m_t, i_n, o_c, m_c, C, stride_x, W, USE_CACHE)
+            tl.store(dw_part + (i_b * C + o_c) * W + i, tl.sum(b_dpre * tap, 0), mask=m_c)
+            if CACHE_GRAD:
+                w_i = tl.load(w + o_c * W + i, mask=m_c, other=0.0).to(tl.float32)
+                tl.atomic_add(dcache + (i_n * C + o_c[None, :]) * (W - 1) + (W - 1 + src)[:, None],
+                              b_dpre * w_i[None, :],
+                              mask=m_t[:, None] & m_c[None, :] & (src < 0)[:, None])
+
+    @triton.jit
     def _segment_conv_fwd_kernel(x, w, cache, y, cu_seqlens, chunk_indices, C, stride_x,
                                  W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                                  USE_CACHE: tl.constexpr):
@@ -71,8 +88,7 @@ if triton_available():
                                   BT: tl.constexpr, BC: tl.constexpr, USE_CACHE: tl.constexpr,
                                   CACHE_GRAD: tl.constexpr):
         """First backward pass, per row: dpre = dy * silu'(pre) (pre recomputed) stored in x's
-        dtype; this block's dweight sums of dpre * tap input (fp32); dcache by atomic adds
-        (only a segment's first W-1 rows reach its cache, so they do not contend)."""
+        dtype; then this block's dweight sums and dcache (:func:`_weight_cache_grads`)."""
         i_b = tl.program_id(0)
         i_n, bos, seqlen, pos, o_c, m_c, m_t = _block(cu_seqlens, chunk_indices, i_b, C, BT, BC)
         m = m_t[:, None] & m_c[None, :]
@@ -87,14 +103,8 @@ if triton_available():
         b_dpre = g * sig * (1.0 + pre * (1.0 - sig))
         tl.store(dpre + (bos + pos)[:, None] * C + o_c[None, :],
                  b_dpre.to(dpre.dtype.element_ty), mask=m)
-        for i in tl.static_range(W):
-            src = pos - (W - 1 - i)
-            tap = _tap(x, cache, bos, src, m_t, i_n, o_c, m_c, C, stride_x, W, USE_CACHE)
-            tl.store(dw_part + (i_b * C + o_c) * W + i, tl.sum(b_dpre * tap, 0), mask=m_c)
-            if CACHE_GRAD:
-                w_i = tl.load(w + o_c * W + i, mask=m_c, other=0.0).to(tl.float32)
-                tl.atomic_add(dcache + (i_n * C + o_c[None, :]) * (W - 1) + (W - 1 + src)[:, None],
-                              b_dpre * w_i[None, :], mask=m & (src < 0)[:, None])
+        _weight_cache_grads(x, w, cache, dw_part, dcache, b_dpre, i_b, i_n, bos, pos, o_c, m_c,
+                            m_t, C, stride_x, W, USE_CACHE, CACHE_GRAD)
 
     @triton.jit
     def _segment_conv_dx_kernel(w, dpre, dx, cu_seqlens, chunk_indices, C, W: tl.constexpr,
@@ -143,15 +153,21 @@ class _SegmentConvFunction(torch.autograd.Function):
         return dx, dw, dcache.to(cache.dtype) if cache_grad else None, None
 
 
-def _conv_bwd(x, w, cache, dy, layout, cache_grad: bool):
-    """The backward's two passes: dx, per-block dweight sums [blocks, C, W] fp32, and dcache
-    (fp32, or None without cache_grad)."""
-    P, C = x.shape
-    W = w.shape[1]
-    dx = new_buffer((P, C), x.dtype, x.device)
-    dw_part = new_buffer((layout.num_chunks, C, W), torch.float32, x.device)
+def _bwd_buffers(x, w, cache, layout, cache_grad: bool):
+    """dx, per-block dweight sums [blocks, C, W] fp32, and dcache (fp32, zeroed for the
+    atomic adds; None without cache_grad)."""
+    dx = new_buffer(x.shape, x.dtype, x.device)
+    dw_part = new_buffer((layout.num_chunks,) + tuple(w.shape), torch.float32, x.device)
     dcache = (torch.zeros(cache.shape, dtype=torch.float32, device=x.device)
               if cache_grad else None)
+    return dx, dw_part, dcache
+
+
+def _conv_bwd(x, w, cache, dy, layout, cache_grad: bool):
+    """The backward's two passes into :func:`_bwd_buffers`."""
+    P, C = x.shape
+    W = w.shape[1]
+    dx, dw_part, dcache = _bwd_buffers(x, w, cache, layout, cache_grad)
     if layout.num_chunks:
         grid = (layout.num_chunks, triton.cdiv(C, _BC))
         dpre = new_buffer((P, C), x.dtype, x.device)

@@ -13,13 +13,11 @@ together with the jit functions it calls, so a patched kernel compiles as its ow
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from cl_toolkit.kernels import chunk_triton, short_conv
-from cl_toolkit.kernels.short_conv import _block, _tap
-from cl_toolkit.kernels.utils import new_buffer
+from cl_toolkit.kernels.short_conv import _block, _tap, _weight_cache_grads
 
 _LIBRARY_REVERSE_SCAN = chunk_triton._reverse_scan  # a variant replaces the module's name
 
@@ -41,9 +39,8 @@ def _segment_conv_bwd_kernel(x, w, cache, dy, dx, dw_part, dcache, cu_seqlens,
                              chunk_indices, C, stride_x, W: tl.constexpr, BT: tl.constexpr,
                              BC: tl.constexpr, USE_CACHE: tl.constexpr,
                              CACHE_GRAD: tl.constexpr):
-    """dx[t] = sum_d weight[W-1-d] dpre[t+d] (same segment); dw_part[block] = this block's
-    sum of dpre[t] * tap input; dcache by atomic adds (only the first W-1 rows of a
-    segment reach the cache, so they do not contend). dpre is recomputed, not stored."""
+    """dx[t] = sum_d weight[W-1-d] dpre[t+d] (same segment), dpre recomputed at every shift,
+    not stored; then the block's dweight sums and dcache from dpre at d = 0."""
     i_b = tl.program_id(0)
     i_n, bos, seqlen, pos, o_c, m_c, m_t = _block(cu_seqlens, chunk_indices, i_b, C, BT, BC)
     b_dx = tl.zeros([BT, BC], dtype=tl.float32)
@@ -65,28 +62,17 @@ def _segment_conv_bwd_kernel(x, w, cache, dy, dx, dw_part, dcache, cu_seqlens,
             dpre0 = dpre
     tl.store(dx + (bos + pos)[:, None] * C + o_c[None, :], b_dx.to(dx.dtype.element_ty),
              mask=m_t[:, None] & m_c[None, :])
-    for i in tl.static_range(W):
-        src = pos - (W - 1 - i)
-        tap = _tap(x, cache, bos, src, m_t, i_n, o_c, m_c, C, stride_x, W, USE_CACHE)
-        tl.store(dw_part + (i_b * C + o_c) * W + i, tl.sum(dpre0 * tap, 0), mask=m_c)
-        if CACHE_GRAD:
-            w_i = tl.load(w + o_c * W + i, mask=m_c, other=0.0).to(tl.float32)
-            tl.atomic_add(dcache + (i_n * C + o_c[None, :]) * (W - 1) + (W - 1 + src)[:, None],
-                          dpre0 * w_i[None, :],
-                          mask=m_t[:, None] & m_c[None, :] & (src < 0)[:, None])
+    _weight_cache_grads(x, w, cache, dw_part, dcache, dpre0, i_b, i_n, bos, pos, o_c, m_c, m_t,
+                        C, stride_x, W, USE_CACHE, CACHE_GRAD)
 
 
 def conv_bwd_one_pass(x, w, cache, dy, layout, cache_grad: bool):
     """The short convolution's backward as one kernel (fifth session): dx from the
     pre-activation recomputed at all W shifts, no dpre buffer. On an H200 it took 8x the
     forward's time in the MoM layer profile (benchmarks/RESULTS.md, run 9)."""
-    P, C = x.shape
-    W = w.shape[1]
+    C, W = w.shape
     BT, BC = short_conv._BT, short_conv._BC
-    dx = new_buffer((P, C), x.dtype, x.device)
-    dw_part = new_buffer((layout.num_chunks, C, W), torch.float32, x.device)
-    dcache = (torch.zeros(cache.shape, dtype=torch.float32, device=x.device)
-              if cache_grad else None)
+    dx, dw_part, dcache = short_conv._bwd_buffers(x, w, cache, layout, cache_grad)
     if layout.num_chunks:
         _segment_conv_bwd_kernel[(layout.num_chunks, triton.cdiv(C, BC))](
             x, w, cache if cache is not None else x, dy, dx, dw_part,
