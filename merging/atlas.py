@@ -4,9 +4,29 @@ https://arxiv.org/abs/2407.02880).
 ``theta = theta_0 + sum_i Lambda[i, j] tau_i[j]`` with one scalar per (task vector i, parameter
 tensor j). The coefficients are the only trainable values: the base model and the task vectors
 stay frozen and resident once; every step composes the parameters and runs the model through
-``torch.func.functional_call``, so no model copy is made. Objectives: supervised cross-entropy
-on a few labelled samples (task addition / few-shot), or, without labels, prediction entropy or
-cross-entropy on confident pseudo-labels (test-time adaptation).
+``torch.func.functional_call``, so no model copy is made. Only parameters get coefficients:
+floating-point buffers (BatchNorm running statistics) are not directions to scale, and the model
+runs with its own buffers, as the authors' ``WeightedImageEncoder`` composes
+``named_parameters`` only (https://github.com/fredzzhang/atlas, src/composition.py).
+
+The recipe is the authors' (src/learn_task_addition.py, src/learn_few_shots.py there): AdamW,
+lr 1e-3, weight decay 0.1, gradient norm clipped to 1.0, coefficients from 0, and the
+coefficients kept are those that scored best on held-out validation data, checked every
+``eval_every`` steps, the starting point included.
+
+Objectives:
+
+- ``"supervised"``: cross-entropy on a few labelled samples (task addition / few-shot);
+  validation score: accuracy.
+- ``"entropy"``: Shannon entropy of the predictions on unlabelled inputs, AdaMerging's
+  objective (Yang et al., https://arxiv.org/abs/2310.02575).
+- ``"pseudo_label"``: plain self-training, cross-entropy on the model's own predictions that
+  are at least ``threshold`` confident. It is *not* the paper's UFM (unsupervised FixMatch:
+  pseudo-labels from a plain view supervise a strongly augmented view, with trusted samples per
+  class), which needs augmentations this toolkit's tensors do not carry.
+
+For the unlabelled objectives the validation score is minus the objective on the held-out
+inputs (no labels exist to count accuracy).
 """
 from __future__ import annotations
 
@@ -61,40 +81,69 @@ def objective_loss(logits: torch.Tensor, y: torch.Tensor | None, objective: str,
     raise ValueError(f"Unknown aTLAS objective {objective!r}; use one of {OBJECTIVES}.")
 
 
+def parameter_keys(model: nn.Module, keys) -> list[str]:
+    """The entries of ``keys`` that are parameters of ``model`` (buffers left out)."""
+    params = {n for n, _ in model.named_parameters()}
+    return [k for k in keys if k in params]
+
+
 def fit_coefficients(model: nn.Module, base: StateDict, task_vectors: list[StateDict],
                      data: TensorData, objective: str = "supervised",
-                     coefs: torch.Tensor | None = None, steps: int = 100, lr: float = 0.01,
-                     batch_size: int = 64, use_task_ids: bool = False,
-                     generator: torch.Generator | None = None,
-                     threshold: float = 0.9) -> torch.Tensor:
-    """Learn ``coefs [n_vectors, n_keys]`` (start: ``coefs`` or zeros) with Adam on ``data``.
+                     coefs: torch.Tensor | None = None, steps: int = 200, lr: float = 1e-3,
+                     batch_size: int = 128, use_task_ids: bool = False,
+                     generator: torch.Generator | None = None, threshold: float = 0.9,
+                     weight_decay: float = 0.1, grad_clip: float | None = 1.0,
+                     val_data: TensorData | None = None, eval_every: int = 10) -> torch.Tensor:
+    """Learn ``coefs [n_vectors, n_keys]`` (start: ``coefs`` or zeros) with AdamW on ``data``.
 
-    The model runs in eval mode (BatchNorm uses its stored statistics, dropout is off), so the
-    coefficients are the only thing that changes.
+    ``task_vectors`` must hold parameters only (`parameter_keys`). With ``val_data``, returns
+    the coefficients that scored best on it (strictly better than every earlier check; the
+    start is checked first); without, the last ones. The model runs in eval mode (BatchNorm uses
+    its stored statistics, dropout is off), so the coefficients are the only thing that changes.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"Unknown aTLAS objective {objective!r}; use one of {OBJECTIVES}.")
+    buffers = {n for n, _ in model.named_buffers()} & set(task_vectors[0])
+    if buffers:
+        raise ValueError(f"aTLAS task vectors hold buffers ({', '.join(sorted(buffers))}); "
+                         "pass parameters only (merging.atlas.parameter_keys).")
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}.")
     n_keys = len(task_vectors[0])
     device = next(iter(base.values())).device
     if coefs is None:
         coefs = torch.zeros(len(task_vectors), n_keys, device=device)
     coefs = coefs.detach().clone().to(device).requires_grad_(True)
-    opt = torch.optim.Adam([coefs], lr=lr)
+    opt = torch.optim.AdamW([coefs], lr=lr, weight_decay=weight_decay)
     was_training = model.training
     # The base stays frozen: no gradient for the parameters that are not composed either.
     flags = {p: p.requires_grad for p in model.parameters()}
     model.eval()
     n = len(data)
+
+    def logits_of(x, t):
+        params = compose(base, task_vectors, coefs)
+        return functional_call(model, params, (x,), {"t": t} if use_task_ids else {})
+
+    best, best_score = coefs.detach().clone(), None
+
+    def check():
+        nonlocal best, best_score
+        if val_data is None:
+            return
+        with torch.no_grad():
+            score = validation_score(logits_of, val_data, objective, threshold, device)
+        if best_score is None or score > best_score:
+            best, best_score = coefs.detach().clone(), score
+
     try:
         for p in flags:
             p.requires_grad_(False)
+        check()
         for step in range(steps):
             idx = torch.randint(n, (min(batch_size, n),), generator=generator)
             x, y, t = data.x[idx].to(device), data.y[idx].to(device), data.t[idx].to(device)
-            params = compose(base, task_vectors, coefs)
-            kwargs = {"t": t} if use_task_ids else {}
-            logits = functional_call(model, params, (x,), kwargs)
-            loss = objective_loss(logits, y, objective, threshold)
+            loss = objective_loss(logits_of(x, t), y, objective, threshold)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"aTLAS coefficient fit: the {objective} loss became {loss.item()} at step "
@@ -102,9 +151,27 @@ def fit_coefficients(model: nn.Module, base: StateDict, task_vectors: list[State
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_([coefs], grad_clip)
             opt.step()
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                check()
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return coefs.detach()
+    return best if val_data is not None else coefs.detach()
+
+
+def validation_score(logits_of, data: TensorData, objective: str, threshold: float,
+                     device, batch_size: int = 256) -> float:
+    """Higher is better: accuracy for ``"supervised"``, minus the mean objective otherwise."""
+    total = 0.0
+    for x, y, t in data.batches(batch_size):
+        x, y, t = x.to(device), y.to(device), t.to(device)
+        logits = logits_of(x, t)
+        if objective == "supervised":
+            total += float((logits.argmax(-1) == y).sum())
+        else:
+            total -= float(objective_loss(logits, None, objective, threshold)) * len(x)
+    return total / max(1, len(data))

@@ -42,7 +42,7 @@ from .opcm import linear_weights, opcm_step_
 from .task_arithmetic import task_arithmetic_step_
 from .task_vectors import (assign_, check_compatible, check_finite, clone, combine_into_,
                            floating_keys, load_checkpoint, nbytes, subtract_)
-from .ties import REDUCTIONS, ties_tensor, trim_threshold
+from .ties import REDUCTIONS, majority_sign, ties_tensor, trim_threshold
 
 
 def _to_device(obj, device):
@@ -287,9 +287,11 @@ class MergeTA(MergeStrategy):
 
 
 class MergeTIES(MergeStrategy):
-    """Continual TIES (https://arxiv.org/abs/2306.01708):
-    ``S_t = TIES(S_{t-1}, tau_t)``, ``theta_t = theta_0 + lam * S_t`` (``S_0 = 0``). With the
-    disjoint mean, ``lam = 1`` is the TIES paper's default."""
+    """Continual TIES (https://arxiv.org/abs/2306.01708), the sound default:
+    ``S_t = TIES(S_{t-1}, tau_t)``, ``theta_t = theta_0 + lam * S_t`` (``S_0 = 0``): every step
+    is one TIES merge of two vectors, so the merged update stays on the scale of one task vector.
+    With the disjoint mean, ``lam = 1`` is the TIES paper's default. The OPCM paper's baseline is
+    `MergeTIESFusionBench`."""
 
     name = "merge_ties"
 
@@ -302,14 +304,18 @@ class MergeTIES(MergeStrategy):
             raise ConfigError(f"TIES density must be in (0, 1], got {density}.")
         self.lam, self.density, self.reduce = lam, density, reduce
 
+    def _ties_with(self, tau) -> tuple[list, float]:
+        """Per-vector trim thresholds of ``[merged, tau]`` and their majority sign."""
+        vectors = [self.merged, tau]
+        thresholds = [trim_threshold(v.values(), self.density) for v in vectors]
+        return thresholds, majority_sign(vectors, thresholds)
+
     def merge_(self, tau, task):
         if self.tasks_seen == 0:
             self.merged = {k: torch.zeros_like(v) for k, v in tau.items()}
-        # Each of the two vectors is trimmed over all its tensors (one threshold per vector).
-        thresholds = [trim_threshold(self.merged.values(), self.density),
-                      trim_threshold(tau.values(), self.density)]
+        thresholds, majority = self._ties_with(tau)
         for k, s in self.merged.items():
-            self.merged[k] = ties_tensor([s, tau[k]], thresholds, self.reduce)
+            self.merged[k] = ties_tensor([s, tau[k]], thresholds, majority, self.reduce)
 
     def merged_update(self):
         return self.merged, self.lam
@@ -323,6 +329,35 @@ class MergeTIES(MergeStrategy):
     def load_method_state(self, state):
         if state["merged"] is not None:
             self.merged = state["merged"]
+
+
+class MergeTIESFusionBench(MergeTIES):
+    """The continual TIES baseline of the OPCM paper (https://arxiv.org/abs/2501.09522), as
+    FusionBench runs it (``ContinualTiesMergingForCLIP``, fusion_bench/method/opcm/
+    ties_merging.py, https://github.com/tanganke/fusion_bench):
+    ``theta_1 = theta_0 + s * tau_1`` (untrimmed), then
+    ``theta_t = theta_{t-1} + s * TIES_sum(theta_{t-1} - theta_0, tau_t)``, ``s = lam`` = 0.3
+    for 8 tasks and 0.1 for 14/20. Kept for comparability with the paper's C-TIES numbers: the
+    previous merge is added again at every step (where it agrees with tau_t), so the merged
+    update grows with the number of tasks instead of staying on one task vector's scale."""
+
+    name = "merge_ties_fusionbench"
+
+    def __init__(self, lam: float = 0.3, density: float = 0.2, reduce: str = "sum", **kwargs):
+        super().__init__(lam=lam, density=density, reduce=reduce, **kwargs)
+
+    def merge_(self, tau, task):
+        if self.tasks_seen == 0:
+            self.merged = {k: v.mul(self.lam) for k, v in tau.items()}
+            return
+        # Thresholds and majority sign are fixed before the in-place update: each tensor's TIES
+        # reads only that tensor of the previous merge.
+        thresholds, majority = self._ties_with(tau)
+        for k, s in self.merged.items():
+            s.add_(ties_tensor([s, tau[k]], thresholds, majority, self.reduce), alpha=self.lam)
+
+    def merged_update(self):
+        return self.merged, 1.0
 
 
 class OPCM(MergeStrategy):
@@ -364,65 +399,113 @@ class OPCM(MergeStrategy):
 class ATLAS(MergeStrategy):
     """aTLAS (https://arxiv.org/abs/2407.02880) as a continual strategy: after each task,
     re-learn one coefficient per (task vector, parameter tensor) for all task vectors so far,
-    from 0 as in the paper (``warm_start=True``: earlier ones start at their last values), on
-    a buffer of ``k_shot`` labelled training samples per class of every seen task.
-    ``k_shot = 0`` keeps ``unlabeled_per_task`` unlabelled inputs per task instead and uses the
-    ``unsupervised`` objective (``"entropy"`` or ``"pseudo_label"``)."""
+    from 0 as in the paper (``warm_start=True``: earlier ones start at their last values), with
+    the authors' recipe (AdamW, ``coef_lr`` 1e-3, ``coef_weight_decay`` 0.1, gradient norm
+    clipped to ``coef_grad_clip`` 1.0) and the coefficients that score best on a validation
+    split, checked every ``coef_eval_every`` steps (see `merging.atlas`).
+
+    The buffer keeps ``k_shot`` labelled training samples per class of every seen task;
+    ``val_fraction`` of each class's shots (at least one, at most ``k_shot - 1``) are held out
+    as the validation split, the rest train the coefficients. (The paper selects on each
+    dataset's validation set; a continual run keeps only what its buffer holds.) ``k_shot = 0``
+    keeps ``unlabeled_per_task`` unlabelled inputs per task instead, split the same way, and
+    uses the ``unsupervised`` objective: ``"entropy"`` (AdaMerging's) or ``"pseudo_label"``
+    (plain self-training, not the paper's UFM). ``val_fraction = 0``: no validation split, the
+    last coefficients are kept.
+
+    Floating-point buffers among the merged entries (BatchNorm running statistics) get no
+    coefficient: the merged model keeps theta_0's, as the authors' code runs the composed
+    parameters with the pretrained model's buffers."""
 
     name = "atlas"
 
     def __init__(self, k_shot: int = 16, unlabeled_per_task: int = 64,
-                 unsupervised: str = "entropy", coef_steps: int = 200, coef_lr: float = 0.01,
-                 coef_batch_size: int = 128, warm_start: bool = False, **kwargs):
+                 unsupervised: str = "entropy", coef_steps: int = 200, coef_lr: float = 1e-3,
+                 coef_weight_decay: float = 0.1, coef_grad_clip: float | None = 1.0,
+                 coef_batch_size: int = 128, val_fraction: float = 0.25,
+                 coef_eval_every: int = 10, warm_start: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.warm_start = warm_start
         if unsupervised not in ("entropy", "pseudo_label"):
             raise ConfigError(f"Unknown aTLAS unsupervised objective {unsupervised!r}; use "
                               "'entropy' or 'pseudo_label'.")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"aTLAS val_fraction must be in [0, 1), got {val_fraction}; the "
+                              "default 0.25 holds out a quarter of each class's shots.")
+        if coef_eval_every < 1:
+            raise ConfigError(f"aTLAS coef_eval_every must be >= 1, got {coef_eval_every}.")
         self.k_shot, self.unlabeled_per_task = k_shot, unlabeled_per_task
         self.unsupervised, self.coef_steps = unsupervised, coef_steps
         self.coef_lr, self.coef_batch_size = coef_lr, coef_batch_size
+        self.coef_weight_decay, self.coef_grad_clip = coef_weight_decay, coef_grad_clip
+        self.val_fraction, self.coef_eval_every = val_fraction, coef_eval_every
         self.task_vectors: list[dict[str, torch.Tensor]] = []
         self.coefs: torch.Tensor | None = None
         self.buffer: list[TensorData] = []
+        self.val_buffer: list[TensorData] = []
 
-    def _shots(self, task: Task) -> TensorData:
+    def setup(self, stream, model, ctx):
+        super().setup(stream, model, ctx)
+        self.coef_keys = atlas_fn.parameter_keys(self.model, self.keys)
+        if not self.coef_keys:
+            raise ConfigError(f"aTLAS needs parameters to scale; finetune_params "
+                              f"{self.finetune_params!r} matches buffers only.")
+
+    def _n_val(self, n: int) -> int:
+        if self.val_fraction == 0.0 or n < 2:
+            return 0
+        return min(n - 1, max(1, round(self.val_fraction * n)))
+
+    def _shots(self, task: Task) -> tuple[TensorData, TensorData]:
+        """``(train, validation)`` samples of ``task`` for the buffer."""
         g, data = self.ctx.generator, task.train
         if self.k_shot == 0:
-            return data.subset(torch.randperm(len(data), generator=g)[:self.unlabeled_per_task])
-        picks = []
-        for c in torch.unique(data.y):
-            idx = (data.y == c).nonzero().flatten()
-            picks.append(idx[torch.randperm(len(idx), generator=g)[:self.k_shot]])
-        return data.subset(torch.cat(picks))
+            picks = [torch.randperm(len(data), generator=g)[:self.unlabeled_per_task]]
+        else:
+            picks = []
+            for c in torch.unique(data.y):
+                idx = (data.y == c).nonzero().flatten()
+                picks.append(idx[torch.randperm(len(idx), generator=g)[:self.k_shot]])
+        val = [p[:self._n_val(len(p))] for p in picks]
+        train = [p[self._n_val(len(p)):] for p in picks]
+        return data.subset(torch.cat(train)), data.subset(torch.cat(val))
 
     def merge_(self, tau, task):
-        self.task_vectors.append(clone(tau))
-        self.buffer.append(self._shots(task))
-        start = torch.zeros(len(self.task_vectors), len(self.keys), device=self.ctx.device)
+        self.task_vectors.append({k: tau[k].clone() for k in self.coef_keys})
+        train, val = self._shots(task)
+        self.buffer.append(train)
+        self.val_buffer.append(val)
+        start = torch.zeros(len(self.task_vectors), len(self.coef_keys), device=self.ctx.device)
         if self.warm_start and self.coefs is not None:
             start[:len(self.coefs)] = self.coefs
         assign_(self._entries(), self.base)
+        val_data = TensorData.cat(self.val_buffer)
         self.coefs = atlas_fn.fit_coefficients(
-            self.model, self.base, self.task_vectors, TensorData.cat(self.buffer),
-            "supervised" if self.k_shot > 0 else self.unsupervised, start, self.coef_steps,
-            self.coef_lr, self.coef_batch_size, getattr(self.model, "uses_task_id", False),
-            self.ctx.generator)
+            self.model, {k: self.base[k] for k in self.coef_keys}, self.task_vectors,
+            TensorData.cat(self.buffer), "supervised" if self.k_shot > 0 else self.unsupervised,
+            start, steps=self.coef_steps, lr=self.coef_lr, batch_size=self.coef_batch_size,
+            use_task_ids=getattr(self.model, "uses_task_id", False),
+            generator=self.ctx.generator, weight_decay=self.coef_weight_decay,
+            grad_clip=self.coef_grad_clip, val_data=val_data if len(val_data) else None,
+            eval_every=self.coef_eval_every)
 
     @torch.no_grad()
     def merged_update(self):
-        composed = atlas_fn.compose({k: torch.zeros_like(v) for k, v in self.base.items()},
-                                    self.task_vectors, self.coefs)
-        return composed, 1.0
+        update = {k: torch.zeros_like(v) for k, v in self.base.items()}
+        composed = atlas_fn.compose({k: update[k] for k in self.coef_keys}, self.task_vectors,
+                                    self.coefs)
+        return {**update, **composed}, 1.0
 
     def method_bytes(self):
         return (sum(nbytes(tv) for tv in self.task_vectors) + tensor_bytes(self.coefs)
-                + sum(tensor_bytes(b.x, b.y, b.t) for b in self.buffer))
+                + sum(tensor_bytes(b.x, b.y, b.t) for b in self.buffer + self.val_buffer))
 
     def method_state(self):
         return {"task_vectors": self.task_vectors, "coefs": self.coefs,
-                "buffer": [(b.x, b.y, b.t) for b in self.buffer]}
+                "buffer": [(b.x, b.y, b.t) for b in self.buffer],
+                "val_buffer": [(b.x, b.y, b.t) for b in self.val_buffer]}
 
     def load_method_state(self, state):
         self.task_vectors, self.coefs = state["task_vectors"], state["coefs"]
         self.buffer = [TensorData(x, y, t) for x, y, t in state["buffer"]]
+        self.val_buffer = [TensorData(x, y, t) for x, y, t in state["val_buffer"]]

@@ -4,18 +4,26 @@ Three steps per parameter tensor, so that task vectors stop cancelling each othe
 
 1. trim: keep the ``density`` fraction of each task vector's entries with the largest
    magnitude, zero the rest (the paper keeps the top 20%);
-2. elect: the sign of every entry is the sign of its total mass ``sum_i trimmed_i``;
+2. elect: the sign of every entry is the sign of its total mass ``sum_i trimmed_i``; where that
+   mass cancels exactly (sign 0), the entry takes the majority sign, the sign of the summed
+   elected signs over the whole vector, as the official code does (``resolve_zero_signs(...,
+   "majority")`` in https://github.com/prateeky2806/ties-merging, src/utils/merge_utils.py,
+   kept in FusionBench's ``ties_merging_utils.py``);
 3. disjoint merge: average (``reduce="mean"``) or add (``"sum"``) only the non-zero entries
    that agree with the elected sign.
 
 Trimming ranks the entries of a whole task vector (all its tensors together), as the TIES paper
 and the continual-merging baselines of OPCM do: a layer whose updates are small loses more of
-them than one whose updates are large. The threshold is found without a model-sized flat vector
-(bisection on float32 bit patterns, one pass over the tensors per bit). Continual TIES
-(DESIGN.md section 6) keeps ``S_t = TIES(S_{t-1}, tau_t)`` and merges
-``theta_t = theta_0 + lam * S_t``.
+them than one whose updates are large. The threshold is the ``k``-th largest magnitude,
+``k = max(1, round(density * n))``, found by one ``kthvalue`` over the vector's magnitudes (one
+flat, vector-sized temporary); entries tied with it are kept, so ties can keep more than ``k``.
+(The official ``topk_values_mask`` takes the ``(n - int(density * n))``-th smallest, which keeps
+one entry more than ``int(density * n)``.) Where the elected signs cancel over the whole
+vector too, no majority exists and such entries merge to 0.
 """
 from __future__ import annotations
+
+from functools import reduce as fold
 
 import torch
 
@@ -24,14 +32,9 @@ from .task_vectors import StateDict
 REDUCTIONS = ("mean", "sum")
 
 
-def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
-    """|x| as float32 bit patterns: for non-negative floats the int32 order is the value order."""
-    return x.detach().abs().float().view(torch.int32)
-
-
-def trim_threshold(tensors, density: float) -> int | None:
-    """Bit pattern of the ``round(density * n)``-th largest magnitude over all ``tensors``
-    (``None``: keep everything). Exact: 31 bisection steps over the float32 bit range."""
+def trim_threshold(tensors, density: float) -> torch.Tensor | None:
+    """Magnitude of the ``max(1, round(density * n))``-th largest entry over all ``tensors``
+    (a 0-d tensor; ``None``: keep everything)."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"TIES density must be in (0, 1], got {density}; 0.2 keeps the top 20%.")
     tensors = list(tensors)
@@ -39,21 +42,18 @@ def trim_threshold(tensors, density: float) -> int | None:
     if density == 1.0 or n == 0:
         return None
     k = max(1, int(round(density * n)))
-    lo, hi = 0, 0x7F800001  # count(bits >= lo) >= k > count(bits >= hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if sum(int((_magnitude_bits(t) >= mid).sum()) for t in tensors) >= k:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    # Half-precision magnitudes are ranked in float32 (exact); float64 stays float64.
+    dtype = fold(torch.promote_types, (t.dtype for t in tensors), torch.float32)
+    magnitudes = torch.cat([t.detach().abs().flatten().to(dtype) for t in tensors])
+    return magnitudes.kthvalue(n - k + 1).values
 
 
-def keep_above(x: torch.Tensor, threshold: int | None) -> torch.Tensor:
+def keep_above(x: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
     """``x`` with the entries below ``threshold`` (a `trim_threshold`) zeroed; ties are kept."""
     if threshold is None:
         return x.clone()
-    return torch.where(_magnitude_bits(x) >= threshold, x, torch.zeros_like(x))
+    magnitude = x.detach().abs().to(threshold.dtype)
+    return torch.where(magnitude >= threshold, x, torch.zeros_like(x))
 
 
 def trim(x: torch.Tensor, density: float) -> torch.Tensor:
@@ -61,9 +61,22 @@ def trim(x: torch.Tensor, density: float) -> torch.Tensor:
     return keep_above(x, trim_threshold([x], density))
 
 
-def elect_sign(trimmed: torch.Tensor) -> torch.Tensor:
-    """Sign of the summed mass over the task axis (dim 0) of ``[n_tasks, ...]``."""
-    return torch.sign(trimmed.sum(dim=0))
+def elect_sign(trimmed: torch.Tensor, majority: float = 0.0) -> torch.Tensor:
+    """Sign of the summed mass over the task axis (dim 0) of ``[n_tasks, ...]``; entries whose
+    mass is exactly 0 take ``majority`` (see `majority_sign`)."""
+    sign = torch.sign(trimmed.sum(dim=0))
+    return sign.masked_fill(sign == 0, majority) if majority else sign
+
+
+def majority_sign(vectors: list[StateDict], thresholds: list[torch.Tensor | None]) -> float:
+    """Sign of the sum of the elected signs over every entry of the trimmed ``vectors``: the
+    sign an exact cancellation resolves to. A second pass over the tensors, so that no
+    model-sized sign buffer is kept."""
+    total = 0
+    for k in vectors[0]:
+        sign = elect_sign(_trimmed([v[k] for v in vectors], thresholds))
+        total += int((sign > 0).sum()) - int((sign < 0).sum())
+    return float((total > 0) - (total < 0))
 
 
 def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, reduce: str = "mean"
@@ -78,12 +91,16 @@ def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, reduce: str = "mea
     return total / agree.sum(dim=0).clamp_min(1)
 
 
-def ties_tensor(tensors: list[torch.Tensor], thresholds: list[int | None],
-                reduce: str = "mean") -> torch.Tensor:
+def _trimmed(tensors: list[torch.Tensor], thresholds: list[torch.Tensor | None]) -> torch.Tensor:
+    return torch.stack([keep_above(t, th) for t, th in zip(tensors, thresholds)])
+
+
+def ties_tensor(tensors: list[torch.Tensor], thresholds: list[torch.Tensor | None],
+                majority: float, reduce: str = "mean") -> torch.Tensor:
     """TIES of one parameter tensor across task vectors, each trimmed at its vector's
-    threshold (`trim_threshold`)."""
-    trimmed = torch.stack([keep_above(t, th) for t, th in zip(tensors, thresholds)])
-    return disjoint_merge(trimmed, elect_sign(trimmed), reduce)
+    threshold (`trim_threshold`), cancelled signs resolved to ``majority`` (`majority_sign`)."""
+    trimmed = _trimmed(tensors, thresholds)
+    return disjoint_merge(trimmed, elect_sign(trimmed, majority), reduce)
 
 
 def ties(task_vectors: list[StateDict], density: float = 0.2, reduce: str = "mean"
@@ -92,5 +109,6 @@ def ties(task_vectors: list[StateDict], density: float = 0.2, reduce: str = "mea
     if not task_vectors:
         raise ValueError("ties() needs at least one task vector.")
     thresholds = [trim_threshold(tv.values(), density) for tv in task_vectors]
-    return {k: ties_tensor([tv[k] for tv in task_vectors], thresholds, reduce)
+    majority = majority_sign(task_vectors, thresholds)
+    return {k: ties_tensor([tv[k] for tv in task_vectors], thresholds, majority, reduce)
             for k in task_vectors[0]}

@@ -70,3 +70,67 @@ def test_unsupervised_objectives_ignore_masked_classes():
     assert torch.isfinite(logits.grad).all()
     empty = objective_loss(logits, None, "pseudo_label", threshold=0.99)
     assert empty.item() == 0.0
+
+
+def threshold_problem():
+    """Logits [x + c, -x - c] with c the coefficient of a bias-only task vector: class 0 is
+    predicted iff x > -c. Training labels are all class 0, so the fit pushes c up without end;
+    on the validation points x = -0.25 (class 0), -0.75 and -1.25 (class 1) every point is
+    right only for 0.25 < c < 0.75, and only one is right for c > 1.25."""
+    model = nn.Linear(1, 2)
+    base = {"weight": torch.tensor([[1.0], [-1.0]]), "bias": torch.zeros(2)}
+    tvs = [{"weight": torch.zeros(2, 1), "bias": torch.tensor([1.0, -1.0])}]
+    train = TensorData(torch.zeros(64, 1), torch.zeros(64, dtype=torch.long))
+    val = TensorData(torch.tensor([[-0.25], [-0.75], [-1.25]]), torch.tensor([0, 1, 1]))
+    return model, base, tvs, train, val
+
+
+def test_validation_keeps_the_best_step_not_the_last():
+    model, base, tvs, train, val = threshold_problem()
+    fit = dict(steps=80, lr=0.1, batch_size=64, generator=torch.Generator().manual_seed(0))
+    last = fit_coefficients(model, base, tvs, train, "supervised", **fit)
+    assert float(last[0, 1]) > 1.25  # the end of the fit is bad on validation (1 of 3 right)
+    best = fit_coefficients(model, base, tvs, train, "supervised", val_data=val,
+                            eval_every=1, **fit)
+    assert 0.25 < float(best[0, 1]) < 0.75  # every validation point right
+    # Checked only every 40 steps, the kept coefficients are one of the checked ones: the
+    # start (c = 0, 2 of 3 right) beats step 40 and step 80 (c > 1.25, 1 of 3 right).
+    sparse = fit_coefficients(model, base, tvs, train, "supervised", val_data=val,
+                              eval_every=40, **fit)
+    assert torch.equal(sparse, torch.zeros(1, 2))
+
+
+class RecordingAdamW(torch.optim.AdamW):
+    """AdamW that records its hyperparameters and the gradient norm each step sees."""
+    seen: list = []
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        RecordingAdamW.seen.append({"kwargs": kwargs, "norms": []})
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([v.norm() for v in grads])))
+        RecordingAdamW.seen[-1]["norms"].append(norm)
+        return super().step(closure)
+
+
+def test_weight_decay_and_clipping_reach_the_optimizer(monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    RecordingAdamW.seen = []
+    model, base, tvs, train, _ = threshold_problem()
+    big = [{k: v * 1000 for k, v in tvs[0].items()}]  # gradients far above norm 1
+    g = torch.Generator().manual_seed(0)
+    fit_coefficients(model, base, big, train, "supervised", steps=5, generator=g)
+    fit_coefficients(model, base, big, train, "supervised", steps=5, generator=g, grad_clip=None)
+    clipped, raw = RecordingAdamW.seen
+    assert clipped["kwargs"] == {"lr": 1e-3, "weight_decay": 0.1}  # the paper's recipe
+    assert max(raw["norms"]) > 100
+    assert max(clipped["norms"]) <= 1.0 + 1e-5
+    # Decoupled weight decay: with zero task vectors the gradient is 0, so AdamW only shrinks
+    # the coefficients, c_n = c_0 (1 - lr * wd)^n.
+    zero = [{k: torch.zeros_like(v) for k, v in tvs[0].items()}]
+    coefs = fit_coefficients(model, base, zero, train, "supervised", torch.ones(1, 2), steps=10,
+                             lr=0.1, weight_decay=0.5, generator=g)
+    torch.testing.assert_close(coefs, torch.full((1, 2), 0.95 ** 10), rtol=1e-6, atol=0)
+

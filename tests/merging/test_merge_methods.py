@@ -68,15 +68,65 @@ def test_trimming_ranks_the_whole_task_vector():
     assert torch.equal(merged["b"], torch.zeros(4))
 
 
-def test_whole_vector_threshold_matches_a_sort():
-    g = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(13, generator=g)]
+def test_trim_threshold_matches_a_sort_oracle():
+    """The threshold is the k-th largest magnitude, k = round(density * n), over all tensors
+    of the vector, ranked in their own precision (float64 stays float64); entries tied with it
+    are all kept."""
     from cl_toolkit.merging.ties import keep_above, trim_threshold
 
-    th = trim_threshold(tensors, 0.3)
-    flat = torch.cat([t.abs().float().flatten() for t in tensors])
-    k = round(0.3 * flat.numel())
-    kth = flat.sort(descending=True).values[k - 1]
-    kept = sum(int((keep_above(t, th) != 0).sum()) for t in tensors)
-    assert kept == k
-    assert torch.tensor(th, dtype=torch.int32).view(torch.float32) == kth
+    g = torch.Generator().manual_seed(0)
+    # float64 magnitudes that float32 cannot tell apart: 1 + 1e-12 must outrank 1.
+    a = torch.cat([torch.randn(33, generator=g, dtype=torch.float64),
+                   T([1.0 + 1e-12, -1.0], dtype=torch.float64)]).reshape(5, 7)
+    b = torch.randn(13, generator=g)
+    for density in (0.1, 0.3, 0.5, 1 / 48):
+        th = trim_threshold([a, b], density)
+        values = sorted((abs(float(v)) for t in (a, b) for v in t.flatten()), reverse=True)
+        k = max(1, round(density * len(values)))
+        assert float(th) == values[k - 1]
+        kept = [keep_above(t, th) for t in (a, b)]
+        assert sum(int((t != 0).sum()) for t in kept) == k
+        assert all(torch.equal(kt, torch.where(t.abs() >= values[k - 1], t, 0))
+                   for kt, t in zip(kept, (a, b)))
+    # One of the two near-1 entries is the 10th largest here: only it survives.
+    top = sorted(range(48), key=lambda i: -abs(float(torch.cat([a.flatten(), b])[i])))
+    assert float(trim_threshold([a, b], 1 / 48)) == abs(float(torch.cat([a.flatten(), b])[top[0]]))
+    # Ties at the threshold: k = 3 of six magnitudes (3, 3, 3, 3, 2, 1) keeps all four 3s.
+    tied = T([3.0, -3.0, 1.0, 3.0, -2.0, -3.0])
+    assert float(trim_threshold([tied], 0.5)) == 3.0
+    assert torch.equal(trim(tied, 0.5), T([3.0, -3.0, 0.0, 3.0, 0.0, -3.0]))
+
+
+# Two task vectors whose trimmed entries cancel exactly at [0, 0] (8 - 8) and [2, 1] (-6 + 6).
+# Density 0.5 keeps |A| >= 5 and |B| >= 4 (eight entries each).
+CANCEL_A = T([[8., -1, 6, 2], [-7, 3, 5, -2], [4, -6, 1, 7], [-3, 2, -8, 5]])
+CANCEL_B = T([[-8., 5, -1, 2], [2, -7, 3, 6], [-1, 6, 4, -3], [7, 1, -2, 5]])
+# Elected signs by hand before resolution; the zeros at [0, 3], [2, 0], [3, 1] have no entry left.
+RAW_SIGN = T([[0., 1, 1, 0], [-1, -1, 1, 1], [0, 0, 1, 1], [1, 0, -1, 1]])
+# The signs sum to 5 > 0: every 0 becomes +1, so [0, 0] takes A's 8 and [2, 1] B's 6.
+CANCEL_MEAN = T([[8., 5, 6, 0], [-7, -7, 5, 6], [0, 6, 4, 7], [7, 0, -8, 5]])
+
+
+def test_exact_cancellation_takes_the_majority_sign():
+    from cl_toolkit.merging.ties import majority_sign, trim_threshold
+
+    trimmed = torch.stack([trim(CANCEL_A, 0.5), trim(CANCEL_B, 0.5)])
+    assert torch.equal(elect_sign(trimmed), RAW_SIGN)
+    vectors = [{"w": CANCEL_A}, {"w": CANCEL_B}]
+    thresholds = [trim_threshold([t], 0.5) for t in (CANCEL_A, CANCEL_B)]
+    assert majority_sign(vectors, thresholds) == 1.0
+    assert torch.equal(elect_sign(trimmed, 1.0), torch.where(RAW_SIGN == 0, 1.0, RAW_SIGN))
+    merged = ties(vectors, density=0.5, reduce="mean")
+    assert torch.equal(merged["w"], CANCEL_MEAN)
+    # Negated inputs: the majority is -1 and [0, 0] / [2, 1] take the negative entries.
+    merged = ties([{"w": -CANCEL_A}, {"w": -CANCEL_B}], density=0.5, reduce="sum")
+    assert torch.equal(merged["w"], -T([[8., 5, 6, 0], [-7, -7, 5, 6], [0, 6, 4, 7],
+                                         [7, 0, -8, 10]]))
+    # The majority is counted over the whole vector, not per tensor. Untrimmed, the 4x4's
+    # signs sum to 8 (row by row 3, 0, 3, 2); nine negative signs in a second tensor turn the
+    # majority to -1.
+    merged = ties([{"w": CANCEL_A}, {"w": CANCEL_B}], density=1.0, reduce="mean")
+    assert float(merged["w"][0, 0]) == 8.0 and float(merged["w"][2, 1]) == 6.0
+    vectors = [{"w": CANCEL_A, "v": -torch.ones(9)}, {"w": CANCEL_B, "v": -torch.ones(9)}]
+    merged = ties(vectors, density=1.0, reduce="mean")
+    assert float(merged["w"][0, 0]) == -8.0 and float(merged["w"][2, 1]) == -6.0

@@ -187,7 +187,9 @@ def test_atlas_without_labels_keeps_unlabelled_inputs(tmp_path, objective):
     _, _, paths = fake_checkpoints(tmp_path, model, stream)
     atlas = run(ATLAS(checkpoints=paths, k_shot=0, unlabeled_per_task=10,
                       unsupervised=objective, coef_steps=5), stream, model)
-    assert [len(b) for b in atlas.buffer] == [10, 10, 10]
+    # A quarter of each task's inputs (2 of 10, rounded) is held out for validation.
+    assert [len(b) for b in atlas.buffer] == [8, 8, 8]
+    assert [len(b) for b in atlas.val_buffer] == [2, 2, 2]
     assert atlas.coefs.shape == (3, len(atlas.keys))
     if objective == "entropy":  # pseudo-labels may find no prediction confident enough here
         assert bool(atlas.coefs.abs().sum() > 0)
@@ -201,7 +203,7 @@ def test_atlas_coefficients_restart_from_zero_unless_warm_start(tmp_path, monkey
     from cl_toolkit.merging import strategies as ms
     starts = []
 
-    def spy(model, base, tvs, data, objective, start, *args):
+    def spy(model, base, tvs, data, objective, start, **kwargs):
         starts.append(start.clone())
         return start + 1.0  # stands in for what the fit learned
     monkeypatch.setattr(ms.atlas_fn, "fit_coefficients", spy)
@@ -213,3 +215,89 @@ def test_atlas_coefficients_restart_from_zero_unless_warm_start(tmp_path, monkey
         for i in range(t + 1):  # vector i has been fitted t - i times before step t
             want = float(t - i) if warm_start else 0.0
             assert torch.equal(starts[t][i], torch.full_like(starts[t][i], want))
+
+
+# Three task vectors of five entries; trimming to density 0.4 keeps the top k = 2 magnitudes
+# of each (ties kept: tau2's two 2.0s both stay).
+TAU1 = torch.tensor([1.0, -2.0, 0.5, 4.0, -1.0], dtype=torch.float64)
+TAU2 = torch.tensor([2.0, 1.0, -3.0, -0.5, -2.0], dtype=torch.float64)
+TAU3 = torch.tensor([-1.0, 0.5, 2.0, 1.0, 3.0], dtype=torch.float64)
+
+
+def fold(strategy, taus):
+    """Feed task vectors straight to ``merge_`` (no model) and return each merged update."""
+    updates = []
+    for t, tau in enumerate(taus):
+        strategy.tasks_seen = t
+        strategy.merge_({"w": tau.clone()}, None)
+        update, scale = strategy.merged_update()
+        updates.append(scale * update["w"])
+    return updates
+
+
+def test_fusionbench_continual_ties_by_hand():
+    """theta_t - theta_0 = U_t with U_1 = 0.3 tau_1 (untrimmed) and
+    U_t = U_{t-1} + 0.3 * TIES_sum(U_{t-1}, tau_t), worked out by hand:
+    U_1 = [.3, -.6, .15, 1.2, -.3]; trimmed U_1 = [0, -.6, 0, 1.2, 0], trimmed tau_2 =
+    [2, 0, -3, 0, -2] -> TIES_sum [2, -.6, -3, 1.2, -2] -> U_2 = [.9, -.78, -.75, 1.56, -.9];
+    trimmed U_2 = [.9, 0, 0, 1.56, -.9] (the two .9s tie), trimmed tau_3 = [0, 0, 2, 0, 3] ->
+    signs [+, 0, +, +, +] -> TIES_sum [.9, 0, 2, 1.56, 3] (entry 4 keeps only tau_3's 3) ->
+    U_3 = [1.17, -.78, -.15, 2.028, 0]."""
+    from cl_toolkit.merging.strategies import MergeTIESFusionBench
+
+    updates = fold(MergeTIESFusionBench(lam=0.3, density=0.4), [TAU1, TAU2, TAU3])
+    expected = [[0.3, -0.6, 0.15, 1.2, -0.3], [0.9, -0.78, -0.75, 1.56, -0.9],
+                [1.17, -0.78, -0.15, 2.028, 0.0]]
+    for got, want in zip(updates, expected):
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64),
+                                   rtol=0, atol=1e-12)
+    assert MergeTIESFusionBench().lam == 0.3 and MergeTIESFusionBench().reduce == "sum"
+
+
+def test_default_continual_ties_by_hand():
+    """The default keeps its recorded form, S_t = TIES_mean(S_{t-1}, tau_t), theta = theta_0 +
+    lam * S_t, tau_1 trimmed at step 1: S_1 = [0, -2, 0, 4, 0]; S_2 = [2, -2, -3, 4, -2] (no
+    entry overlaps); trimmed S_2 = [0, 0, -3, 4, 0] with trimmed tau_3 = [0, 0, 2, 0, 3] ->
+    S_3 = [0, 0, -3, 4, 3]."""
+    updates = fold(MergeTIES(lam=1.0, density=0.4), [TAU1, TAU2, TAU3])
+    expected = [[0.0, -2, 0, 4, 0], [2.0, -2, -3, 4, -2], [0.0, 0, -3, 4, 3]]
+    for got, want in zip(updates, expected):
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_buffers_get_no_coefficient(tmp_path):
+    """BatchNorm running statistics are merged entries but not task-vector directions: aTLAS
+    learns coefficients for parameters only and the merged model keeps theta_0's buffers."""
+    from torch import nn
+
+    from cl_toolkit.merging.atlas import fit_coefficients
+
+    def model_with_bn():
+        torch.manual_seed(0)
+        model = Classifier(MLP((2,), hidden=(16,)), 3)
+        model.backbone.net.append(nn.BatchNorm1d(16))
+        return model.eval()
+
+    stream, model = make_stream(), model_with_bn()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    paths, taus = {}, []
+    for task in stream:
+        tau = {k: torch.randn(v.shape, generator=g) * 0.1 if v.is_floating_point()
+               else torch.zeros_like(v) for k, v in base.items()}
+        torch.save({k: base[k] + tau[k] for k in base}, tmp_path / f"{task.name}.pt")
+        paths[task.name], _ = str(tmp_path / f"{task.name}.pt"), taus.append(tau)
+    atlas = run(ATLAS(checkpoints=paths, k_shot=4, coef_steps=20, val_fraction=0.0), stream,
+                model_with_bn())
+    params = [n for n, _ in model.named_parameters()]
+    assert "backbone.net.3.running_mean" in atlas.keys
+    assert atlas.coef_keys == params
+    assert atlas.coefs.shape == (3, len(params)) and bool(atlas.coefs.abs().sum() > 0)
+    merged = atlas.model.state_dict()
+    for k in ("backbone.net.3.running_mean", "backbone.net.3.running_var"):
+        assert torch.equal(merged[k], base[k])
+    for j, k in enumerate(params):
+        want = base[k] + sum(atlas.coefs[i, j] * taus[i][k] for i in range(3))
+        torch.testing.assert_close(merged[k], want)
+    with pytest.raises(ValueError, match="buffers"):
+        fit_coefficients(atlas.model, atlas.base, [taus[0]], stream[0].train)
