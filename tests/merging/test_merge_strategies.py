@@ -221,7 +221,7 @@ def test_atlas_coefficients_restart_from_zero_unless_warm_start(tmp_path, monkey
 # of each (ties kept: tau2's two 2.0s both stay).
 TAU1 = torch.tensor([1.0, -2.0, 0.5, 4.0, -1.0], dtype=torch.float64)
 TAU2 = torch.tensor([2.0, 1.0, -3.0, -0.5, -2.0], dtype=torch.float64)
-TAU3 = torch.tensor([-1.0, 0.5, 2.0, 1.0, 3.0], dtype=torch.float64)
+TAU3 = torch.tensor([-1.0, 0.5, 1.0, 3.0, 2.0], dtype=torch.float64)
 
 
 def fold(strategy, taus):
@@ -240,14 +240,14 @@ def test_fusionbench_continual_ties_by_hand():
     U_t = U_{t-1} + 0.3 * TIES_sum(U_{t-1}, tau_t), worked out by hand:
     U_1 = [.3, -.6, .15, 1.2, -.3]; trimmed U_1 = [0, -.6, 0, 1.2, 0], trimmed tau_2 =
     [2, 0, -3, 0, -2] -> TIES_sum [2, -.6, -3, 1.2, -2] -> U_2 = [.9, -.78, -.75, 1.56, -.9];
-    trimmed U_2 = [.9, 0, 0, 1.56, -.9] (the two .9s tie), trimmed tau_3 = [0, 0, 2, 0, 3] ->
-    signs [+, 0, +, +, +] -> TIES_sum [.9, 0, 2, 1.56, 3] (entry 4 keeps only tau_3's 3) ->
-    U_3 = [1.17, -.78, -.15, 2.028, 0]."""
+    trimmed U_2 = [.9, 0, 0, 1.56, -.9] (the two .9s tie), trimmed tau_3 = [0, 0, 0, 3, 2] ->
+    signs [+, 0, 0, +, +] -> TIES_sum [.9, 0, 0, 4.56, 2] (entry 3 adds both, entry 4 keeps
+    only tau_3's 2) -> U_3 = [1.17, -.78, -.75, 2.928, -.3]."""
     from cl_toolkit.merging.strategies import MergeTIESFusionBench
 
     updates = fold(MergeTIESFusionBench(lam=0.3, density=0.4), [TAU1, TAU2, TAU3])
     expected = [[0.3, -0.6, 0.15, 1.2, -0.3], [0.9, -0.78, -0.75, 1.56, -0.9],
-                [1.17, -0.78, -0.15, 2.028, 0.0]]
+                [1.17, -0.78, -0.75, 2.928, -0.3]]
     for got, want in zip(updates, expected):
         torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64),
                                    rtol=0, atol=1e-12)
@@ -257,10 +257,10 @@ def test_fusionbench_continual_ties_by_hand():
 def test_default_continual_ties_by_hand():
     """The default keeps its recorded form, S_t = TIES_mean(S_{t-1}, tau_t), theta = theta_0 +
     lam * S_t, tau_1 trimmed at step 1: S_1 = [0, -2, 0, 4, 0]; S_2 = [2, -2, -3, 4, -2] (no
-    entry overlaps); trimmed S_2 = [0, 0, -3, 4, 0] with trimmed tau_3 = [0, 0, 2, 0, 3] ->
-    S_3 = [0, 0, -3, 4, 3]."""
+    entry overlaps); trimmed S_2 = [0, 0, -3, 4, 0] with trimmed tau_3 = [0, 0, 0, 3, 2] ->
+    S_3 = [0, 0, -3, 3.5, 2] (entry 3: the mean of 4 and 3)."""
     updates = fold(MergeTIES(lam=1.0, density=0.4), [TAU1, TAU2, TAU3])
-    expected = [[0.0, -2, 0, 4, 0], [2.0, -2, -3, 4, -2], [0.0, 0, -3, 4, 3]]
+    expected = [[0.0, -2, 0, 4, 0], [2.0, -2, -3, 4, -2], [0.0, 0, -3, 3.5, 2]]
     for got, want in zip(updates, expected):
         torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=0)
 
