@@ -29,6 +29,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "merge_average": "cl_toolkit.merging.strategies:MergeAverage",
         "merge_ta": "cl_toolkit.merging.strategies:MergeTA",
         "merge_ties": "cl_toolkit.merging.strategies:MergeTIES",
+        "merge_ties_fusionbench": "cl_toolkit.merging.strategies:MergeTIESFusionBench",
         "opcm": "cl_toolkit.merging.strategies:OPCM",
         "atlas": "cl_toolkit.merging.strategies:ATLAS",
     },
