@@ -7,7 +7,8 @@ import torch
 
 from cl_toolkit.errors import ConfigError
 from cl_toolkit.merging.opcm import project_exact
-from cl_toolkit.merging.strategies import ATLAS, OPCM, MergeAverage, MergeTA, MergeTIES
+from cl_toolkit.merging.strategies import (ATLAS, OPCM, MergeAverage, MergeTA, MergeTIES,
+                                           MergeTIESFusionBench)
 from cl_toolkit.merging.task_vectors import (CheckpointNotFoundError, NonFiniteTaskVectorError,
                                              StateDictMismatchError)
 from cl_toolkit.models import MLP, Classifier
@@ -61,7 +62,7 @@ def merged(strategy):
     return {k: v.clone() for k, v in strategy.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", ["ta", "average", "ties", "opcm"])
+@pytest.mark.parametrize("name", ["ta", "average", "ties", "ties_fusionbench", "opcm"])
 def test_merged_weights_from_checkpoints_match_formulas(tmp_path, name):
     stream, model = make_stream(), make_model()
     base, taus, paths = fake_checkpoints(tmp_path, model, stream)
@@ -82,6 +83,16 @@ def test_merged_weights_from_checkpoints_match_formulas(tmp_path, name):
                 S[k] = torch.where(torch.sign(a) == torch.sign(b), (a + b) / 2,
                                    torch.where(a.abs() > b.abs(), a, b))
         expected = {k: base[k] + 0.5 * S[k] for k in base}
+    elif name == "ties_fusionbench":
+        # density 1, disjoint sum: U += 0.3 * (a + b where the signs agree, else the larger).
+        got = merged(run(MergeTIESFusionBench(density=1.0, checkpoints=paths), stream, model))
+        U = {k: 0.3 * v for k, v in taus[0].items()}
+        for tau in taus[1:]:
+            for k in U:
+                a, b = U[k], tau[k]
+                U[k] = a + 0.3 * torch.where(torch.sign(a) == torch.sign(b), a + b,
+                                             torch.where(a.abs() > b.abs(), a, b))
+        expected = {k: base[k] + U[k] for k in base}
     else:
         got = merged(run(OPCM(alpha=0.5, checkpoints=paths), stream, model))
         S = {k: v.double() for k, v in taus[0].items()}
@@ -98,7 +109,8 @@ def test_merged_weights_from_checkpoints_match_formulas(tmp_path, name):
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cls", [MergeAverage, MergeTA, MergeTIES, OPCM, ATLAS],
+@pytest.mark.parametrize("cls", [MergeAverage, MergeTA, MergeTIES, MergeTIESFusionBench, OPCM,
+                                 ATLAS],
                          ids=lambda c: c.name)
 def test_finetuning_path_learns_and_merges(cls):
     stream = make_stream()
@@ -243,8 +255,6 @@ def test_fusionbench_continual_ties_by_hand():
     trimmed U_2 = [.9, 0, 0, 1.56, -.9] (the two .9s tie), trimmed tau_3 = [0, 0, 0, 3, 2] ->
     signs [+, 0, 0, +, +] -> TIES_sum [.9, 0, 0, 4.56, 2] (entry 3 adds both, entry 4 keeps
     only tau_3's 2) -> U_3 = [1.17, -.78, -.75, 2.928, -.3]."""
-    from cl_toolkit.merging.strategies import MergeTIESFusionBench
-
     updates = fold(MergeTIESFusionBench(lam=0.3, density=0.4), [TAU1, TAU2, TAU3])
     expected = [[0.3, -0.6, 0.15, 1.2, -0.3], [0.9, -0.78, -0.75, 1.56, -0.9],
                 [1.17, -0.78, -0.75, 2.928, -0.3]]
