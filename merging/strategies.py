@@ -25,7 +25,8 @@ stream builder to get mean +- std over orders.
 Memory: the strategy keeps ``theta_0`` and its method state (a merged update, or all task
 vectors for aTLAS); the fine-tuned model is the strategy's own model, whose tensors are turned
 into the task vector in place and then overwritten with the merged weights, so OPCM, TA, TIES
-and averaging hold three model-sized buffers in all.
+and averaging hold three model-sized buffers in all (TIES adds two flat, vector-sized
+temporaries while it ranks a vector's magnitudes).
 """
 from __future__ import annotations
 

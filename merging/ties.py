@@ -15,8 +15,9 @@ Three steps per parameter tensor, so that task vectors stop cancelling each othe
 Trimming ranks the entries of a whole task vector (all its tensors together), as the TIES paper
 and the continual-merging baselines of OPCM do: a layer whose updates are small loses more of
 them than one whose updates are large. The threshold is the ``k``-th largest magnitude,
-``k = max(1, round(density * n))``, found by one ``kthvalue`` over the vector's magnitudes (one
-flat, vector-sized temporary); entries tied with it are kept, so ties can keep more than ``k``.
+``k = max(1, round(density * n))``, found by one ``kthvalue`` over the vector's magnitudes (a
+flat copy of them, and kthvalue's working copy, live for that call); entries tied with it are
+kept, so ties can keep more than ``k``.
 (The official ``topk_values_mask`` takes the ``(n - int(density * n))``-th smallest, which keeps
 one entry more than ``int(density * n)``.) Where the elected signs cancel over the whole
 vector too, no majority exists and such entries merge to 0.
