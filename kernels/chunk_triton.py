@@ -31,8 +31,28 @@ def _configs(warps=(4,), stages=(2,)):
 
 
 @triton.jit
+def _gate_rows(bos, o_t, seqlen):
+    """Rows to read the cumulative log-gate G from: past the sequence end, its last row.
+
+    Padding rows so carry the last valid G, like tokens that do not decay (the prep kernel's
+    cumsum over zero-padded g gives them the same). Read as 0 instead, exp(G_t - G_i) of a
+    padding row t overflowed against a valid row i decayed past -88, and 0 * inf = NaN
+    reached the valid rows through the dots. With g <= 0 every G_t - G_i, t >= i, is <= 0.
+    """
+    return bos + tl.minimum(o_t, seqlen - 1)
+
+
+@triton.jit
+def _decay(b_d, mask):
+    """exp(b_d) where mask, else 0: masked before the exp, so the exponents outside the mask
+    (G_t - G_i > 0 above the diagonal) form no inf."""
+    return tl.exp(tl.where(mask, b_d, float("-inf")))
+
+
+@triton.jit
 def _chunk_rows(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
-    """Global token rows of chunk i_c, their validity mask, and the chunk's last valid row."""
+    """Global token rows of chunk i_c, their validity mask, the chunk's last valid row and the
+    rows that its cumulative gate is read from (:func:`_gate_rows`)."""
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -40,7 +60,7 @@ def _chunk_rows(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < eos - bos
     last = tl.minimum(i_t * BT + BT, eos - bos) - 1 - i_t * BT
-    return bos + o_t, m_t, last
+    return bos + o_t, m_t, last, _gate_rows(bos, o_t, eos - bos)
 
 
 @triton.jit
@@ -126,7 +146,7 @@ def _wy_inverse(b_k, b_beta, b_G, BT: tl.constexpr, PREC: tl.constexpr):
     o = tl.arange(0, BT)
     strict = o[:, None] > o[None, :]
     b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
-    b_A = tl.where(strict, b_beta[:, None] * b_kk * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
+    b_A = b_beta[:, None] * b_kk * _decay(b_G[:, None] - b_G[None, :], strict)
     return _inverse_unit_lower(b_A, BT)
 
 
@@ -146,7 +166,7 @@ def _prep_kernel(k, v, g, beta, gcum, w, u, tmat, A_log, dt_bias, cu_seqlens, ch
     formed here. L2: k is L2-normalised on load.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    rows, m_t, last, g_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     if USE_G:
         b_g = tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
         if GATE:
@@ -212,6 +232,7 @@ def _fwd_h_kernel(k, u, w, gcum, h_all, v_new, h0, ht, cu_seqlens, chunk_offsets
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < seqlen
         rows = bos + o_t
+        g_rows = _gate_rows(bos, o_t, seqlen)
         p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
@@ -225,7 +246,7 @@ def _fwd_h_kernel(k, u, w, gcum, h_all, v_new, h0, ht, cu_seqlens, chunk_offsets
             b_e -= tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
             tl.store(v_new + p_v, b_e.to(v_new.dtype.element_ty), mask=m_tv)
         if USE_G:
-            b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
+            b_G = tl.load(gcum + g_rows * H + i_h)
             g_last = tl.load(gcum + (bos + tl.minimum(i_t * BT + BT, seqlen) - 1) * H + i_h)
             b_e = b_e * tl.exp(g_last - b_G)[:, None]
             b_h = b_h * tl.exp(g_last)
@@ -240,7 +261,7 @@ def _fwd_o_kernel(q, k, e, gcum, h_all, o, cu_seqlens, chunk_indices, scale, H,
                   BV: tl.constexpr, USE_G: tl.constexpr, L2: tl.constexpr, PREC: tl.constexpr):
     """O = scale ((Q exp(G)) h + causal(Q K^T * exp(G_t - G_i)) V') for one chunk."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    rows, m_t, last, g_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
@@ -253,9 +274,9 @@ def _fwd_o_kernel(q, k, e, gcum, h_all, o, cu_seqlens, chunk_indices, scale, H,
     o_i = tl.arange(0, BT)
     causal = o_i[:, None] >= o_i[None, :]
     if USE_G:
-        b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
+        b_G = tl.load(gcum + g_rows * H + i_h)
         b_o = b_o * tl.exp(b_G)[:, None]
-        b_s = tl.where(causal, b_s * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
+        b_s = b_s * _decay(b_G[:, None] - b_G[None, :], causal)
     else:
         b_s = tl.where(causal, b_s, 0.0)
     b_e = tl.load(e + p_v, mask=m_tv, other=0.0)
@@ -273,7 +294,7 @@ def _bwd_dv_local_kernel(q, k, gcum, do, de_local, cu_seqlens, chunk_indices, sc
     depend on the state, in parallel over chunks, so fewer products sit on the reverse scan's
     sequential path (-8 % forward+backward at T = 16384 on an H200, RESULTS.md)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    rows, m_t, last, g_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
     m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -282,8 +303,8 @@ def _bwd_dv_local_kernel(q, k, gcum, do, de_local, cu_seqlens, chunk_indices, sc
     causal_t = o_i[:, None] <= o_i[None, :]
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [i, t] = k_i . q_t
     if USE_G:
-        b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
-        b_st = tl.where(causal_t, b_st * tl.exp(b_G[None, :] - b_G[:, None]), 0.0)
+        b_G = tl.load(gcum + g_rows * H + i_h)
+        b_st = b_st * _decay(b_G[None, :] - b_G[:, None], causal_t)
     else:
         b_st = tl.where(causal_t, b_st, 0.0)
     b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
@@ -326,6 +347,7 @@ def _bwd_dh_kernel(q, k, w, gcum, do, de_local, de, dh_all, dht, dh0, cu_seqlens
         o_t = i_t * BT + o_i
         m_t = o_t < seqlen
         rows = bos + o_t
+        g_rows = _gate_rows(bos, o_t, seqlen)
         p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         p_v = (rows[:, None] * H + i_h) * V + o_v[None, :]
@@ -338,7 +360,7 @@ def _bwd_dh_kernel(q, k, w, gcum, do, de_local, de, dh_all, dht, dh0, cu_seqlens
         if L2:
             b_k, _ = _l2normed(b_k)
         if USE_G:
-            b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
+            b_G = tl.load(gcum + g_rows * H + i_h)
             g_last = tl.load(gcum + (bos + tl.minimum(i_t * BT + BT, seqlen) - 1) * H + i_h)
         if DV_LOCAL:
             b_de = tl.load(de_local + p_v, mask=m_tv, other=0.0)
@@ -348,8 +370,9 @@ def _bwd_dh_kernel(q, k, w, gcum, do, de_local, de, dh_all, dht, dh0, cu_seqlens
                 b_q, _ = _l2normed(b_q)
             b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [i, t] = k_i . q_t
             if USE_G:
-                b_st = b_st * tl.exp(b_G[None, :] - b_G[:, None])
-            b_st = tl.where(causal_t, b_st, 0.0)
+                b_st = b_st * _decay(b_G[None, :] - b_G[:, None], causal_t)
+            else:
+                b_st = tl.where(causal_t, b_st, 0.0)
             b_de = tl.dot(b_st.to(dt), b_do, input_precision=PREC) * scale
         if USE_G:
             b_ks = (b_k.to(tl.float32) * tl.exp(g_last - b_G)[:, None]).to(dt)
@@ -389,7 +412,7 @@ def _bwd_qk_kernel(q, k, e, gcum, h_all, dh_all, do, dq, dk, dg, cu_seqlens, chu
     [BT, K] accumulators in registers.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    rows, m_t, last, g_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_i = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
@@ -424,9 +447,9 @@ def _bwd_qk_kernel(q, k, e, gcum, h_all, dh_all, do, dq, dk, dg, cu_seqlens, chu
     b_qf = b_q.to(tl.float32)
     b_kf = b_k.to(tl.float32)
     if USE_G:
-        b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
+        b_G = tl.load(gcum + g_rows * H + i_h)
         g_last = tl.sum(tl.where(o_i == last, b_G, 0.0), 0)
-        b_dS = tl.where(causal, b_dP * tl.exp(b_G[:, None] - b_G[None, :]), 0.0) * scale
+        b_dS = b_dP * _decay(b_G[:, None] - b_G[None, :], causal) * scale
         b_dq = b_dq * (tl.exp(b_G) * scale)[:, None]
         b_dk = b_dk * tl.exp(g_last - b_G)[:, None]
         b_dG = tl.sum(b_dq * b_qf, 1) - tl.sum(b_dk * b_kf, 1)
@@ -464,7 +487,7 @@ def _bwd_wy_kernel(k, v, gcum, beta, tmat, h_all, de, dk_part, dk, dv, dg_part, 
     """Per-chunk gradients through the WY transform (W = T K~, U = T V~, V' = U - W h):
     dv, dbeta, and dk and dg: the rest added to _bwd_qk_kernel's partial ones."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    rows, m_t, last = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    rows, m_t, last, g_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     o_i = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     p_k = (rows[:, None] * H + i_h) * K + o_k[None, :]
@@ -498,7 +521,7 @@ def _bwd_wy_kernel(k, v, gcum, beta, tmat, h_all, de, dk_part, dk, dv, dg_part, 
         b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
     b_kf = b_k.to(tl.float32)
     if USE_G:
-        b_G = tl.load(gcum + rows * H + i_h, mask=m_t, other=0.0)
+        b_G = tl.load(gcum + g_rows * H + i_h)
         b_E = tl.exp(b_G)
     else:
         b_G = tl.zeros([BT], dtype=tl.float32)
@@ -513,7 +536,7 @@ def _bwd_wy_kernel(k, v, gcum, beta, tmat, h_all, de, dk_part, dk, dv, dg_part, 
     strict = o_i[:, None] > o_i[None, :]
     b_dA = tl.dot(tl.dot(tl.trans(b_T), b_dT, input_precision=PREC), tl.trans(b_T),
                   input_precision=PREC)
-    b_dA = -tl.where(strict, b_dA * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
+    b_dA = -b_dA * _decay(b_G[:, None] - b_G[None, :], strict)
     b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
     b_Z = (b_dA * b_beta[:, None]).to(dt)
     b_dk += tl.dot(b_Z, b_k, input_precision=PREC) + tl.dot(tl.trans(b_Z), b_k,

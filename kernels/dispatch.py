@@ -5,8 +5,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .utils import (check_cu_seqlens, check_qkv, check_tensor, gdn_gate, host_to_device, l2norm,
-                    make_layout, resolve_backend)
+from .utils import (FLOATS, check_inputs, check_tensor, check_triton_inputs, gdn_gate,
+                    host_to_device, l2norm, make_layout, resolve_backend)
 
 
 def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
@@ -21,9 +21,12 @@ def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
     log-decay is -exp(A_log) softplus(g + dt_bias). Both are fused into the Triton kernels and
     applied as torch ops before the other backends.
     """
+    cu_host = check_inputs(q, k, v, g, beta, initial_state, cu_seqlens,
+                           g_is_log_decay=gate is None)
     requested = backend
     backend = resolve_backend(backend, q.device)
     B, T, H, K = q.shape
+    V = v.shape[-1]
     if backend == "triton" and q.is_cuda and q.dtype == torch.float32 and K > 64:
         # fp32 tiles of a 128-wide key dim need more shared memory than an H100 has in the
         # backward kernel; half precision is the fast path, the torch path covers the rest.
@@ -33,29 +36,16 @@ def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
             raise ValueError(f"the float32 Triton chunk kernels support K <= 64, got K={K}; "
                              "use bfloat16/float16 inputs or backend='torch'")
     triton_path = backend == "triton"
-    check_qkv(q, k, v, triton_path)
-    V = v.shape[-1]
     if chunk_size not in (16, 32, 64, 128):
         raise ValueError(f"chunk_size must be one of 16, 32, 64, 128, got {chunk_size}")
-    cu_host = check_cu_seqlens(cu_seqlens, T, B)
-    if cu_seqlens is not None and cu_seqlens.device not in (q.device, torch.device("cpu")):
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; "
-                         "pass it on q's device or on the CPU")
-    n = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    if g is not None:
-        check_tensor("g", g, (B, T, H), q.device, floats, contiguous=triton_path)
-    if beta is not None:
-        check_tensor("beta", beta, (B, T, H), q.device, floats, contiguous=triton_path)
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, (n, H, V, K), q.device, floats,
-                     contiguous=False)
     scale = K ** -0.5 if scale is None else float(scale)
     if gate is not None:
         if g is None:
             raise ValueError("the fused gate needs the gate logits (passed as g)")
         for name, t in zip(("A_log", "dt_bias"), gate):
-            check_tensor(name, t, (H,), q.device, floats, contiguous=triton_path)
+            check_tensor(name, t, (H,), q.device, FLOATS, contiguous=triton_path)
+    if triton_path:
+        check_triton_inputs(q=q, k=k, v=v, g=g, beta=beta)
     if backend != "triton":
         if cu_seqlens is not None:
             cu_seqlens = cu_seqlens.to(q.device)
@@ -99,6 +89,7 @@ def run_recurrent(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
                   cu_seqlens: Optional[torch.Tensor], backend: str
                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Forward-only token loop for decoding: 'triton' fused kernel, else the naive reference."""
+    cu_host = check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     backend = resolve_backend(backend, q.device)
     if backend != "triton":
         return run_chunk(q, k, v, g, beta, delta=delta, scale=scale, initial_state=initial_state,
@@ -108,19 +99,9 @@ def run_recurrent(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
             x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)):
         raise ValueError("the fused recurrent kernel is forward-only (decoding); use the chunk "
                          "function for training, or wrap the call in torch.no_grad()")
-    check_qkv(q, k, v, True)
+    check_triton_inputs(q=q, k=k, v=v, g=g, beta=beta)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    cu_host = check_cu_seqlens(cu_seqlens, T, B)
-    n = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    floats = (torch.float16, torch.bfloat16, torch.float32)
-    if g is not None:
-        check_tensor("g", g, (B, T, H), q.device, floats)
-    if beta is not None:
-        check_tensor("beta", beta, (B, T, H), q.device, floats)
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, (n, H, V, K), q.device, floats,
-                     contiguous=False)
     from .recurrent_triton import recurrent_fwd
     cu = host_to_device(range(0, B * T + 1, T) if cu_host is None else cu_host, q.device)
     h0 = initial_state.transpose(-1, -2).contiguous() if initial_state is not None else None

@@ -31,7 +31,7 @@ from .gated_delta_rule.recurrent import fused_recurrent_gated_delta_rule
 from .linear_attn.chunk import chunk_linear_attn
 from .linear_attn.recurrent import fused_recurrent_linear_attn
 from .short_conv import segment_conv
-from .utils import l2norm
+from .utils import check_hidden_states, l2norm
 
 MEMORY_TYPES = ("gated_delta", "gla")
 
@@ -169,6 +169,7 @@ class MoMLayer(nn.Module):
     def forward(self, x: torch.Tensor, memory_mask: Optional[torch.Tensor] = None,
                 cache: Optional[Dict[str, torch.Tensor]] = None, use_cache: bool = False
                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+        check_hidden_states(x, self.hidden_size, self.q_proj.weight.device)
         B, T, D = x.shape
         H, K, V, E, M = self.num_heads, self.head_k, self.head_v, self.num_memories, self.num_slots
         dev = x.device

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import torch
 
 BACKENDS = ("auto", "triton", "torch", "naive")
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def is_interpreter() -> bool:
@@ -58,6 +60,7 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], total: int,
     """
     if cu_seqlens is None:
         return None
+    check_is_tensor("cu_seqlens", cu_seqlens)
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -83,10 +86,16 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], total: int,
     return cu
 
 
+def check_is_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        kind = type(x)
+        raise ValueError(f"{name} must be a torch.Tensor, got {kind.__module__}.{kind.__name__}; "
+                         "convert it with torch.as_tensor")
+
+
 def check_tensor(name: str, x: torch.Tensor, shape: Sequence[int], device: torch.device,
                  dtypes: Optional[Sequence[torch.dtype]] = None, contiguous: bool = True) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_is_tensor(name, x)
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
     if x.device != device:
@@ -99,22 +108,82 @@ def check_tensor(name: str, x: torch.Tensor, shape: Sequence[int], device: torch
                          "call .contiguous() first")
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, triton_path: bool) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """q, k: [B, T, H, K]; v: [B, T, H, V]; one floating dtype, one device."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_is_tensor(name, x)
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, K], got shape {tuple(q.shape)}")
-    B, T, H, K = q.shape
-    allowed = (torch.float16, torch.bfloat16, torch.float32) if triton_path else None
     if not q.is_floating_point():
         raise ValueError(f"q must be floating point, got {q.dtype}")
-    if allowed is not None and q.dtype not in allowed:
-        raise ValueError(f"the Triton path supports float16/bfloat16/float32, got {q.dtype}; "
-                         "use backend='torch' or 'naive' for float64")
-    check_tensor("q", q, (B, T, H, K), q.device, contiguous=triton_path)
-    check_tensor("k", k, (B, T, H, K), q.device, (q.dtype,), contiguous=triton_path)
+    B, T, H, K = q.shape
+    if tuple(k.shape) != (B, T, H, K):
+        raise ValueError(f"k must have shape {(B, T, H, K)}, got {tuple(k.shape)}")
     if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
         raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V], got shape {tuple(v.shape)}")
-    check_tensor("v", v, tuple(v.shape), q.device, (q.dtype,), contiguous=triton_path)
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype}; expected {q.dtype} (q's dtype)")
+        check_tensor(name, x, tuple(x.shape), q.device, contiguous=False)
+
+
+def check_log_decay(g: torch.Tensor) -> None:
+    """g is a log-decay: finite and <= 0.
+
+    A positive g grows the state without bound, and the chunk paths' exp(G_t - G_i) then
+    overflows to inf and NaN without an error; -inf and NaN break them too. The values are read
+    on CPU tensors only (the torch/naive paths, the Triton interpreter): on a GPU the check
+    would be a device sync per call, which the layers avoid (their gates are <= 0 by
+    construction). On a GPU a positive g is the caller's error.
+    """
+    if g.device.type != "cpu":
+        return
+    bad = ~(g <= 0) | torch.isneginf(g)
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"g is a log-decay and must be finite and <= 0, got g{i} = {g[tuple(i)].item()}; "
+            "pass log(a) of a decay a in (0, 1] (e.g. F.logsigmoid(x)), or gate logits as "
+            "gate_logits= with A_log and dt_bias"
+        )
+
+
+def check_inputs(q, k, v, g=None, beta=None, initial_state=None, cu_seqlens=None, *,
+                 g_is_log_decay: bool = True) -> Optional[list]:
+    """Shapes, dtypes and devices of one op call (every public entry point runs it).
+
+    q, k [B, T, H, K], v [B, T, H, V], g and beta [B, T, H], initial_state [N, H, V, K],
+    cu_seqlens [N+1]; g's values as :func:`check_log_decay` unless it holds gate logits.
+    Returns cu_seqlens as a host list (None without it), as :func:`check_cu_seqlens`.
+    """
+    check_qkv(q, k, v)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    cu_host = check_cu_seqlens(cu_seqlens, T, B)
+    if cu_seqlens is not None and cu_seqlens.device not in (q.device, torch.device("cpu")):
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; "
+                         "pass it on q's device or on the CPU")
+    n = B if cu_host is None else len(cu_host) - 1
+    for name, x, shape in (("g", g, (B, T, H)), ("beta", beta, (B, T, H)),
+                           ("initial_state", initial_state, (n, H, V, K))):
+        if x is not None:
+            check_tensor(name, x, shape, q.device, FLOATS, contiguous=False)
+    if g is not None and g_is_log_decay:
+        check_log_decay(g)
+    return cu_host
+
+
+def check_triton_inputs(**tensors) -> None:
+    """What the Triton kernels need beyond :func:`check_inputs`: q (so k, v) in
+    float16/bfloat16/float32, and every tensor given contiguous."""
+    q = tensors["q"]
+    if q.dtype not in TRITON_FLOATS:
+        raise ValueError(f"the Triton path supports float16/bfloat16/float32, got {q.dtype}; "
+                         "use backend='torch' or 'naive' for float64")
+    for name, x in tensors.items():
+        if x is not None and not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (strides {x.stride()}); "
+                             "call .contiguous() first")
 
 
 @dataclass(frozen=True)
@@ -220,11 +289,26 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def gdn_gate(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
-    """Log-decay of Gated DeltaNet: g = -exp(A_log) * softplus(a + dt_bias), in fp32.
+    """Log-decay of Gated DeltaNet: g = -exp(A_log) * softplus(a + dt_bias), in fp32 or better
+    (float64 for float64 logits, so the float64 reference path stays float64).
 
     a: [B, T, H]; A_log, dt_bias: [H]. https://arxiv.org/abs/2412.06464
     """
-    return -A_log.float().exp() * torch.nn.functional.softplus(a.float() + dt_bias.float())
+    dt = torch.promote_types(a.dtype, torch.float32)
+    return -A_log.to(dt).exp() * torch.nn.functional.softplus(a.to(dt) + dt_bias.to(dt))
+
+
+def check_hidden_states(x, hidden_size: int, device: torch.device) -> None:
+    """A layer's input: a floating tensor [B, T, hidden_size] on the layer's device."""
+    check_is_tensor("x", x)
+    if x.dim() != 3 or x.shape[-1] != hidden_size:
+        raise ValueError(f"x must be [B, T, hidden_size={hidden_size}], got shape "
+                         f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype} (token ids go through an "
+                         "embedding first)")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the layer is on {device}; move one of them")
 
 
 def split_seqs(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int):

@@ -2,9 +2,10 @@
 
 1. Correctness on the GPU: our Triton chunk kernels (gated delta rule, gated linear attention,
    the MoM layer) in bf16 and fp32, forward and every input gradient, against float64
-   references (the naive token loop at T ~ 1000 with a varlen layout, the torch chunk path at
-   T = 2048). flash-linear-attention's kernel, when its wheels are importable, is measured
-   against the same reference at T = 2048 as a yardstick.
+   references (the naive token loop at T ~ 1000 with a varlen layout, also with a strong
+   decay in every sequence's last chunk; the torch chunk path at T = 2048).
+   flash-linear-attention's kernel, when its wheels are importable, is measured against the
+   same reference at T = 2048 as a yardstick.
 2. Only if every check passes: forward and forward+backward times (median of CUDA events)
    at (B, T, H, D) in {(8, 2048, 16, 128), (4, 4096, 16, 128), (1, 16384, 16, 128)}, bf16,
    against our naive/torch paths, causal SDPA, and fla's chunk_gated_delta_rule and
@@ -229,6 +230,19 @@ def check_shapes(smoke: bool, dtype):
     return (1, 1000, 4, D, D), [0, 100, 100, 613, 1000], (2, 2048, 16, D, D)
 
 
+def strong_last_chunks(cu, H, dev, chunk=64):
+    """g = -0.05 per token, but the last (up to 8) tokens of every sequence's last chunk
+    decay by -200 in all: exp(G_t - G_i) past float32's range for a padding row t once gave
+    NaN gradients. (A whole sequence that strongly decayed would leave dg at float32's
+    rounding of the reverse cumsum: its true values are ~exp(-25).)"""
+    g = torch.full((1, cu[-1], H), -0.05)
+    for s, e in zip(cu[:-1], cu[1:]):
+        if e > s:
+            r = min(8, (e - s - 1) % chunk + 1)
+            g[0, e - r:e] = -200.0 / r
+    return g.to(dev)
+
+
 def triton_gdr(**a):
     return chunk_gated_delta_rule(**a, backend="triton")
 
@@ -258,6 +272,11 @@ def correctness(dev, smoke, quick=False, fla_check=True):
                          x, dtype, None, cu)
         rows += check_op(f"gla varlen T={T} vs naive fp64", triton_la, naive_la, x, dtype, None,
                          cu)
+        x["g"] = strong_last_chunks(cu_small, H, dev)
+        rows += check_op(f"gdr varlen T={T} strong decay vs naive fp64", triton_gdr,
+                         naive_gated_delta_rule, x, dtype, None, cu)
+        rows += check_op(f"gla varlen T={T} strong decay vs naive fp64", triton_la, naive_la, x,
+                         dtype, None, cu)
         B, T, H, K_, V = bg
         x = make_inputs(B, T, H, K_, V, dev, dtype)
         rows += check_op(f"gdr B={B} T={T} H={H} D={K_} vs torch-chunk fp64", triton_gdr,

@@ -30,8 +30,6 @@ def chunk_linear_attn(
     Shapes and keywords as :func:`chunk_gated_delta_rule`: q, k [B, T, H, K], v [B, T, H, V],
     g [B, T, H], initial_state [N, H, V, K]; returns (o [B, T, H, V], final [N, H, V, K] | None).
     """
-    if g is not None and g.dim() != 3:
-        raise ValueError(f"g must be a per-head scalar gate [B, T, H], got shape {tuple(g.shape)}")
     return run_chunk(q, k, v, g, None, delta=False, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                      chunk_size=chunk_size, backend=backend)
