@@ -7,20 +7,23 @@ backward. Within a chunk, with G the inclusive cumulative log-gate and D_ti = ex
 Linear attention is the same with V' = V. States here are h = S^T, [K, V].
 
 Sequences (equal length or packed by cu_seqlens) run in groups that share a padded length, so
-one batched pass serves a group and only the loop over its chunks is sequential. A sequence
-longer than the chunk size joins the group padded to whole chunks; a shorter one is padded to
-the next multiple of ``SHORT_STEP`` and is one chunk of that size, so it costs its own length
-squared rather than the chunk size squared (a MoM layer's (memory, sample) segments are
-mostly short); an empty one is skipped and returns its initial state. Padding has zero
-k/v/beta and zero log-gate, which leaves the state untouched.
+one batched pass serves a group and only the loop over its chunks is sequential. Sequences
+longer than the chunk size form one group padded to whole chunks. Shorter ones are one chunk
+of their group's length, so they cost their own length squared rather than the chunk size
+squared (a MoM layer's (memory, sample) segments are mostly short): lengths join a group while
+padding its members up to the next length costs less than a group's own fixed cost. Empty
+sequences are skipped and return their initial state. Padding has zero k/v/beta and zero
+log-gate, which leaves the state untouched.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-SHORT_STEP = 16  # padding granularity of sequences up to one chunk (measured: 8 is no faster)
+# The fixed CPU cost of one group (about 90 autograd ops) in units of padded work, heads x
+# rows x (rows + K) per sequence: measured on the dev machine (benchmarks/RESULTS.md, issue 16).
+GROUP_COST = 16384
 
 
 class _MoveRows(torch.autograd.Function):
@@ -39,33 +42,62 @@ class _MoveRows(torch.autograd.Function):
         return _gather(grad, back), None, None
 
 
+class _UnitLowerSolve(torch.autograd.Function):
+    """X = (I + strictly_lower(A))^-1 R for batches of A [.., C, C] and R [.., C, V]; A's
+    diagonal and upper triangle are never read. Both directions are solved from the right
+    (X^T (I + L)^T = R^T), which LAPACK's batched path runs about twice as fast on the CPU as
+    the left solve that torch's own backward uses."""
+
+    @staticmethod
+    def forward(ctx, A, R):
+        X = torch.linalg.solve_triangular(A.mT, R.mT, upper=True, unitriangular=True,
+                                          left=False).mT
+        ctx.save_for_backward(A, X)
+        return X
+
+    @staticmethod
+    def backward(ctx, dX):
+        A, X = ctx.saved_tensors
+        dR = torch.linalg.solve_triangular(A, dX.mT, upper=False, unitriangular=True,
+                                           left=False).mT  # (I + L)^-T dX
+        return -(dR @ X.mT).tril_(-1), dR
+
+
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))]).index_select(0, idx)
 
 
-def _groups(lens: List[int], C: int) -> List[Tuple[int, List[int]]]:
-    """(padded length, sequence ids) per group; empty sequences belong to none."""
-    by_len = {}
-    longest = max([n for n in lens if n > C], default=0)
+def _groups(lens: List[int], C: int, H: int, K: int) -> List[Tuple[int, List[int]]]:
+    """(padded length, sequence ids) per group, shortest first; empty sequences in none."""
+    by_len: Dict[int, List[int]] = {}
     for s, n in enumerate(lens):
+        if n:
+            by_len.setdefault(n, []).append(s)
+    work = lambda n: H * n * (n + K)  # noqa: E731 (a sequence's padded work at length n)
+    groups, ids, p, long_ids = [], [], 0, []
+    for n in sorted(by_len):
         if n > C:
-            p = -(-longest // C) * C
-        elif n > 0:
-            p = min(-(-n // SHORT_STEP) * SHORT_STEP, C)
-        else:
+            long_ids += by_len[n]
             continue
-        by_len.setdefault(p, []).append(s)
-    return sorted(by_len.items())
+        if ids and len(ids) * (work(n) - work(p)) > GROUP_COST:
+            groups.append((p, ids))
+            ids = []
+        ids, p = ids + by_len[n], n
+    if ids:
+        groups.append((p, ids))
+    if long_ids:
+        groups.append((-(-max(lens) // C) * C, long_ids))
+    return groups
 
 
 def _run_group(x: torch.Tensor, h0: Optional[torch.Tensor], C: int, K: int, V: int,
                delta: bool, gated: bool, has_beta: bool, need_final: bool
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """x: [n, p, H, F] padded features (scaled q | k | v | g | beta) -> o [n, p, H, V] and
+    """x: [n, H, p, F] padded features (scaled q | k | v | g | beta) -> o [n, H, p, V] and
     the final state [n, H, K, V] (None unless need_final)."""
-    n, p, H, F = x.shape
+    n, H, p, F = x.shape
     nc = p // C
-    x = x.transpose(1, 2).contiguous().view(n, H, nc, C, F)  # row slices stay BLAS-friendly
+    x = x.view(n, H, nc, C, F)
     # split, not slices: one backward node (each slice would zero-fill a full-size gradient)
     q, k, v, *gb = x.split([K, K, V] + [1] * (F - 2 * K - V), -1)
     causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
@@ -83,7 +115,7 @@ def _run_group(x: torch.Tensor, h0: Optional[torch.Tensor], C: int, K: int, V: i
             rhs = torch.cat([rhs, k * (b * G[..., None].exp() if gated else b)], -1)
         # Only A's strict lower triangle is read (unitriangular): no mask, no identity.
         A = ((k * b) @ k.transpose(-1, -2)) * decay
-        UW = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+        UW = _UnitLowerSolve.apply(A, rhs)
         U, W = (UW[..., :V], UW[..., V:]) if use_h else (UW, None)
     else:
         U, W = v, None
@@ -94,7 +126,7 @@ def _run_group(x: torch.Tensor, h0: Optional[torch.Tensor], C: int, K: int, V: i
             k_dec = k.squeeze(2) * (G[..., -1:] - G).exp().squeeze(2)[..., None] if gated \
                 else k.squeeze(2)
             final = k_dec.transpose(-1, -2) @ U.squeeze(2)
-        return o.transpose(1, 2), final
+        return o, final
     # Per-chunk views from unbind, whose backward is one stack (indexing x[:, :, c] instead
     # would make autograd zero-fill a full-size gradient per chunk: quadratic in T).
     if gated:
@@ -118,8 +150,7 @@ def _run_group(x: torch.Tensor, h0: Optional[torch.Tensor], C: int, K: int, V: i
         if c < nc - 1 or need_final:
             upd = k_c.transpose(-1, -2) @ e
             h = upd if h is None else (h * rest[0] if gated else h) + upd
-    o = torch.stack(outs, 2).view(n, H, p, V)
-    return o.transpose(1, 2), h if need_final else None
+    return torch.stack(outs, 2).view(n, H, p, V), h if need_final else None
 
 
 def chunk_forward_torch(
@@ -149,36 +180,36 @@ def chunk_forward_torch(
     feats += [g.to(dt)[..., None]] if gated else []
     feats += [beta.to(dt)[..., None]] if has_beta else []
     x = torch.cat(feats, -1)
-    x = x.reshape(total, H, x.shape[-1])
+    x = x.reshape(total * H, x.shape[-1])  # rows (token, head)
 
-    groups = _groups(lens, chunk_size)
+    groups = _groups(lens, chunk_size, H, K)
     starts = torch.tensor(cu[:-1], device=dev)
     seq_len = torch.tensor(lens, device=dev)
+    heads = torch.arange(H, device=dev)[:, None]
     src = []
-    for p, ids in groups:  # padded row -> packed row (total: a zero row)
+    for p, ids in groups:  # padded (sequence, head, position) -> (token, head) row
         ids_t = torch.tensor(ids, device=dev)
         pos = torch.arange(p, device=dev)
-        rows = starts[ids_t, None] + pos
-        src.append(rows.masked_fill(pos >= seq_len[ids_t, None], total).reshape(-1))
-    src = torch.cat(src) if src else torch.zeros(0, dtype=torch.long, device=dev)
-    real = src < total
-    back = torch.empty(total, dtype=torch.long, device=dev).scatter_(
+        rows = (starts[ids_t, None] + pos)[:, None] * H + heads
+        src.append(rows.masked_fill((pos >= seq_len[ids_t, None])[:, None], total * H))
+    src = torch.cat([r.reshape(-1) for r in src]) if src else starts.new_zeros(0)
+    real = src < total * H
+    back = torch.empty(total * H, dtype=torch.long, device=dev).scatter_(
         0, src[real], torch.arange(src.numel(), device=dev)[real])
     padded = _MoveRows.apply(x, src, back)
 
     h0 = initial_state.to(dt).transpose(-1, -2) if initial_state is not None else None
     outs, finals = [], []
-    pieces = padded.split([len(ids) * p for p, ids in groups])  # split: one backward node
+    pieces = padded.split([len(ids) * H * p for p, ids in groups])  # split: one backward node
     for (p, ids), rows in zip(groups, pieces):
-        rows = rows.view(len(ids), p, H, -1)
         h0_g = h0.index_select(0, torch.tensor(ids, device=dev)) if h0 is not None else None
-        o_g, f_g = _run_group(rows, h0_g, min(p, chunk_size), K, V, delta, gated, has_beta,
-                              output_final_state)
-        outs.append(o_g.reshape(-1, H, V))
+        o_g, f_g = _run_group(rows.view(len(ids), H, p, -1), h0_g, min(p, chunk_size), K, V,
+                              delta, gated, has_beta, output_final_state)
+        outs.append(o_g.reshape(-1, V))
         finals.append(f_g)
-    o = torch.cat(outs) if outs else x.new_zeros(0, H, V)
-    o = _MoveRows.apply(o, back, src).view(B, T, H, V) if cu_seqlens is None else \
-        _MoveRows.apply(o, back, src)[None]
+    o = torch.cat(outs) if outs else x.new_zeros(0, V)
+    o = _MoveRows.apply(o, back, src)
+    o = o.view(B, T, H, V) if cu_seqlens is None else o.view(1, total, H, V)
     final = None
     if output_final_state:
         # Computed states in group order, then every sequence's initial state (or zeros).
