@@ -9,6 +9,14 @@ on a shared machine hits them alike; the figure is the best of ``--repeats`` ste
 of this process (``--clock wall`` for wall-clock), at one thread by default.
 
     python -m cl_toolkit.benchmarks.perf.mom_cpu_step
+
+On a GPU (``--device cuda``, wall-clock with synchronisation; ``--dtype bfloat16`` runs the
+forward under autocast) the MoM rows take the Triton path, and the variant ``mom shared, fla``
+puts fla's MomAttention (https://github.com/fla-org/flash-linear-attention) into the same
+block in place of our MoM layer (reported as unavailable where fla is not installed):
+
+    python -m cl_toolkit.benchmarks.perf.mom_cpu_step --device cuda --dtype bfloat16 \
+        --variants transformer "mom shared" "mom task-routed" "mom shared, fla"
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
@@ -30,7 +39,9 @@ VARIANTS = {  # row name -> (preset, overrides)
     "gdn": ("gdn", {}),
     "mom shared": ("mom", {}),
     "mom task-routed": ("mom", {"task_routing": True}),
+    "mom shared, fla": ("mom", {}),  # fla's MomAttention as the mixer (GPU only)
 }
+DEFAULT_VARIANTS = ["transformer", "gdn", "mom shared", "mom task-routed"]
 NUM_TASKS, NUM_CLASSES = 5, 10
 
 
@@ -40,25 +51,50 @@ def preset(name: str) -> dict:
     return {k: v for k, v in cfg.items() if k not in ("name", "heads")}
 
 
-def make_step(name: str, overrides: dict, shape, batch: int, seed: int):
+class FlaMixer(nn.Module):
+    """fla's MomAttention behind the block's mixer call (x, mask, cache, use_cache) -> (y, aux,
+    cache); its router's auxiliary loss is not added (it comes back as logits)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_memories: int, topk: int):
+        super().__init__()
+        from fla.layers.mom import MomAttention
+        self.layer = MomAttention(hidden_size=hidden_size, head_dim=hidden_size // num_heads,
+                                  num_heads=num_heads, expand_v=1, num_memories=num_memories,
+                                  topk=topk, shared_mem=True)
+
+    def forward(self, x, memory_mask=None, cache=None, use_cache=False):
+        return self.layer(x)[0], x.new_zeros(()), None
+
+
+def make_step(variant: str, shape, batch: int, seed: int, device="cpu",
+              dtype=torch.float32):
     """A closure running one training step, and the model's parameter count."""
+    name, overrides = VARIANTS[variant]
     torch.manual_seed(seed)
     kw = {**preset(name), **overrides}
     if kw.get("task_routing"):
         kw["num_tasks"] = NUM_TASKS
-    model = Classifier(registry.build("model", name, shape, **kw), NUM_CLASSES)
+    backbone = registry.build("model", name, shape, **kw)
+    if variant.endswith(", fla"):
+        for block in backbone.blocks:
+            block.mixer = FlaMixer(kw["hidden_size"], kw["num_heads"], kw["num_memories"],
+                                   kw["topk"])
+    model = Classifier(backbone, NUM_CLASSES).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch,) + tuple(shape), generator=gen)
-    y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
-    t = torch.randint(0, NUM_TASKS, (batch,), generator=gen)
+    x = torch.randn((batch,) + tuple(shape), generator=gen).to(device)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
+    t = torch.randint(0, NUM_TASKS, (batch,), generator=gen).to(device)
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype,
+                              enabled=dtype != torch.float32)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x, t), y)
-        aux = getattr(model.backbone, "aux_loss", None)
-        if aux is not None:
-            loss = loss + aux
+        with autocast:
+            loss = F.cross_entropy(model(x, t).float(), y)
+            aux = getattr(model.backbone, "aux_loss", None)
+            if aux is not None:
+                loss = loss + aux
         loss.backward()
         opt.step()
 
@@ -68,27 +104,38 @@ def make_step(name: str, overrides: dict, shape, batch: int, seed: int):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if dev.type == "cuda":
+        args.clock = "wall"
+
+    def clock():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.process_time() if args.clock == "cpu" else time.perf_counter()
     if "transformer" not in args.variants:
         args.variants.insert(0, "transformer")
-    print(f"training step, batch {args.batch}, {args.threads} thread(s), best of "
-          f"{args.repeats} ({args.clock} time)\n")
+    print(f"training step on {dev} ({args.dtype}), batch {args.batch}, {args.threads} "
+          f"thread(s), best of {args.repeats} ({args.clock} time)\n")
     print("| size | backbone | tokens | parameters | ms/step | vs transformer |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:
         shape = SIZES[size]
-        steps, info = {}, {}
+        steps, info, missing = {}, {}, {}
         for v in args.variants:
-            name, over = VARIANTS[v]
-            steps[v], n_params = make_step(name, over, shape, args.batch, seed=0)
-            info[v] = n_params
+            try:
+                steps[v], info[v] = make_step(v, shape, args.batch, 0, dev, dtype)
+            except ImportError as exc:  # fla's MomAttention where fla is not installed
+                missing[v] = f"{type(exc).__name__}: {exc}"
+                continue
             steps[v]()  # warm-up
         best = {v: float("inf") for v in steps}
         for _ in range(args.repeats):
@@ -99,6 +146,10 @@ def main(argv=None) -> None:
         p_ = registry.build("model", "mom", shape, **preset("mom")).patch_size
         tokens = (shape[1] // p_) * (shape[2] // p_)
         for v in args.variants:
+            if v in missing:
+                print(f"| {size} {shape[1]}x{shape[2]} | {v} | {tokens} | - | n/a "
+                      f"({missing[v]}) | - |", flush=True)
+                continue
             print(f"| {size} {shape[1]}x{shape[2]} | {v} | {tokens} | {info[v]:,} | "
                   f"{1e3 * best[v]:.1f} | {best[v] / best['transformer']:.2f}x |", flush=True)
 
