@@ -67,11 +67,13 @@ class FlaMixer(nn.Module):
 
 
 def make_step(variant: str, shape, batch: int, seed: int, device="cpu",
-              dtype=torch.float32):
+              dtype=torch.float32, patch_size=None):
     """A closure running one training step, and the model's parameter count."""
     name, overrides = VARIANTS[variant]
     torch.manual_seed(seed)
     kw = {**preset(name), **overrides}
+    if patch_size is not None:
+        kw["patch_size"] = patch_size
     if kw.get("task_routing"):
         kw["num_tasks"] = NUM_TASKS
     backbone = registry.build("model", name, shape, **kw)
@@ -111,6 +113,8 @@ def main(argv=None) -> None:
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="override the presets' patch size (1: one token per pixel)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -132,7 +136,8 @@ def main(argv=None) -> None:
         steps, info, missing = {}, {}, {}
         for v in args.variants:
             try:
-                steps[v], info[v] = make_step(v, shape, args.batch, 0, dev, dtype)
+                steps[v], info[v] = make_step(v, shape, args.batch, 0, dev, dtype,
+                                             args.patch_size)
             except ImportError as exc:  # fla's MomAttention where fla is not installed
                 missing[v] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -143,8 +148,9 @@ def main(argv=None) -> None:
                 t0 = clock()
                 step()
                 best[v] = min(best[v], clock() - t0)
-        p_ = registry.build("model", "mom", shape, **preset("mom")).patch_size
-        tokens = (shape[1] // p_) * (shape[2] // p_)
+        tokens = registry.build("model", "mom", shape, **preset("mom")).num_tokens
+        if args.patch_size:
+            tokens = (shape[1] // args.patch_size) * (shape[2] // args.patch_size)
         for v in args.variants:
             if v in missing:
                 print(f"| {size} {shape[1]}x{shape[2]} | {v} | {tokens} | - | n/a "
