@@ -116,7 +116,7 @@ def _run_group(x: torch.Tensor, h0: Optional[torch.Tensor], C: int, K: int, V: i
         # Only A's strict lower triangle is read (unitriangular): no mask, no identity.
         A = ((k * b) @ k.transpose(-1, -2)) * decay
         UW = _UnitLowerSolve.apply(A, rhs)
-        U, W = (UW[..., :V], UW[..., V:]) if use_h else (UW, None)
+        U, W = UW.split([V, K], -1) if use_h else (UW, None)
     else:
         U, W = v, None
     if not use_h:
