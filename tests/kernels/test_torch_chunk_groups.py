@@ -101,8 +101,9 @@ def test_all_empty_returns_initial_states():
 
 def test_grouping_rule_hand_computed(monkeypatch):
     # H=1, K=0: a sequence of length n costs n^2. Lengths 3 and 4 share a group (padding the
-    # 3 to 4 costs 16 - 9 = 7 <= 20); adding 10 would cost 2 * (100 - 16) = 168 > 20; 70 is
-    # longer than the chunk 64 and goes to the group of whole chunks (128); 0 is skipped.
-    monkeypatch.setattr(chunk_torch, "GROUP_COST", 20)
+    # 3 to 4 costs 16 - 9 = 7, not more than a group's 7); adding 10 would cost
+    # 2 * (100 - 16) = 168 > 7; 70 is longer than the chunk 64 and goes to the group of whole
+    # chunks (128); 0 is skipped.
+    monkeypatch.setattr(chunk_torch, "GROUP_COST", 7)
     assert chunk_torch._groups([3, 4, 10, 0, 70], 64, 1, 0) == [(4, [0, 1]), (10, [2]),
                                                                (128, [4])]
