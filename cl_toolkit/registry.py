@@ -46,7 +46,10 @@ BUILTINS: dict[str, dict[str, str]] = {
         "mlp": "cl_toolkit.models:MLP",
         "cnn": "cl_toolkit.models:SmallCNN",
         "resnet18_reduced": "cl_toolkit.models:ReducedResNet18",
-        "mom": "cl_toolkit.kernels.backbones:MoMImageClassifierBackbone",
+        "mom": "cl_toolkit.kernels.backbones:mom_backbone",
+        "gdn": "cl_toolkit.kernels.backbones:gdn_backbone",
+        "gla": "cl_toolkit.kernels.backbones:gla_backbone",
+        "transformer": "cl_toolkit.kernels.backbones:transformer_backbone",
         "clip": "cl_toolkit.benchmarks.clip_tasks:clip_classifier",
     },
 }

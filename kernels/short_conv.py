@@ -181,22 +181,60 @@ def _conv_bwd(x, w, cache, dy, layout, cache_grad: bool):
     return dx, dw_part, dcache
 
 
+class _ConvTorch(torch.autograd.Function):
+    """Each segment after its own W-1 cached rows in one extended sequence ``ext``, so one
+    shifted multiply-add per tap serves every segment; rows move by host-built indices (ext
+    rows of x: ``x_pos``, of the cache: ``head_pos``). The backward is written out: dpre
+    placed back in ext order gives dx and dcache by W shifted multiply-adds and the weight
+    sums by W dot products, with no per-segment autograd nodes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, heads, x_pos, head_pos):
+        pad, C = weight.shape[1] - 1, x.shape[1]
+        n_ext = x.shape[0] + head_pos.numel()
+        ext = x.new_zeros(n_ext, C) if heads is None else x.new_empty(n_ext, C)
+        ext.index_copy_(0, x_pos, x)
+        if heads is not None:
+            ext.index_copy_(0, head_pos, heads.reshape(-1, C))
+        taps = weight.t().contiguous()  # [W, C]: contiguous rows keep the multiply-adds vectorised
+        n = n_ext - pad  # pre_ext[t] = sum_i weight[:, i] ext[t + i], the output of ext row t+pad
+        pre = ext[:n] * taps[0]
+        for i in range(1, pad + 1):
+            pre.addcmul_(ext[i:i + n], taps[i])
+        pre = pre.index_select(0, x_pos - pad)
+        ctx.save_for_backward(ext, taps, pre, x_pos, head_pos)
+        ctx.has_heads = heads is not None
+        return F.silu(pre)
+
+    @staticmethod
+    def backward(ctx, dy):
+        ext, taps, pre, x_pos, head_pos = ctx.saved_tensors
+        pad = taps.shape[0] - 1
+        n = ext.shape[0] - pad
+        dpre = torch.ops.aten.silu_backward(dy, pre)
+        d_ext_pre = dpre.new_zeros(n, dpre.shape[1]).index_copy_(0, x_pos - pad, dpre)
+        dweight = torch.stack([(d_ext_pre * ext[i:i + n]).sum(0) for i in range(pad + 1)], 1)
+        dext = torch.zeros_like(ext)
+        for i in range(pad + 1):
+            dext[i:i + n].addcmul_(d_ext_pre, taps[i])
+        dx = dext.index_select(0, x_pos)
+        dheads = None
+        if ctx.has_heads and ctx.needs_input_grad[2]:
+            dheads = dext.index_select(0, head_pos).view(-1, pad, ext.shape[1])
+        return dx, dweight, dheads, None, None
+
+
 def _conv_torch(x: torch.Tensor, weight: torch.Tensor, cu: Sequence[int],
-                heads: torch.Tensor) -> torch.Tensor:
-    """Each segment after its own W-1 cached rows in one extended sequence, so one shifted
-    multiply-add per tap serves every segment. Rows move by split and cat only: a slice per
-    segment would zero-fill a full-size gradient per segment in the backward."""
-    pad = weight.shape[1] - 1
-    lens = [b - a for a, b in zip(cu, cu[1:])]
-    ext = torch.cat([r for h, xs in zip(heads.unbind(0), x.split(lens)) for r in (h, xs)])
-    taps = weight.t().contiguous()  # [W, C]: contiguous rows keep the multiply-adds vectorised
-    n = ext.shape[0] - pad  # y_ext[t] = sum_i weight[:, i] ext[t + i]
-    y_ext = ext[:n] * taps[0]
-    for i in range(1, pad + 1):
-        y_ext = torch.addcmul(y_ext, ext[i:i + n], taps[i])
-    # y_ext holds segment 0's outputs, pad rows that straddle a boundary, segment 1's, ...
-    pieces = y_ext.split([r for n_s in lens for r in (n_s, pad)][:-1])
-    return F.silu(torch.cat(pieces[::2]))
+                heads: Optional[torch.Tensor]) -> torch.Tensor:
+    """The torch path of :func:`segment_conv`; heads [S, W-1, C] (None: zeros)."""
+    pad, S = weight.shape[1] - 1, len(cu) - 1
+    dev = x.device
+    lens = torch.tensor([b - a for a, b in zip(cu, cu[1:])], device=dev)
+    seg = torch.repeat_interleave(torch.arange(S, device=dev), lens, output_size=x.shape[0])
+    x_pos = torch.arange(x.shape[0], device=dev) + (seg + 1) * pad
+    start = torch.tensor(cu[:-1], device=dev) + torch.arange(S, device=dev) * pad
+    head_pos = (start[:, None] + torch.arange(pad, device=dev)).reshape(-1)
+    return _ConvTorch.apply(x, weight, heads, x_pos, head_pos)
 
 
 def _tails(x: torch.Tensor, heads: torch.Tensor, cu: Sequence[int]) -> torch.Tensor:
@@ -243,16 +281,13 @@ def segment_conv(x: torch.Tensor, weight: torch.Tensor, cu: Sequence[int],
                          f"got {tuple(cache.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    heads = None
+    heads = cache.transpose(1, 2).to(x.dtype) if cache is not None else None  # [S, W-1, C]
     if resolve_backend(backend, x.device) == "triton" and x.dtype != torch.float64:
         y = _SegmentConvFunction.apply(x, weight, cache, tuple(cu))
     else:
-        heads = (x.new_zeros(S, pad, C) if cache is None
-                 else cache.transpose(1, 2).to(x.dtype))
         y = _conv_torch(x, weight, cu, heads)
     if not return_tail:
         return y
     if heads is None:
-        heads = (x.new_zeros(S, pad, C) if cache is None
-                 else cache.transpose(1, 2).to(x.dtype))
+        heads = x.new_zeros(S, pad, C)
     return y, _tails(x, heads, cu).transpose(1, 2)
