@@ -174,3 +174,25 @@ def test_task_agnostic_extension_scores_every_learned_task(scenario):
     assert out.shape == (len(x), stream.num_classes) and torch.isfinite(out).all()
     acc = (out.argmax(1) == y).float().mean().item()
     assert acc > (0.8 if shared else 0.6)  # chance: 0.5 (domain-il), 0.25 (class-il)
+
+
+def test_training_support_never_holds_a_query_of_its_step():
+    """As KCL's coreset is never a query, GKCL's training support is drawn from the task's
+    samples outside the batch it scores (at evaluation the support is generated, so a query is
+    never its own support there either)."""
+    stream = blob_stream(n_tasks=1, n_train=30)
+    s = make(stream, generator_epochs=0, epochs=2)
+    steps = []
+    support_query = s.support_query
+
+    def spy(task, x, y):
+        out = support_query(task, x, y)
+        steps.append((out[0], out[2]))
+        return out
+
+    s.support_query = spy
+    s.learn(stream[0])
+    assert len(steps) == 12
+    for xs, xq in steps:
+        assert xs.shape[0] == 20 and xq.shape[0] == 10
+        assert not (xs[:, None] == xq[None]).all(-1).any()
