@@ -185,8 +185,8 @@ def test_training_support_never_holds_a_query_of_its_step():
     steps = []
     support_query = s.support_query
 
-    def spy(task, x, y):
-        out = support_query(task, x, y)
+    def spy(task, x, y, idx):
+        out = support_query(task, x, y, idx)
         steps.append((out[0], out[2]))
         return out
 
