@@ -117,15 +117,13 @@ class GKCL(KCL):
                     "strategy.likelihood=gaussian or use unnormalised pixels."
                 )
         if self.support == "sample":
-            m, bs, idx = self.support_per_class, self.batch_size, []
+            m, idx = self.support_per_class, []
             for c in task.classes:
                 ic = (data.y == c).nonzero().flatten()
-                if len(ic) < m + bs:
+                if len(ic) < m:
                     raise ConfigError(
                         f"support_per_class={m} but class {c} of task {task.index} "
-                        f"({task.name!r}) has only {len(ic)} training samples: the support is "
-                        f"drawn outside the batch, so a class needs support_per_class + "
-                        f"batch_size = {m + bs}; lower support_per_class or batch_size."
+                        f"({task.name!r}) has only {len(ic)} training samples; lower it."
                     )
                 idx.append(ic)
             # [C, max_n] index table, padded; padded slots are never drawn (see support_query).
@@ -141,13 +139,14 @@ class GKCL(KCL):
         if self.support != "sample":
             return super().support_query(task, x, y, idx)
         # m distinct random samples per class outside the batch: the m smallest of uniform
-        # scores per row, padded slots and the batch's samples scored out of reach.
+        # scores per row, padded slots and the batch's samples scored out of reach (a class
+        # with fewer than m samples outside the batch gives what it has).
         in_batch = torch.zeros(len(self._train), dtype=torch.bool)
         in_batch[idx] = True
         r = torch.rand(self._table.shape, generator=self.ctx.generator)
         r = r.masked_fill(self._pad | in_batch[self._table], 2.0)
-        pick = self._table.gather(1, r.topk(self.support_per_class, 1, largest=False).indices)
-        pick = pick.flatten()
+        low = r.topk(self.support_per_class, 1, largest=False)
+        pick = self._table.gather(1, low.indices)[low.values < 2.0]
         return self._train.x[pick], self._train.y[pick], x, y
 
     def extra_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:
