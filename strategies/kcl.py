@@ -49,8 +49,8 @@ FEATURE_NORMS = ("none", "l2", "minmax", "batch_minmax")
 
 def normalise_features(h: torch.Tensor, how: str) -> torch.Tensor:
     """Bound the features ``[N, d]`` before the kernel: the scale of raw ReLU features drifts
-    during training, and shift-invariant kernels (gaussian, laplacian, rff, vrf) degenerate to K = I when the
-    distances grow. ``l2``: unit norm per sample; ``minmax``: per sample to [0, 1];
+    during training, and shift-invariant kernels (gaussian, laplacian, rff, vrf) degenerate to
+    K = I when the distances grow. ``l2``: unit norm per sample; ``minmax``: per sample to [0, 1];
     ``batch_minmax``: one min and max over the whole batch (what KCL's reference code does; it
     makes a sample's features depend on the rest of its batch)."""
     if how == "l2":
