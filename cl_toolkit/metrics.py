@@ -9,18 +9,30 @@ Lopez-Paz & Ranzato, GEM (https://arxiv.org/abs/1706.08840) and Chaudhry et al.,
 - running ACC_k = mean_{j<=k} R[k, j]
 - BWT  = mean_{j<T-1} (R[T-1, j] - R[j, j])
 - FWT  = mean_{j>0} (R[j-1, j] - b[j])
-- forgetting (max-based) = mean_{j<T-1} (max_{l<T-1} R[l, j] - R[T-1, j])
+- forgetting (max-based) = mean_{j<T-1} (max_{j<=l<T-1} R[l, j] - R[T-1, j])
 - learning accuracy = mean_j R[j, j]
 
-Avalanche's "forgetting" uses R[j, j] instead of the max over earlier rows, i.e. -BWT; ours is
-the max-based one and reports label it as such. Metrics that need a task that does not exist
-(BWT and forgetting with T=1, FWT with T=1) are ``None`` rather than a made-up 0.
+Forgetting is Chaudhry et al.'s (2018), as most code computes it: the max runs over the rows
+from the one where task j was learned, so accuracy on task j from forward transfer before it was
+learned does not count as something to forget. Avalanche's "forgetting" uses R[j, j] instead of
+the max, i.e. -BWT. Metrics that need a task that does not exist (BWT and forgetting with T=1,
+FWT with T=1) are ``None`` rather than a made-up 0.
+
+Metrics that a run cannot measure are ``None`` too, with the reason in
+``results["not_applicable"]`` ({name: reason}; contract C4): `not_applicable` collects them from
+the scenario (class-il FWT) and from what the strategy declares (its class attribute
+``not_applicable``, e.g. KCL's FWT).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
+
+SCALARS = ("acc", "bwt", "fwt", "forgetting", "learning_acc")
+CLASS_IL_FWT = ("class-il: a model never trained on task j's classes does not predict them "
+                "(R[j-1, j] is about 0 whatever was learned), so R[j-1, j] - b[j] measures the "
+                "untrained model, not transfer")
 
 
 def _matrix(R) -> np.ndarray:
@@ -65,20 +77,35 @@ def forward_transfer(R, b: Sequence[float]) -> float | None:
 
 
 def forgetting(R) -> float | None:
-    """Max-based forgetting; use `forgetting_per_task` for the per-task values."""
+    """Max-based forgetting (Chaudhry et al. 2018, https://arxiv.org/abs/1801.10112); use
+    `forgetting_per_task` for the per-task values."""
     per_task = forgetting_per_task(R)
     return None if not per_task else float(np.mean(per_task))
 
 
 def forgetting_per_task(R) -> list[float]:
-    """``max_{l<T-1} R[l, j] - R[T-1, j]`` for every j < T-1."""
+    """``max_{j<=l<T-1} R[l, j] - R[T-1, j]`` for every j < T-1: only rows after task j was
+    learned count (rows before it hold forward transfer, not knowledge that was lost)."""
     R = _matrix(R)
     T = R.shape[0]
-    return [float(R[: T - 1, j].max() - R[T - 1, j]) for j in range(T - 1)]
+    return [float(R[j: T - 1, j].max() - R[T - 1, j]) for j in range(T - 1)]
 
 
-def summary(R, b: Sequence[float] | None = None) -> dict:
-    """All scalar metrics of one run (JSON-friendly)."""
+def not_applicable(scenario: str, declared: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``{metric: reason}`` for the metrics a run cannot measure: class-il FWT, then what the
+    strategy declares (its reason wins: it is the more specific one)."""
+    out = {"fwt": CLASS_IL_FWT} if scenario == "class-il" else {}
+    return {**out, **dict(declared or {})}
+
+
+def summary(R, b: Sequence[float] | None = None,
+            not_applicable: Mapping[str, str] | None = None) -> dict:
+    """All scalar metrics of one run (JSON-friendly); those named in ``not_applicable`` are
+    ``None``."""
+    unknown = set(not_applicable or {}) - set(SCALARS)
+    if unknown:
+        raise ValueError(f"not_applicable names unknown metrics {sorted(unknown)}; the scalar "
+                         f"metrics are {', '.join(SCALARS)} (e.g. 'fwt').")
     out = {
         "acc": accuracy(R),
         "bwt": backward_transfer(R),
@@ -89,4 +116,6 @@ def summary(R, b: Sequence[float] | None = None) -> dict:
     }
     if b is not None:
         out["fwt"] = forward_transfer(R, b)
+    for name in not_applicable or {}:
+        out[name] = None
     return out

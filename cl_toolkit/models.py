@@ -95,6 +95,52 @@ class ReducedResNet18(nn.Module):
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
 
+class KCLBlock(nn.Module):
+    """The residual block of KCL's public code: conv3x3 -> ReLU -> BatchNorm -> Dropout, plus the
+    shortcut (a bias-free 1x1 conv, no BatchNorm, where the shape changes), then ReLU ->
+    BatchNorm -> Dropout. One conv per block: the reference defines a second one and never
+    calls it."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float):
+        super().__init__()
+        self.conv = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1, self.bn2 = nn.BatchNorm2d(planes), nn.BatchNorm2d(planes)
+        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.drop1(self.bn1(F.relu(self.conv(x))))
+        return self.drop2(self.bn2(F.relu(out + self.shortcut(x))))
+
+
+class KCLReducedResNet18(nn.Module):
+    """The reduced ResNet18 as KCL's public code builds it (github.com/mmderakhshani/KCL,
+    stable_sgd/models.py), for KCL's SplitCIFAR100 protocol (https://arxiv.org/abs/2107.05757):
+    the stem and stages of `ReducedResNet18` (nf, 2nf, 4nf, 8nf; 160-d features at nf=20) with
+    `KCLBlock`s, dropout in every block. Its 62.7 % SplitCIFAR100 figure is for this network."""
+
+    def __init__(self, input_shape: Sequence[int], nf: int = 20, dropout: float = 0.02,
+                 blocks=(2, 2, 2, 2)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(input_shape[0], nf, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(nf)
+        stages, in_planes = [], nf
+        for i, n in enumerate(blocks):
+            planes = nf * 2 ** i
+            for j in range(n):
+                stride = (1 if i == 0 else 2) if j == 0 else 1
+                stages.append(KCLBlock(in_planes, planes, stride, dropout))
+                in_planes = planes
+        self.layers = nn.Sequential(*stages)
+        self.feat_dim = in_planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+
 class Classifier(nn.Module):
     """Backbone + head(s).
 

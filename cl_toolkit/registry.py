@@ -46,6 +46,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "mlp": "cl_toolkit.models:MLP",
         "cnn": "cl_toolkit.models:SmallCNN",
         "resnet18_reduced": "cl_toolkit.models:ReducedResNet18",
+        "resnet18_reduced_kcl": "cl_toolkit.models:KCLReducedResNet18",
         "mom": "cl_toolkit.kernels.backbones:mom_backbone",
         "gdn": "cl_toolkit.kernels.backbones:gdn_backbone",
         "gla": "cl_toolkit.kernels.backbones:gla_backbone",

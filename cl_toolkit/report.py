@@ -291,8 +291,9 @@ def write_report(paths, out: str | None = None) -> tuple[Path, Path]:
     matrices = [n for n in figs if n.startswith("matrix_")]
     md = ["# cl_toolkit report", "",
           f"{len(results)} run(s) from {len(files)} results file(s). Metrics in %, mean ± std over "
-          "runs (seeds / task orders). Forgetting is max-based: mean over j < T-1 of "
-          "max_{l<T-1} R[l, j] - R[T-1, j].", "", table, "", *_sweep_section(entries)]
+          "runs (seeds / task orders). Forgetting is max-based (Chaudhry et al. 2018): mean "
+          "over j < T-1 of max_{j<=l<T-1} R[l, j] - R[T-1, j]. n/a: the metric does not apply "
+          "(results.json, \"not_applicable\", says why).", "", table, "", *_sweep_section(entries)]
     if figs:
         md += ["![running accuracy](running_acc.png)", "", "![forgetting](forgetting.png)", ""]
     if "acc_vs_memory.png" in figs:

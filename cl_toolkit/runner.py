@@ -226,6 +226,7 @@ def _results(cfg, stream, strategy, model, state, T) -> dict:
     R = np.asarray(state["matrix"], dtype=np.float64)
     k = R.shape[0]
     square = R[:, :k]
+    skip = metrics.not_applicable(stream.scenario, getattr(strategy, "not_applicable", None))
     return {
         "format": FORMAT,
         "status": "done" if k == T else "running",
@@ -236,7 +237,8 @@ def _results(cfg, stream, strategy, model, state, T) -> dict:
         "model_params": sum(p.numel() for p in model.parameters()),
         "before": state["before"],
         "matrix": state["matrix"],
-        "metrics": metrics.summary(square, state["before"][:k]),
+        "metrics": metrics.summary(square, state["before"][:k], skip),
+        "not_applicable": skip,
         "memory_bytes": state["memory"],
         "reference": strategy.reference_accuracy(),
         "timings": {"train_s": state["train_s"], "eval_s": state["eval_s"]},

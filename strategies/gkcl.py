@@ -7,15 +7,18 @@ coresets: a conditional VAE (`cvae.ConditionalVAE`) generates each task's suppor
 task is evaluated, so the memory is the generator's weights and does not grow with the tasks.
 
 - Training support (the task's real data is available while it is learned):
-  ``support="sample"`` draws ``support_per_class`` real samples per class at every step (nothing
-  is kept afterwards), the batch is the query; ``support="batch"`` splits the batch in halves.
+  ``support="sample"`` draws ``support_per_class`` real samples per class at every step from the
+  task's samples *outside* the batch (nothing is kept afterwards), the batch is the query; so a
+  query is never its own support, as at evaluation, where the support is generated, and as in
+  KCL, whose coreset is never a query. ``support="batch"`` splits the batch in halves.
 - Supervised contrastive regularisation (`supcon.SupConLoss`) on the normalised features of
   support and query, weighted by ``supcon_weight``, keeps the features (and thus the generated
   supports) class-discriminative.
 - After the extractor has learned task t, the generator is trained on t's data, mixed with
   samples of all earlier (task, class) conditions from a frozen copy of itself (generative
   replay on the generator only, Shin et al. 2017, https://arxiv.org/abs/1705.08690); the real and
-  replayed losses are weighted by the share of new and old conditions.
+  replayed losses are weighted by the share of new and old conditions. ``generator_replay=False``
+  is the ablation without replay (the generator then forgets the earlier conditions).
 - The generator is conditioned on (task, class) pairs, not on classes alone, so that streams
   whose tasks share class ids (permuted / rotated) get one support set per task. With
   ``inherit_conditions`` (default; our choice, the paper does not say), a new (task, class)
@@ -59,19 +62,20 @@ class GKCL(KCL):
                  generator_hidden: Sequence[int] = (400,), likelihood: str | None = None,
                  generator_epochs: int = 5, generator_batch_size: int = 64,
                  generator_lr: float = 1e-3, inherit_conditions: bool = True,
-                 supcon_weight: float = 0.1,
+                 generator_replay: bool = True, supcon_weight: float = 0.1,
                  supcon_temperature: float = 0.1, num_features: int = 1024,
                  bandwidth: float = 1.0, tau: float = 1e-4, lambda_init: float = 0.1,
                  lambda_min: float = 0.01, vrf_hidden: int = 256, epochs: int = 1,
                  batch_size: int = 10, lr: float = 0.1, lr_decay: float = 0.5,
-                 lr_min: float = 5e-5, optimizer: str = "sgd", momentum: float = 0.8,
-                 weight_decay: float = 0.0, feature_norm: str = "l2",
+                 lr_min: float = 5e-5, decay_first_task: bool = False, optimizer: str = "sgd",
+                 momentum: float = 0.8, weight_decay: float = 0.0, feature_norm: str = "l2",
                  eval_batch_size: int = 1024):
         super().__init__(kernel=kernel, coreset_per_class=support_per_class,
                          num_features=num_features, bandwidth=bandwidth, tau=tau,
                          lambda_init=lambda_init, lambda_min=lambda_min, vrf_hidden=vrf_hidden,
                          support=support, epochs=epochs, batch_size=batch_size, lr=lr,
-                         lr_decay=lr_decay, lr_min=lr_min, optimizer=optimizer,
+                         lr_decay=lr_decay, lr_min=lr_min, decay_first_task=decay_first_task,
+                         optimizer=optimizer,
                          momentum=momentum, weight_decay=weight_decay,
                          feature_norm=feature_norm, eval_batch_size=eval_batch_size)
         if generator_space not in ("pixel", "feature"):
@@ -89,7 +93,7 @@ class GKCL(KCL):
                                      likelihood=likelihood)
         self.generator_epochs, self.generator_batch_size = generator_epochs, generator_batch_size
         self.generator_lr, self.supcon_weight = generator_lr, supcon_weight
-        self.inherit_conditions = inherit_conditions
+        self.inherit_conditions, self.generator_replay = inherit_conditions, generator_replay
         self.supcon = SupConLoss(supcon_temperature)
 
     def setup(self, stream: TaskStream, model: nn.Module, ctx: RunContext) -> None:
@@ -131,13 +135,18 @@ class GKCL(KCL):
             self._train = TensorData(data.x.to(dev), data.y.to(dev))
         return data
 
-    def support_query(self, task: Task, x: torch.Tensor, y: torch.Tensor):
+    def support_query(self, task: Task, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
         if self.support != "sample":
-            return super().support_query(task, x, y)
-        # m distinct random samples per class: the m smallest of uniform scores per row.
-        r = torch.rand(self._table.shape, generator=self.ctx.generator).masked_fill(self._pad, 2.0)
-        pick = self._table.gather(1, r.topk(self.support_per_class, 1, largest=False).indices)
-        pick = pick.flatten()
+            return super().support_query(task, x, y, idx)
+        # m distinct random samples per class outside the batch: the m smallest of uniform
+        # scores per row, padded slots and the batch's samples scored out of reach (a class
+        # with fewer than m samples outside the batch gives what it has).
+        in_batch = torch.zeros(len(self._train), dtype=torch.bool)
+        in_batch[idx] = True
+        r = torch.rand(self._table.shape, generator=self.ctx.generator)
+        r = r.masked_fill(self._pad | in_batch[self._table], 2.0)
+        low = r.topk(self.support_per_class, 1, largest=False)
+        pick = self._table.gather(1, low.indices)[low.values < 2.0]
         return self._train.x[pick], self._train.y[pick], x, y
 
     def extra_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:
@@ -158,7 +167,7 @@ class GKCL(KCL):
         n_old = self.cond_offset[task.index]
         if self.inherit_conditions:
             self._inherit_conditions(task)
-        old = copy.deepcopy(gen).eval() if n_old > 0 else None
+        old = copy.deepcopy(gen).eval() if n_old > 0 and self.generator_replay else None
         w_new = len(task.classes) / (len(task.classes) + n_old)
         opt = torch.optim.Adam(gen.parameters(), lr=self.generator_lr)
         gen.train()

@@ -13,6 +13,12 @@ extractor drifts.
   ``support="coreset"`` (default) uses the task's coreset as the support and the whole batch as
   the query, as KCL's public reference code does; ``support="batch"`` splits the batch itself in
   two halves (meta-learning style; cheaper, but a 5-sample support is weak at batch size 10).
+  Support and query go through the extractor in two forward passes, as in the reference code,
+  so BatchNorm statistics never mix them.
+- Learning rate of task t (from 0): ``max(lr * lr_decay^t, lr_min)``; with
+  ``decay_first_task=True`` ``max(lr * lr_decay^(t+1), lr_min)``, the reference code's schedule
+  (``lr * gamma^task_id`` with task ids from 1: the first task already at lr * gamma), which
+  the protocol configs (``experiment=kcl_*``, ``gkcl_*``) use.
 - Features are normalised before the kernel (``feature_norm``, default per-sample L2; the
   reference min-max-normalises each batch, ``batch_minmax``): without it the scale of ReLU
   features drifts and the shift-invariant kernels collapse to K = I (loss stuck at log C).
@@ -43,8 +49,8 @@ FEATURE_NORMS = ("none", "l2", "minmax", "batch_minmax")
 
 def normalise_features(h: torch.Tensor, how: str) -> torch.Tensor:
     """Bound the features ``[N, d]`` before the kernel: the scale of raw ReLU features drifts
-    during training, and shift-invariant kernels (rbf, rff, vrf) degenerate to K = I when the
-    distances grow. ``l2``: unit norm per sample; ``minmax``: per sample to [0, 1];
+    during training, and shift-invariant kernels (gaussian, laplacian, rff, vrf) degenerate to
+    K = I when the distances grow. ``l2``: unit norm per sample; ``minmax``: per sample to [0, 1];
     ``batch_minmax``: one min and max over the whole batch (what KCL's reference code does; it
     makes a sample's features depend on the rest of its batch)."""
     if how == "l2":
@@ -60,13 +66,16 @@ def normalise_features(h: torch.Tensor, how: str) -> torch.Tensor:
 class KCL(Strategy):
     name = "kcl"
     support_modes = ("coreset", "batch")
+    # Contract C4 (cl_toolkit.metrics.not_applicable): metrics this method cannot measure.
+    not_applicable = {"fwt": "structurally zero: a task has no kernel machine before it is "
+                             "learned, so R[j-1, j] and b[j] are the same constant prediction"}
 
     def __init__(self, kernel: str = "vrf", coreset_per_class: int = 20, num_features: int = 1024,
                  bandwidth: float = 1.0, tau: float = 1e-4, lambda_init: float = 0.1,
                  lambda_min: float = 0.01, vrf_hidden: int = 256, support: str = "coreset",
                  epochs: int = 1, batch_size: int = 10, lr: float = 0.1, lr_decay: float = 0.5,
-                 lr_min: float = 5e-5, optimizer: str = "sgd", momentum: float = 0.8,
-                 weight_decay: float = 0.0, feature_norm: str = "l2",
+                 lr_min: float = 5e-5, decay_first_task: bool = False, optimizer: str = "sgd",
+                 momentum: float = 0.8, weight_decay: float = 0.0, feature_norm: str = "l2",
                  eval_batch_size: int = 1024):
         if support == "batch" and batch_size < 2:
             raise ConfigError(f"support='batch' splits each batch into support and query, so "
@@ -87,6 +96,7 @@ class KCL(Strategy):
         self.tau, self.support = tau, support
         self.epochs, self.batch_size, self.eval_batch_size = epochs, batch_size, eval_batch_size
         self.lr, self.lr_decay, self.lr_min = lr, lr_decay, lr_min
+        self.decay_first_task = bool(decay_first_task)
         self.optimizer_name, self.momentum, self.weight_decay = optimizer, momentum, weight_decay
 
     def setup(self, stream: TaskStream, model: nn.Module, ctx: RunContext) -> None:
@@ -98,7 +108,8 @@ class KCL(Strategy):
         self._solutions: dict[int, Solution] = {}
 
     def current_lr(self) -> float:
-        return max(self.lr * self.lr_decay ** self.tasks_seen, self.lr_min)
+        return max(self.lr * self.lr_decay ** (self.tasks_seen + self.decay_first_task),
+                   self.lr_min)
 
     def local_labels(self, task: Task) -> torch.Tensor:
         """``[num_classes]`` lookup from global class id to the task-local index 0..C_t-1."""
@@ -123,8 +134,9 @@ class KCL(Strategy):
                                                coreset.y.to(self.ctx.device))
         return data.subset((~keep).nonzero().flatten())
 
-    def support_query(self, task: Task, x: torch.Tensor, y: torch.Tensor):
-        """(x_support, y_support, x_query, y_query) for one training batch."""
+    def support_query(self, task: Task, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+        """(x_support, y_support, x_query, y_query) for one training batch ``x``, ``y``; ``idx``
+        are its positions in the data that `begin_task` returned."""
         if self.support == "coreset":
             core = self.coresets[task.index]
             return core.x, core.y, x, y
@@ -156,14 +168,16 @@ class KCL(Strategy):
         machine.train()
         for epoch in range(self.epochs):
             ctx.hooks.call("before_epoch", strategy=self, task=task, epoch=epoch)
-            for step, (x, y, _) in enumerate(train.batches(self.batch_size, ctx.generator, True)):
-                xs, ys, xq, yq = self.support_query(task, x, y)
+            order = torch.randperm(len(train), generator=ctx.generator)
+            for step, idx in enumerate(order.split(self.batch_size)):
+                x, y = train.x[idx], train.y[idx]
+                xs, ys, xq, yq = self.support_query(task, x, y, idx)
                 if xq.shape[0] == 0:  # a last batch of one sample leaves no query to score
                     continue
-                xy = torch.cat([xs, xq])
-                h = model.features(xy, torch.full((len(xy),), ti, dtype=torch.long, device=dev))
-                hs = normalise_features(h[:len(xs)], self.feature_norm)
-                hq = normalise_features(h[len(xs):], self.feature_norm)
+                # Two passes, as the reference: BatchNorm sees the support and the query apart.
+                hs, hq = (normalise_features(model.features(
+                    v, torch.full((len(v),), ti, dtype=torch.long, device=dev)), self.feature_norm)
+                    for v in (xs, xq))
                 h = torch.cat([hs, hq])
                 # Fresh VRF noise on the device from the global RNG (as dropout; the runner
                 # saves and restores that RNG with each checkpoint).

@@ -11,10 +11,13 @@ every task is always scored with its own three values.
 
 Kernels on features ``h`` ``[N, d]`` (scaled by ``1 / bandwidth`` for the shift-invariant ones):
 
-- ``linear``: k(a, b) = a . b
-- ``rbf``:    k(a, b) = exp(-||a - b||^2 / (2 bandwidth^2))
+- ``linear``:    k(a, b) = a . b
+- ``gaussian``:  k(a, b) = exp(-||a - b||_2^2 / (2 bandwidth^2))
+- ``laplacian``: k(a, b) = exp(-||a - b||_1 / bandwidth). The public KCL code calls this one
+  ``rbf`` (exp(-0.25 ||a - b||_1), i.e. bandwidth 4). The name ``rbf`` is refused here: it
+  means the Gaussian kernel in most texts and the Laplacian one in KCL's code.
 - ``rff``:    random Fourier features phi(h) = sqrt(2/D) cos(Omega h + b), Omega ~ N(0, I) fixed,
-  b ~ U[0, 2 pi); phi(a) . phi(b) is an unbiased estimate of the ``rbf`` kernel
+  b ~ U[0, 2 pi); phi(a) . phi(b) is an unbiased estimate of the ``gaussian`` kernel
   (Rahimi & Recht 2007, https://people.eecs.berkeley.edu/~brecht/papers/07.rah.rec.nips.pdf).
 - ``vrf``:    variational random features (Zhen et al. 2020, https://arxiv.org/abs/2006.06707, as
   used by KCL): each row of Omega is drawn from q(omega | S) = N(mu, diag(sigma^2)) whose mean and
@@ -37,7 +40,8 @@ from torch import nn
 
 from cl_toolkit.errors import ClToolkitError, ConfigError, unknown_name
 
-KERNELS = ("linear", "rbf", "rff", "vrf")
+KERNELS = ("linear", "gaussian", "laplacian", "rff", "vrf")
+DUAL_KERNELS = ("gaussian", "laplacian")  # no explicit feature map: solved in the dual
 JITTERS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # relative to the mean diagonal
 
 
@@ -107,7 +111,7 @@ class Amortiser(nn.Module):
 @dataclass
 class Solution:
     """A solved machine for one task: either the primal weight ``[F, C]`` (explicit feature maps)
-    or the support features ``[S, d]`` and dual coefficients ``[S, C]`` (rbf)."""
+    or the support features ``[S, d]`` and dual coefficients ``[S, C]`` (gaussian, laplacian)."""
 
     task: int
     omega: torch.Tensor | None = None
@@ -129,6 +133,13 @@ class KernelMachine(nn.Module):
                  bandwidth: float = 1.0, lambda_init: float = 0.1, lambda_min: float = 0.01,
                  vrf_hidden: int = 256, seed: int = 0):
         super().__init__()
+        if kernel == "rbf":
+            raise ConfigError(
+                "kernel='rbf' is ambiguous: choose kernel=gaussian (exp(-||a-b||^2 / (2 "
+                "bandwidth^2)), what 'rbf' means in most texts) or kernel=laplacian "
+                "(exp(-||a-b||_1 / bandwidth), what KCL's public code calls 'rbf', with "
+                "bandwidth=4)."
+            )
         if kernel not in KERNELS:
             raise unknown_name("kernel", kernel, KERNELS)
         if bandwidth <= 0 or lambda_min <= 0 or num_features <= 0:
@@ -160,8 +171,10 @@ class KernelMachine(nn.Module):
         proj = (h / self.bandwidth) @ omega.T + self.phase
         return math.sqrt(2.0 / self.num_features) * torch.cos(proj)
 
-    def rbf(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Exact RBF Gram matrix ``[Na, Nb]``."""
+    def gram(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Exact Gram matrix ``[Na, Nb]`` of the dual kernels (gaussian, laplacian)."""
+        if self.kernel == "laplacian":
+            return torch.exp(-torch.cdist(a, b, p=1) / self.bandwidth)
         d2 = (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.T + b.pow(2).sum(1)).clamp_min(0)
         return torch.exp(-d2 / (2 * self.bandwidth ** 2))
 
@@ -194,8 +207,8 @@ class KernelMachine(nn.Module):
         omega, kl = self.omega(h_support, h_batch, eps)
         Y = F.one_hot(y_support, num_classes).to(h_support.dtype)
         lam = self.task_params(t)[0]
-        if self.kernel == "rbf":
-            alpha = krr_solve(self.rbf(h_support, h_support), Y, lam)
+        if self.kernel in DUAL_KERNELS:
+            alpha = krr_solve(self.gram(h_support, h_support), Y, lam)
             return Solution(t, support=h_support, alpha=alpha), kl
         phi = self.feature_map(h_support, omega)
         alpha = krr_solve(phi @ phi.T, Y, lam)
@@ -204,8 +217,8 @@ class KernelMachine(nn.Module):
     def scores(self, sol: Solution, h: torch.Tensor) -> torch.Tensor:
         """Calibrated logits ``[Q, C]`` = gamma_t * k(h, S) alpha + beta_t."""
         _, gamma, beta = self.task_params(sol.task)
-        if self.kernel == "rbf":
-            raw = self.rbf(h, sol.support) @ sol.alpha
+        if self.kernel in DUAL_KERNELS:
+            raw = self.gram(h, sol.support) @ sol.alpha
         else:
             raw = self.feature_map(h, sol.omega) @ sol.weight
         return gamma * raw + beta

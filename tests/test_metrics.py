@@ -59,3 +59,30 @@ def test_before_row_length_checked():
     with pytest.raises(ValueError, match="3 entries"):
         metrics.forward_transfer(R3, [0.1, 0.2])
     assert not math.isnan(metrics.accuracy(R3))
+
+
+def test_forgetting_ignores_the_rows_before_a_task_was_learned():
+    """Chaudhry et al. 2018 (as in most code): max over l in [j, T-1). Domain-il with positive
+    forward transfer: task 1 scores 0.85 after task 0 only, 0.7 once learned, 0.6 at the end;
+    its forgetting is 0.7 - 0.6, not 0.85 - 0.6."""
+    R = [[0.9, 0.85, 0.5],
+         [0.8, 0.7, 0.6],
+         [0.75, 0.6, 0.9]]
+    assert metrics.forgetting_per_task(R) == pytest.approx([0.9 - 0.75, 0.7 - 0.6])
+    assert metrics.forgetting(R) == pytest.approx((0.15 + 0.1) / 2)
+
+
+def test_metrics_that_do_not_apply_are_none_not_a_number():
+    s = metrics.summary(R3, B3, not_applicable={"fwt": "structurally zero"})
+    assert s["fwt"] is None
+    assert s["acc"] == pytest.approx((0.7 + 0.5 + 0.9) / 3)
+    with pytest.raises(ValueError, match="fwt"):
+        metrics.summary(R3, B3, not_applicable={"fwd": "typo"})
+
+
+def test_class_il_fwt_is_not_applicable_task_and_domain_il_fwt_is():
+    assert "fwt" in metrics.not_applicable("class-il")
+    assert metrics.not_applicable("task-il") == {} == metrics.not_applicable("domain-il")
+    declared = {"fwt": "a kernel machine exists only for learned tasks"}
+    assert metrics.not_applicable("task-il", declared) == declared
+    assert metrics.not_applicable("class-il", declared)["fwt"] == declared["fwt"]

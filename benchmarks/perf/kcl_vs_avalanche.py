@@ -94,10 +94,13 @@ def avalanche(cls: str, kwargs: dict, scfg: dict, lr: float):
 
 
 def lr_schedule(scfg: dict, lr: float):
-    """KCL's per-task decay, lr_t = max(lr * lr_decay^t, lr_min), on Avalanche's optimizer."""
+    """KCL's per-task decay, lr_t = max(lr * lr_decay^(t + decay_first_task), lr_min), on
+    Avalanche's optimizer."""
+    shift = int(scfg.get("decay_first_task", False))
+
     def set_lr(strategy, t):
         for group in strategy.avl.optimizer.param_groups:
-            group["lr"] = max(lr * scfg["lr_decay"] ** t, scfg["lr_min"])
+            group["lr"] = max(lr * scfg["lr_decay"] ** (t + shift), scfg["lr_min"])
     return set_lr
 
 

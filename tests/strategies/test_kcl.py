@@ -4,6 +4,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from cl_toolkit.errors import ClToolkitError, ConfigError
 from cl_toolkit.models import MLP, Classifier
@@ -44,7 +45,7 @@ def accuracy(strategy, task):
     return (strategy.predict(task.test.x, task).argmax(1) == task.test.y).float().mean().item()
 
 
-@pytest.mark.parametrize("kernel", ["linear", "rbf", "rff", "vrf"])
+@pytest.mark.parametrize("kernel", ["linear", "gaussian", "laplacian", "rff", "vrf"])
 def test_kcl_beats_chance_on_a_task_il_stream(kernel):
     stream = blob_stream()
     s = make(stream, kernel=kernel, num_features=256)
@@ -54,7 +55,7 @@ def test_kcl_beats_chance_on_a_task_il_stream(kernel):
     assert min(accs) > 0.85, accs  # chance is 0.5
 
 
-@pytest.mark.parametrize("kernel", ["linear", "rbf", "rff", "vrf"])
+@pytest.mark.parametrize("kernel", ["linear", "gaussian", "laplacian", "rff", "vrf"])
 def test_training_lowers_the_query_loss_through_extractor_and_machine(kernel):
     stream = blob_stream(n_tasks=1, n_train=150)
     s = make(stream, kernel=kernel, num_features=256, epochs=3)
@@ -218,3 +219,38 @@ def test_a_hook_may_predict_during_training():
     s.learn(stream[1])
     assert all(training for training, _ in seen)  # train mode restored after each probe
     assert not torch.equal(seen[0][1], seen[-1][1])  # re-solved with the moving extractor
+
+
+class BatchStandardiser(nn.Module):
+    """A backbone that is one BatchNorm without affine: in training mode the features of every
+    forward pass have mean 0 over that pass, so a mixed pass is visible in the features."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.bn, self.feat_dim = nn.BatchNorm1d(dim, affine=False), dim
+
+    def forward(self, x):
+        return self.bn(x)
+
+
+@pytest.mark.parametrize("support", ["coreset", "batch"])
+def test_support_and_query_go_through_separate_forward_passes(support):
+    """As the reference code: BatchNorm statistics of the support never mix with the query's."""
+    stream = blob_stream(n_tasks=1)
+    torch.manual_seed(0)
+    model = Classifier(BatchStandardiser(16), stream.num_classes)
+    s = KCL(kernel="linear", coreset_per_class=10, feature_norm="none", support=support)
+    s.setup(stream, model, RunContext(seed=0, generator=torch.Generator().manual_seed(0)))
+    seen = []
+    forward = s.machine.forward
+
+    def spy(t, hs, ys, hq, *args, **kwargs):
+        seen.append((hs.detach(), hq.detach()))
+        return forward(t, hs, ys, hq, *args, **kwargs)
+
+    s.machine.forward = spy
+    s.learn(stream[0])
+    assert len(seen) > 5
+    for hs, hq in seen:
+        torch.testing.assert_close(hs.mean(0), torch.zeros(16), rtol=0, atol=1e-5)
+        torch.testing.assert_close(hq.mean(0), torch.zeros(16), rtol=0, atol=1e-5)

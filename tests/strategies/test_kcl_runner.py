@@ -39,3 +39,25 @@ def test_interrupted_run_resumes_exactly(tmp_path, name):
     assert resumed["matrix"] == full["matrix"]
     assert resumed["memory_bytes"] == full["memory_bytes"]
     assert strip_timings(resumed) == strip_timings({**full, "config": resumed["config"]})
+
+
+@pytest.mark.parametrize("name,scenario", [("kcl", "task-il"), ("gkcl", "task-il"),
+                                           ("naive", "class-il"), ("naive", "task-il")])
+def test_structurally_zero_fwt_is_reported_not_applicable(tmp_path, name, scenario):
+    """KCL / GKCL have no classifier for a task before learning it (R[j-1, j] = b[j] = the
+    same constant prediction); in class-il an untrained class is never predicted. Their FWT is
+    None with the reason in results["not_applicable"] (contract C4), and the report says n/a."""
+    from cl_toolkit.report import write_report
+
+    c = cfg(name) if name != "naive" else {**cfg("kcl"), "strategy": {"name": "naive"}}
+    c["benchmark"] = {**c["benchmark"], "scenario": scenario}
+    results = run(c, tmp_path / "run")
+    if name == "naive" and scenario == "task-il":
+        assert isinstance(results["metrics"]["fwt"], float)
+        assert results["not_applicable"] == {}
+        return
+    assert results["metrics"]["fwt"] is None
+    reason = results["not_applicable"]["fwt"]
+    assert ("class-il" in reason) == (scenario == "class-il")
+    md, _ = write_report([tmp_path / "run"], str(tmp_path / "report"))
+    assert "n/a" in md.read_text()

@@ -49,20 +49,41 @@ def test_linear_machine_equals_primal_ridge_by_lstsq():
     assert float(kl) == 0.0
 
 
-def test_rbf_machine_equals_explicit_dual_formula():
+@pytest.mark.parametrize("kernel", ["gaussian", "laplacian"])
+def test_dual_kernel_machine_equals_explicit_dual_formula(kernel):
     hs, ys, hq = _data(seed=3)
-    m = KernelMachine("rbf", 6, num_tasks=1, bandwidth=1.7).double()
+    m = KernelMachine(kernel, 6, num_tasks=1, bandwidth=1.7).double()
     _set_task_params(m, 0, lam=0.2, gamma=2.0, beta=0.5)
     sol, _ = m.fit(0, hs, ys, 3)
     got = m.scores(sol, hq).detach().numpy()
 
-    def gram(a, b):  # double loop, no vectorised distance trick
-        return np.array([[math.exp(-np.sum((u - v) ** 2) / (2 * 1.7 ** 2)) for v in b] for u in a])
+    def k(u, v):  # the textbook kernels, one pair at a time
+        if kernel == "gaussian":
+            return math.exp(-np.sum((u - v) ** 2) / (2 * 1.7 ** 2))
+        return math.exp(-np.sum(np.abs(u - v)) / 1.7)
+
+    def gram(a, b):
+        return np.array([[k(u, v) for v in b] for u in a])
 
     S, Q = hs.numpy(), hq.numpy()
     alpha = np.linalg.lstsq(gram(S, S) + 0.2 * np.eye(len(S)), np.eye(3)[ys.numpy()],
                             rcond=None)[0]
     np.testing.assert_allclose(got, 2.0 * gram(Q, S) @ alpha + 0.5, rtol=1e-8, atol=1e-9)
+
+
+def test_laplacian_with_bandwidth_4_is_the_kcl_reference_codes_rbf():
+    """The public KCL code's ``rbf_kernel`` is exp(-0.25 * ||a - b||_1) (an L1, Laplacian
+    kernel), written here from its formula."""
+    a = torch.randn(5, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    b = torch.randn(4, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    m = KernelMachine("laplacian", 7, 1, bandwidth=4.0)
+    expected = torch.exp(-0.25 * (a[:, None] - b[None]).abs().sum(-1))
+    torch.testing.assert_close(m.gram(a, b), expected, rtol=1e-12, atol=0)
+
+
+def test_the_ambiguous_name_rbf_is_refused_naming_both_kernels():
+    with pytest.raises(ConfigError, match="gaussian.*laplacian"):
+        KernelMachine("rbf", 4, 1)
 
 
 def test_each_task_uses_its_own_lambda_gamma_beta():
@@ -89,8 +110,8 @@ def test_gradients_reach_only_the_trained_tasks_parameters():
 
 
 @pytest.mark.parametrize("D", [256, 4096, 16384], ids=lambda d: f"D={d}")
-def test_rff_approximates_rbf_within_stated_tolerance(D):
-    """Stated tolerance: mean |phi phi^T - K_rbf| <= 1.5 / sqrt(D) and max <= 6 / sqrt(D)
+def test_rff_approximates_the_gaussian_kernel_within_stated_tolerance(D):
+    """Stated tolerance: mean |phi phi^T - K_gaussian| <= 1.5 / sqrt(D) and max <= 6 / sqrt(D)
     (the Monte-Carlo error of D random features is O(1/sqrt(D)); measured ~0.8 and ~3.5)."""
     h = torch.randn(40, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     m = KernelMachine("rff", 8, 1, num_features=D, bandwidth=2.0, seed=5).double()
@@ -155,8 +176,8 @@ def test_solve_failure_is_a_clear_error():
 
 
 def test_unknown_kernel_name_is_refused_with_a_suggestion():
-    with pytest.raises(ConfigError, match="rbf"):
-        KernelMachine("rbff", 4, 1)
+    with pytest.raises(ConfigError, match="laplacian"):
+        KernelMachine("laplacain", 4, 1)
 
 
 def test_indefinite_matrix_fails_after_jitter_with_advice():
