@@ -193,11 +193,20 @@ def run_job(cfg: dict, run_dir: str | os.PathLike, sweep_dir: str | os.PathLike,
     common = {"overrides": list(overrides), "dir": str(run_dir), "host": socket.gethostname(),
               "pid": os.getpid()}
     if state == "done":
-        from .store import read_json
+        from .store import code_version, describe_code, read_json, same_code
 
-        log(f"{key}: already done in {run_dir}, skipped")
-        _set(sweep_dir, key, status="done", error=None, **common)
-        return read_json(run_dir / RESULTS)
+        saved = read_json(run_dir / RESULTS)
+        note = None
+        if not same_code(saved.get("code"), code_version()):
+            note = (f"reused results of other code: {describe_code(saved.get('code'))}; this is "
+                    f"{describe_code(code_version())}")
+            log(f"{key}: already done in {run_dir} by other code ({describe_code(saved.get('code'))};"
+                f" this is {describe_code(code_version())}); reusing its results. Pass "
+                "overwrite=true to rerun it with this code.")
+        else:
+            log(f"{key}: already done in {run_dir}, skipped")
+        _set(sweep_dir, key, status="done", error=None, note=note, **common)
+        return saved
     if state == "partial":
         cfg = {**cfg, "resume": True}
     _set(sweep_dir, key, status="running", error=None, note=None, **common)
