@@ -34,7 +34,7 @@ def test_sigkill_worker_mid_task_then_reinvoke_matches_uninterrupted(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["run", "-m", "seed=0,1", "strategy=replay", "strategy.epochs=3",
             "strategy.buffer_size=100", "model.hidden=[32]", "quiet=true", "threads=1",
-            f"output_root={tmp_path}"]
+            f"output_root={tmp_path}", f"hydra.sweep.dir={sweep}"]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cltk_cmd(*args, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"),
                             cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
@@ -152,7 +152,7 @@ def test_two_sweeps_in_one_directory_are_refused(tmp_path):
         with pytest.raises(SweepLockedError, match=f"pid {os.getpid()}"):
             acquire_lock(sweep)
         proc = subprocess.run(cltk_cmd("run", "-m", "seed=0,1", "quiet=true",
-                                       f"output_root={tmp_path}"),
+                                       f"output_root={tmp_path}", f"hydra.sweep.dir={sweep}"),
                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
     finally:
         release_lock(sweep)
