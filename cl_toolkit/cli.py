@@ -134,7 +134,8 @@ def _summary(results: dict, run_dir) -> str:
 def _print_error(exc: BaseException, label: str = "") -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         traceback.print_exception(exc, file=sys.stderr)
-    print(f"{label}error: {exc}", file=sys.stderr, flush=True)
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    print(f"{label}error: {text}", file=sys.stderr, flush=True)  # one paragraph
 
 
 def _job(cfg) -> dict | None:
@@ -312,6 +313,9 @@ def _run(argv: list[str]) -> int:
     _failures.clear()
     try:
         app()
+    except SystemExit as exc:  # a single run's error (exit code 2 or 1), or Hydra's own
+        if exc.code not in (None, 0):
+            return exc.code if isinstance(exc.code, int) else 1
     except sweep.SweepAbort as abort:
         _print_error(abort.error)
         return abort.error.exit_code

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UsageError
 from .store import RESULTS, read_json
 
 COLUMNS = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forgetting (max)"),
@@ -35,10 +36,12 @@ def find_results(paths, allow_empty: bool = False) -> list[Path]:
         elif p.is_dir():
             found.extend(sorted(p.rglob(RESULTS)))
         else:
-            raise FileNotFoundError(f"{p} does not exist; pass run or sweep directories or "
-                                    "results.json files.")
+            raise UsageError(f"{p} does not exist; pass run or sweep directories (searched "
+                             "recursively) or results.json files, e.g. cltk report runs/multirun.")
     if not found and not allow_empty:
-        raise FileNotFoundError(f"No {RESULTS} under {', '.join(map(str, paths))}.")
+        raise UsageError(f"No {RESULTS} under {', '.join(map(str, paths))}: no run has finished a "
+                         "task there yet. Start one with cltk run, or pass the directory that "
+                         "holds the runs.")
     return found
 
 
