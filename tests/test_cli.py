@@ -36,11 +36,14 @@ def test_sweep_and_report(tmp_path):
     assert len(runs) == 4
     proc = cltk("report", str(tmp_path / "multirun"), cwd=tmp_path)
     md = (tmp_path / "multirun" / "report.md").read_text()
-    assert "| naive @ split_digits [class-il] | 2 |" in md and "| replay @ split_digits [class-il] | 2 |" in md
-    html = (tmp_path / "sweep" / "report.html").read_text()
-    # running acc, forgetting, acc vs memory (replay keeps a buffer), 2 heatmaps
-    assert html.count("data:image/png;base64,") == 5
-    assert (tmp_path / "sweep" / "acc_vs_memory.png").stat().st_size > 0
+    assert "## split_digits · class-il · 5 tasks" in md
+    assert "| naive | 2 |" in md and "| replay | 2 |" in md
+    html = (tmp_path / "multirun" / "report.html").read_text()
+    # running acc, forgetting, acc vs memory (replay keeps a buffer); matrices as HTML tables
+    assert html.count("data:image/png;base64,") == 3 and html.count('class="matrix"') == 2
+    assert (tmp_path / "multirun" / "split_digits_class-il_5__acc_vs_memory.png").stat().st_size > 0
+    for name in ("report.md", "report.csv", "report.tex"):
+        assert (tmp_path / "multirun" / name).stat().st_size > 0
     assert "report.html" in proc.stdout
 
 
