@@ -159,11 +159,16 @@ def _job(cfg) -> dict | None:
             return results
         from . import sweep
 
-        results = sweep.run_job(
-            plain, hc.runtime.output_dir, hc.sweep.dir, list(hc.overrides.task),
-            list(hc.job.config.override_dirname.exclude_keys),
-            lambda c, d: run(c, d, progress),
-            log=lambda msg: print(f"{label}{msg}", flush=True))
+        overrides = list(hc.overrides.task)
+        exclude = list(hc.job.config.override_dirname.exclude_keys)
+
+        def log(msg):
+            print(f"{label}{msg}", flush=True)
+
+        results = sweep.run_isolated(
+            hc.sweep.dir, overrides, exclude, hc.runtime.output_dir,
+            lambda: sweep.run_job(plain, hc.runtime.output_dir, hc.sweep.dir, overrides,
+                                  exclude, lambda c, d: run(c, d, progress), log=log), log=log)
         print(f"{label}{_summary(results, hc.runtime.output_dir)}", flush=True)
         return results
     except ClToolkitError as exc:
