@@ -208,6 +208,10 @@ def _hydra_message(exc: Exception, overrides: list[str]) -> str:
         parent, _, leaf = key.rpartition(".")
         group = parent.split(".")[0]
         kind = {v: k for k, v in registry.CONFIG_GROUPS.items()}.get(group)
+        if "." in parent:
+            return (f"{parent} has no key {leaf!r}: the config fixes the keys of that mapping. "
+                    f"Add one with +{key}=VALUE, or replace the whole mapping with "
+                    f"'{parent}={{{leaf}: VALUE}}' where it is null.")
         valid = _node_keys(group, overrides) if kind and parent == group else []
         hint = f"{suggest(leaf, valid)} Valid keys of {parent}: {', '.join(valid)}." \
             if valid else ""

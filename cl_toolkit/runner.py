@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics, registry, tracking
+from . import metrics, registry, smoke, tracking
 from .errors import ClToolkitError, ConfigError, PluginError, ResumeError
 from .models import Classifier, task_mask
 from .store import RunStore, code_version, describe_code, remove_partial_files, same_code
@@ -122,6 +122,8 @@ def seed_everything(seed: int) -> None:
 def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dict:
     """Run (or resume) one experiment described by the plain-dict config ``cfg``."""
     cfg = copy.deepcopy(cfg)
+    if cfg.get("smoke"):
+        cfg = smoke.shrink_config(cfg)
     store = RunStore(run_dir)
     if store.root.is_dir():
         remove_partial_files(store.root)
@@ -147,6 +149,8 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
     seed_everything(seed)
     device = torch.device(cfg.get("device", "cpu"))
     stream = build_stream(cfg)
+    if cfg.get("smoke"):
+        stream = smoke.shrink_stream(stream, seed)
     model = build_model(cfg, stream)
     strategy = build_strategy(cfg)
     ctx = RunContext(device=device, seed=seed, generator=torch.Generator().manual_seed(seed),

@@ -36,7 +36,9 @@ RANGES: dict[str, tuple] = {
 CHOICES = {"scenario": SCENARIOS, "optimizer": ("sgd", "adam", "adamw"),
            "heads": ("single", "multi")}
 TOP_TYPES = {"seed": 0, "threads": None, "eval_batch_size": 1024, "device": "cpu",
-             "resume": False, "overwrite": False, "quiet": False, "output_root": "runs"}
+             "resume": False, "overwrite": False, "quiet": False, "output_root": "runs",
+             "smoke": False, "tensorboard": False, "csv": False, "wandb": False,
+             "mlflow": False, "log_every": 10}
 NODES = (("stream", "benchmark"), ("model", "model"), ("strategy", "strategy"))
 
 

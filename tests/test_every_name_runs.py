@@ -2,34 +2,21 @@
 
 The names come from the registry itself, so names added later (new strategies, models, streams,
 probes) are walked without editing this file. Each case composes ``<group>=<name>`` with its
-partners' defaults, shrinks every size key it has (TINY), cuts each task to a few samples and
-runs learn + evaluate on two tasks. A case is skipped only when it needs data or weights that
-are not on this machine, and then the skip says which.
+partners' defaults, shrinks it as ``smoke=true`` does (cl_toolkit/smoke.py) and runs learn +
+evaluate on two tasks. A case is skipped only when it needs data or weights that are not on
+this machine, and then the skip says which.
 """
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
 
-from cl_toolkit import registry, runner
+from cl_toolkit import registry, runner, smoke
 from cl_toolkit.errors import ClToolkitError, DatasetNotFoundError
-from cl_toolkit.stream import TaskStream
 
-# Size keys made tiny wherever a config has them.
-TINY = {"epochs": 1, "pretrain_epochs": 1, "generator_epochs": 1, "coef_steps": 2,
-        "num_features": 32, "vrf_hidden": 16, "z_dim": 4, "generator_hidden": [16],
-        "coreset_per_class": 2, "support_per_class": 2, "generated_per_class": 2,
-        "buffer_size": 8, "k_shot": 2, "unlabeled_per_task": 4, "batch_size": 16,
-        "hidden": [16], "channels": [4, 4, 4], "nf": 4, "hidden_size": 16, "num_layers": 1,
-        "n_tasks": 2, "max_train_per_task": 64, "max_test_per_task": 32, "max_train": 16,
-        "max_test": 8, "image_size": 32}
-TRAIN, TEST = 24, 12
 # Cases skipped without trying: they always download (the offline message is checked by
 # tests/test_bad_input.py).
 NEEDS_DOWNLOAD = {("stream", "avalanche"): "Avalanche benchmarks download their datasets"}
-DEFAULT_PARTNERS = {"benchmark": "split_digits", "model": "mlp", "strategy": "naive"}
 
 
 def compose(overrides: list[str]) -> dict:
@@ -38,21 +25,7 @@ def compose(overrides: list[str]) -> dict:
 
     with initialize_config_module("cl_toolkit.conf", version_base=None):
         cfg = OmegaConf.to_container(hydra_compose("config", overrides), resolve=True)
-    for group in DEFAULT_PARTNERS:
-        node = cfg.get(group) or {}
-        for key, value in TINY.items():
-            if key in node and not isinstance(node[key], dict):
-                node[key] = value
-    return cfg
-
-
-def tiny_stream(stream: TaskStream) -> TaskStream:
-    tasks = [dataclasses.replace(
-        t, train=t.train.subset(torch.randperm(len(t.train), generator=torch.Generator()
-                                               .manual_seed(0))[:TRAIN]),
-        test=t.test.subset(torch.arange(min(TEST, len(t.test)))))
-        for t in stream.tasks[:2]]
-    return dataclasses.replace(stream, tasks=tasks)
+    return smoke.shrink_config(cfg)
 
 
 def learn_two_tasks(cfg: dict) -> list[float]:
@@ -60,7 +33,7 @@ def learn_two_tasks(cfg: dict) -> list[float]:
 
     runner.seed_everything(0)
     try:
-        stream = tiny_stream(runner.build_stream(cfg))
+        stream = smoke.shrink_stream(runner.build_stream(cfg))
     except DatasetNotFoundError as exc:
         pytest.skip(f"needs data not on this machine: {str(exc)[:160]}")
     try:

@@ -67,7 +67,7 @@ def test_joblib_sweep_failed_run_index_skip_and_report(tmp_path):
     # Re-invoking the same sweep (another launcher is fine) skips the finished runs.
     mtimes = [p.stat().st_mtime_ns for p in done]
     again = cltk(*args, cwd=tmp_path, check=False, env=env)
-    assert again.stdout.count("skipped") == 2, again.stdout
+    assert again.stdout.count(": already done in ") == 2, again.stdout
     assert [p.stat().st_mtime_ns for p in done] == mtimes
     assert again.returncode == 1
 
