@@ -109,7 +109,8 @@ class WandbSink:
         name = f"{cfg['strategy']['name']}@{cfg['benchmark']['name']}/seed{cfg.get('seed', 0)}"
         self.run = wandb.init(project=cfg.get("wandb_project") or "cl_toolkit", name=name,
                               dir=str(root), mode=cfg.get("wandb_mode") or None,
-                              config=semantic_config(cfg), reinit="create_new")
+                              config=semantic_config(cfg), reinit="create_new",
+                              settings=wandb.Settings(console="off"))  # results.json has it
 
     def log_step(self, task: int, epoch: int, step: int, loss: float, global_step: int) -> None:
         self.run.log({"train/loss": loss, "task": task}, step=global_step)
