@@ -19,6 +19,9 @@ def _duration(seconds: float) -> str:
 class QuietProgress:
     def __init__(self, label: str = "", stream=None, every_s: float = 30.0):
         self.label, self.out, self.every_s = label, stream or sys.stdout, every_s
+        self.t0, self.total, self.epochs = time.perf_counter(), 0, None
+        self.steps_id = None
+        self.task_started(None)  # strategies may train in setup (merging: theta_0), before start
 
     def start(self, stream, strategy, start: int = 0):
         self.t0 = time.perf_counter()

@@ -114,6 +114,16 @@ def test_wandb_sink_offline(tmp_path, monkeypatch):
     assert b"task/acc_task_1" in records
 
 
+def test_progress_counts_training_in_setup_too(tmp_path):
+    """Merging strategies pretrain theta_0 in setup(), before the task loop starts."""
+    from cl_toolkit.progress import QuietProgress
+
+    out = io.StringIO()
+    config = {**cfg(), "strategy": {"name": "merge_average", "epochs": 1, "pretrain_epochs": 1}}
+    results = run(config, tmp_path, QuietProgress(stream=out, every_s=0.0))
+    assert results["status"] == "done" and out.getvalue().count("task ") == 2
+
+
 def test_progress_inside_an_epoch_and_the_closing_line(tmp_path):
     from cl_toolkit.cli import _summary
     from cl_toolkit.progress import QuietProgress
