@@ -112,7 +112,7 @@ def config_packages() -> list[str]:
     return sorted({ep.value for ep in entry_points(group=CONFIG_PACKAGES)})
 
 
-def _supplied(kind: str, target: Callable) -> set[str]:
+def supplied_params(kind: str, target: Callable) -> set[str]:
     """Parameters the runner passes itself, so they are not config keys."""
     if kind == "stream":
         return {"seed"}
@@ -128,7 +128,7 @@ def signature_defaults(kind: str, target: Callable) -> dict[str, Any]:
     (Hydra's mandatory value) where there is none, plus the runner's own keys."""
     inits = [c.__init__ for c in target.__mro__ if "__init__" in vars(c)] \
         if isinstance(target, type) else [target]
-    supplied = _supplied(kind, target)
+    supplied = supplied_params(kind, target)
     out: dict[str, Any] = {}
     for init in inits:
         params = inspect.signature(init).parameters.values()

@@ -115,7 +115,7 @@ def check_node(kind: str, group: str, node: Any) -> None:
     defaults = registry.signature_defaults(kind, target)
     valid = registry.accepted_kwargs(target)
     if valid is not None:
-        allowed = (set(defaults) | set(valid)) - registry._supplied(kind, target)
+        allowed = (set(defaults) | set(valid)) - registry.supplied_params(kind, target)
         for key in node:
             if key != "name" and key not in allowed:
                 raise ConfigError(
