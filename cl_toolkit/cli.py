@@ -409,7 +409,7 @@ Config groups (cltk list shows what each name is):
 {groups}
 
 Top-level keys (defaults):
-""" + "\n".join(f"  {ln}" for ln in top if ln.strip()) + """
+""" + "\n".join(f"  {ln}" for ln in top if ln.strip() and not ln.startswith("#")) + """
 
 Flags:
   -m, --multirun   sweep (hydra/launcher=joblib|submitit_local|submitit_slurm|cltk_ray)
