@@ -51,6 +51,27 @@ def learn_two_tasks(cfg: dict) -> list[float]:
     return accs
 
 
+def _is_token_stream(name: str) -> bool:
+    return "vocab_size" in (compose([f"benchmark={name}"]).get("benchmark") or {})
+
+
+def token_partner(kind: str, name: str) -> list[str]:
+    """Token streams (contract C3: a ``vocab_size``) run with a language model (a model name
+    ending in ``_lm``), and language models with the first token stream."""
+    if kind == "model" and name.endswith("_lm"):
+        streams = [s for s in registry.names("stream")
+                   if ("stream", s) not in NEEDS_DOWNLOAD and _is_token_stream(s)]
+        if not streams:
+            pytest.skip(f"no token stream registered for the language model {name}")
+        return [f"benchmark={streams[0]}"]
+    if kind == "stream" and _is_token_stream(name):
+        models = [m for m in registry.names("model") if m.endswith("_lm")]
+        if not models:
+            pytest.skip(f"no language model registered for the token stream {name}")
+        return [f"model={models[0]}"]
+    return []
+
+
 def cases():
     out = []
     for kind, table in registry.BUILTINS.items():
@@ -66,7 +87,7 @@ def test_every_registered_name_composes_builds_and_learns(kind, name, tmp_path, 
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("CLTK_DATA", str(tmp_path / "data"))
     group = registry.config_group(kind)
-    overrides = [f"{group}={name}"]
+    overrides = [f"{group}={name}"] + token_partner(kind, name)
     if (kind, name) in NEEDS_DOWNLOAD:
         pytest.skip(NEEDS_DOWNLOAD[kind, name])
     if kind not in ("strategy", "stream", "model"):
