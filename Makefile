@@ -25,7 +25,7 @@ demo: $(STAMP)
 		strategy=naive,replay,joint seed=0,1 threads=1 quiet=true output_root=$(DEMO_DIR)/class-il
 	$(BIN)/cltk run -m experiment=kcl_split_digits,gkcl_split_digits \
 		seed=0,1 threads=1 quiet=true output_root=$(DEMO_DIR)/task-il
-	$(BIN)/cltk report $(DEMO_DIR)/class-il/sweep $(DEMO_DIR)/task-il/sweep -o $(DEMO_DIR)
+	$(BIN)/cltk report $(DEMO_DIR)/class-il $(DEMO_DIR)/task-il -o $(DEMO_DIR)
 	@echo "Open $(DEMO_DIR)/report.html"
 
 test: $(STAMP)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cl_toolkit.errors import ConfigError
+from cl_toolkit.errors import ConfigError, DatasetNotFoundError
 from cl_toolkit.stream import Task, TaskStream, TensorData
 
 
@@ -66,8 +66,24 @@ def avalanche_stream(factory: str = "SplitMNIST", kwargs: dict | None = None,
                           f"one of {', '.join(valid)}.")
     kwargs = dict(kwargs or {})
     kwargs.setdefault("seed", seed)
-    return from_avalanche(getattr(classic, factory)(**kwargs), f"avalanche_{factory}",
-                          scenario, seed)
+    try:
+        benchmark = getattr(classic, factory)(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"avalanche.benchmarks.classic.{factory} refused its arguments "
+                          f"({exc}). Pass them as benchmark.kwargs, e.g. "
+                          "'benchmark.kwargs={n_experiences: 5}'.") from None
+    except (OSError, RuntimeError) as exc:  # urllib / torchvision download failures
+        from avalanche.benchmarks.datasets.dataset_utils import default_dataset_location
+
+        root = kwargs.get("dataset_root") or default_dataset_location("")
+        raise DatasetNotFoundError(
+            f"Avalanche could not load or download the data of {factory} "
+            f"({type(exc).__name__}: {str(exc)[:200]}). Offline: fetch the dataset on a "
+            f"connected machine (run the same command there, or torchvision's dataset class "
+            f"with download=True) and copy its folder under {root}, or point "
+            "'benchmark.kwargs={dataset_root: DIR}' at a folder that holds it."
+        ) from exc
+    return from_avalanche(benchmark, f"avalanche_{factory}", scenario, seed)
 
 
 def to_avalanche(stream: TaskStream):

@@ -49,7 +49,16 @@ def load_cifar100(root: str | None = None, download: bool = False, normalize: bo
     if not (folder / "train").is_file() and download:
         from torchvision.datasets import CIFAR100
 
-        CIFAR100(str(root_path), train=True, download=True)
+        try:
+            CIFAR100(str(root_path), train=True, download=True)
+        except (OSError, RuntimeError) as exc:  # no network, proxy, refused, bad checksum
+            raise DatasetNotFoundError(
+                f"Downloading CIFAR-100 into {root_path} failed ({type(exc).__name__}: "
+                f"{str(exc)[:200]}). Offline: fetch {CIFAR100.url} on a connected machine, "
+                f"extract it into {root_path} (it holds {FOLDER}/train, test, meta; or set "
+                "benchmark.root / $CLTK_DATA to where it is) and run with "
+                "benchmark.download=false."
+            ) from exc
     missing = [n for n in ("train", "test", "meta") if not (folder / n).is_file()]
     if missing:
         raise DatasetNotFoundError(

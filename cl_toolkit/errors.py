@@ -1,7 +1,8 @@
 """Errors a user can act on. Every message names the offending value and says how to fix it.
 
-The CLI prints these as one paragraph without a traceback; anything else is a bug and keeps its
-traceback.
+The CLI prints these as one paragraph without a traceback (``HYDRA_FULL_ERROR=1`` adds it) and
+exits with ``exit_code``: 2 for input the user can fix before running (a config value, a missing
+dataset, a path), 1 for failures while running. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -11,13 +12,25 @@ import difflib
 class ClToolkitError(Exception):
     """Base class of the errors meant for the person running the toolkit."""
 
+    exit_code = 1
+
 
 class ConfigError(ClToolkitError, ValueError):
     """A config key, value or name that cannot be used."""
 
+    exit_code = 2
+
+
+class UsageError(ClToolkitError, FileNotFoundError):
+    """A command-line argument that cannot be used (a missing path, an empty directory)."""
+
+    exit_code = 2
+
 
 class DatasetNotFoundError(ClToolkitError, FileNotFoundError):
     """Dataset files are missing; the message says where we looked and how to get them."""
+
+    exit_code = 2
 
 
 class NonFiniteLossError(ClToolkitError, FloatingPointError):
@@ -26,6 +39,8 @@ class NonFiniteLossError(ClToolkitError, FloatingPointError):
 
 class ResumeError(ClToolkitError):
     """A run directory cannot be resumed (different config, corrupt files)."""
+
+    exit_code = 2
 
 
 class PluginError(ClToolkitError):

@@ -8,6 +8,12 @@ plugin's pyproject.toml::
     my_method = "my_package.module:MyStrategy"
 
 after which ``cltk run strategy=my_method`` works.
+
+One source of truth for what a name runs with: the signature of its target. Every built-in name
+has ``conf/<group>/<name>.yaml`` listing every parameter of that signature (tests/test_registry.py
+checks it both ways), so ``cltk run --cfg job`` shows every default in effect; a plugin without a
+YAML gets its config node generated from the signature (`signature_defaults`), and a plugin can
+ship YAML files of its own through the entry-point group ``cl_toolkit.configs``.
 """
 from __future__ import annotations
 
@@ -61,6 +67,15 @@ GROUPS = {
     "model": "cl_toolkit.models",
 }
 
+# The Hydra config group of each kind (a kind missing here uses its own name as its group).
+CONFIG_GROUPS = {"strategy": "strategy", "stream": "benchmark", "model": "model"}
+# Entry-point group whose values name packages of YAML config groups shipped by plugins, e.g.
+#     [project.entry-points."cl_toolkit.configs"]
+#     my_package = "my_package.conf"     # holds strategy/my_method.yaml, benchmark/...
+CONFIG_PACKAGES = "cl_toolkit.configs"
+# Config keys the runner consumes itself, with their defaults (not parameters of the target).
+RUNNER_KEYS = {"stream": {"shuffle_tasks": False}, "model": {"heads": "single"}}
+
 
 def _plugins(kind: str) -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=GROUPS[kind])}
@@ -90,6 +105,49 @@ def resolve(kind: str, name: str) -> Any:
                 "uninstall the package that provides it."
             ) from exc
     raise unknown_name(kind, name, names(kind))
+
+
+def config_group(kind: str) -> str:
+    return CONFIG_GROUPS.get(kind, kind)
+
+
+def config_packages() -> list[str]:
+    """Packages of YAML configs shipped by installed plugins (entry-point group
+    ``cl_toolkit.configs``)."""
+    return sorted({ep.value for ep in entry_points(group=CONFIG_PACKAGES)})
+
+
+def supplied_params(kind: str, target: Callable) -> set[str]:
+    """Parameters the runner passes itself, so they are not config keys."""
+    if kind == "stream":
+        return {"seed"}
+    if kind == "model":
+        params = [p for p in inspect.signature(target).parameters.values() if p.name != "self"]
+        return {params[0].name} if params else set()
+    return set()
+
+
+def signature_defaults(kind: str, target: Callable) -> dict[str, Any]:
+    """The config node a name runs with when nothing overrides it: every keyword parameter of
+    ``target`` (through ``**kwargs`` chains to parent classes) with its default, ``"???"``
+    (Hydra's mandatory value) where there is none, plus the runner's own keys."""
+    inits = [c.__init__ for c in target.__mro__ if "__init__" in vars(c)] \
+        if isinstance(target, type) else [target]
+    supplied = supplied_params(kind, target)
+    out: dict[str, Any] = {}
+    for init in inits:
+        params = inspect.signature(init).parameters.values()
+        for p in params:
+            if p.name == "self" or p.name in supplied or p.name in out or \
+                    p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                continue
+            default = "???" if p.default is p.empty else p.default
+            out[p.name] = list(default) if isinstance(default, tuple) else default
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    if kind == "model" and getattr(target, "needs_stream", False):
+        return out
+    return {**out, **RUNNER_KEYS.get(kind, {})}
 
 
 def accepted_kwargs(fn: Callable) -> list[str] | None:

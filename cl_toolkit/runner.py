@@ -19,17 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics, registry, tracking
+from . import metrics, registry, smoke, tracking
 from .errors import ClToolkitError, ConfigError, PluginError, ResumeError
 from .models import Classifier, task_mask
-from .store import RunStore
+from .store import RunStore, code_version, describe_code, remove_partial_files, same_code
 from .strategy import RunContext, Strategy
 from .stream import Task, TaskStream
 
 FORMAT = 1
 # Keys that do not change what a run computes: a resumed run may differ in them.
 NON_SEMANTIC_KEYS = ("resume", "quiet", "output_root", "tensorboard", "overwrite", "threads",
-                     "mlflow", "mlflow_uri")
+                     "mlflow", "mlflow_uri", "csv", "wandb", "wandb_project", "wandb_mode",
+                     "log_every")
 
 
 def semantic_config(cfg: dict) -> dict:
@@ -148,7 +149,11 @@ def seed_everything(seed: int) -> None:
 def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dict:
     """Run (or resume) one experiment described by the plain-dict config ``cfg``."""
     cfg = copy.deepcopy(cfg)
+    if cfg.get("smoke"):
+        cfg = smoke.shrink_config(cfg)
     store = RunStore(run_dir)
+    if store.root.is_dir():
+        remove_partial_files(store.root)
     resume = bool(cfg.get("resume", False))
     checkpoint = None
     if store.has_progress():
@@ -171,6 +176,8 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
     seed_everything(seed)
     device = torch.device(cfg.get("device", "cpu"))
     stream = build_stream(cfg)
+    if cfg.get("smoke"):
+        stream = smoke.shrink_stream(stream, seed)
     model = build_model(cfg, stream)
     strategy = build_strategy(cfg)
     ctx = RunContext(device=device, seed=seed, generator=torch.Generator().manual_seed(seed),
@@ -181,14 +188,24 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
     eval_bs = int(cfg.get("eval_batch_size", 1024))
     T = len(stream)
     sinks = tracking.open_sinks(cfg, store.root)
+    tracking.attach_step_logging(sinks, ctx.hooks, int(cfg.get("log_every") or 10))
 
     if checkpoint is not None:
         strategy.load_state_dict(checkpoint["strategy"])
         _set_rng_state(checkpoint["rng"], ctx)
         state = checkpoint["state"]
+        state.setdefault("code", [])
+        if not state["code"] or not same_code(state["code"][-1], code_version()):
+            if state["code"]:
+                print(f"warning: resuming {store.root}, whose finished tasks were computed by "
+                      f"{describe_code(state['code'][-1])}; this is {describe_code(code_version())}"
+                      ". results.json records both; pass overwrite=true to recompute all tasks "
+                      "with this code.", flush=True)
+            state["code"].append(code_version())
     else:
         before = [evaluate(strategy, t, eval_bs, device) for t in stream]
-        state = {"before": before, "matrix": [], "train_s": [], "eval_s": [], "memory": []}
+        state = {"before": before, "matrix": [], "train_s": [], "eval_s": [], "memory": [],
+                 "code": [code_version()]}
 
     if progress is not None:
         progress.start(stream, strategy, start=len(state["matrix"]))
@@ -242,6 +259,10 @@ def _results(cfg, stream, strategy, model, state, T) -> dict:
         "memory_bytes": state["memory"],
         "reference": strategy.reference_accuracy(),
         "timings": {"train_s": state["train_s"], "eval_s": state["eval_s"]},
+        **({"hyperparameters": strategy.hyperparameters()}
+           if hasattr(strategy, "hyperparameters") else {}),
+        "code": state.get("code", [code_version()])[-1],
+        **({"code_history": state["code"]} if len(state.get("code", [])) > 1 else {}),
     }
 
 

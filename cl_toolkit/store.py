@@ -8,10 +8,15 @@ so the two files cannot disagree about which task finished last.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
+import platform
+import socket
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,13 @@ from .errors import ClToolkitError, ResumeError
 
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint.pt"
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class StoreWriteError(ClToolkitError, OSError):
@@ -46,8 +58,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; files follow the user's umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -80,6 +93,71 @@ def read_json(path: Path) -> dict:
             "damaged outside a run; delete it (it is rebuilt from checkpoint.pt on resume) or "
             "delete the whole run directory to start over."
         ) from exc
+
+
+def remove_partial_files(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``folder`` (``.NAME.XXXX.tmp``): a
+    new start owns the directory, so no writer can still be using them."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict:
+    """What produced a result: the git commit of the cl_toolkit source tree with a dirty flag
+    (and a hash of the uncommitted diff, so two dirty trees can be told apart), the versions of
+    the packages that decide the numbers, Python, host and date."""
+    import hashlib
+    from importlib import metadata
+
+    src = Path(__file__).resolve().parent.parent
+
+    def git(*args) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    diff = git("diff", "HEAD", "--", ".") if commit else None
+    packages = {}
+    for dist in ("cl_toolkit", "torch", "numpy", "hydra-core", "omegaconf", "triton",
+                 "avalanche-lib", "open_clip_torch", "torchvision"):
+        try:
+            packages[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "git_commit": commit.strip() if commit else None,
+        "git_dirty": bool(diff) if commit else None,
+        "git_diff_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12] if diff else None,
+        "packages": packages, "python": platform.python_version(),
+        "host": socket.gethostname(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def same_code(a: dict | None, b: dict | None) -> bool:
+    """Whether two `code_version` records describe the same code (commit, diff, packages)."""
+    if not a or not b:
+        return False
+    keys = ("git_commit", "git_dirty", "git_diff_sha1", "packages")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def describe_code(v: dict | None) -> str:
+    if not v:
+        return "unknown code (no version recorded)"
+    commit = (v.get("git_commit") or "no git")[:10]
+    dirty = f"+dirty {v.get('git_diff_sha1')}" if v.get("git_dirty") else ""
+    return f"commit {commit}{dirty}, torch {v.get('packages', {}).get('torch')}"
 
 
 class RunStore:

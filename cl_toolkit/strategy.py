@@ -155,6 +155,7 @@ class SupervisedStrategy(Strategy):
                 group["lr"] = self.current_lr()
         opt, data, dev = self.optimizer, self.train_data(task), ctx.device
         hooks = ctx.hooks
+        steps = -(-len(data) // self.batch_size)  # per epoch, for progress within an epoch
         model.train()
         for epoch in range(self.epochs):
             hooks.call("before_epoch", strategy=self, task=task, epoch=epoch)
@@ -172,6 +173,7 @@ class SupervisedStrategy(Strategy):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                ctx.advance("step", steps)
                 if hooks.after_batch:
                     hooks.call("after_batch", strategy=self, task=task, epoch=epoch, step=step,
                                loss=loss)

@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -193,11 +194,20 @@ def run_job(cfg: dict, run_dir: str | os.PathLike, sweep_dir: str | os.PathLike,
     common = {"overrides": list(overrides), "dir": str(run_dir), "host": socket.gethostname(),
               "pid": os.getpid()}
     if state == "done":
-        from .store import read_json
+        from .store import code_version, describe_code, read_json, same_code
 
-        log(f"{key}: already done in {run_dir}, skipped")
-        _set(sweep_dir, key, status="done", error=None, **common)
-        return read_json(run_dir / RESULTS)
+        saved = read_json(run_dir / RESULTS)
+        note = None
+        if not same_code(saved.get("code"), code_version()):
+            note = (f"reused results of other code: {describe_code(saved.get('code'))}; this is "
+                    f"{describe_code(code_version())}")
+            log(f"{key}: already done in {run_dir} by other code ({describe_code(saved.get('code'))};"
+                f" this is {describe_code(code_version())}); reusing its results. Pass "
+                "overwrite=true to rerun it with this code.")
+        else:
+            log(f"{key}: already done in {run_dir}, skipped")
+        _set(sweep_dir, key, status="done", error=None, note=note, **common)
+        return saved
     if state == "partial":
         cfg = {**cfg, "resume": True}
     _set(sweep_dir, key, status="running", error=None, note=None, **common)
@@ -213,6 +223,82 @@ def run_job(cfg: dict, run_dir: str | os.PathLike, sweep_dir: str | os.PathLike,
         raise
     _set(sweep_dir, key, status="done", error=None, acc=results["metrics"].get("acc"), **common)
     return results
+
+
+def _death_cause(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (the kernel's OOM killer sends it when memory runs out)" \
+            if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    return f"exited with status {exitcode} without reporting a result"
+
+
+def run_isolated(sweep_dir, overrides, exclude_keys, run_dir, fn: Callable[[], Any],
+                 log=print) -> Any:
+    """Run one job of a sweep in a forked child, so that the death of the process running it
+    (SIGKILL, out of memory, a segfault in an extension) ends only this job: it is marked failed
+    in the index with its cause, and the launcher's worker goes on with the next jobs. The
+    child's ClToolkitError / exception travels back and is raised here.
+
+    Forking is safe while this process has not initialised CUDA; if it has, the job runs
+    in-process (no isolation) rather than poison the child's CUDA."""
+    import multiprocessing
+
+    try:
+        import torch
+
+        cuda_live = torch.cuda.is_initialized()
+    except ImportError:
+        cuda_live = False
+    if cuda_live or "fork" not in multiprocessing.get_all_start_methods():
+        return fn()
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+
+    def child():
+        receive.close()
+        try:
+            outcome = ("ok", fn())
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+            outcome = ("error", exc)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            send.send(outcome)
+        except Exception as exc:  # an exception that does not pickle
+            send.send(("error", RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]}; "
+                                             f"({exc})")))
+        send.close()
+
+    process = ctx.Process(target=child, daemon=False)
+    process.start()
+    send.close()
+    try:
+        outcome = receive.recv()
+    except EOFError:
+        outcome = None
+    process.join()
+    if outcome is None:
+        key = job_key(overrides, exclude_keys)
+        cause = (f"the process running it (pid {process.pid}) died: "
+                 f"{_death_cause(process.exitcode)}. Its finished tasks are saved in {run_dir}; "
+                 "the next invocation of the same sweep resumes it.")
+        log(f"{key}: {cause}")
+        _set(sweep_dir, key, status="failed", error=f"WorkerDied: {cause}",
+             overrides=list(overrides), dir=str(run_dir))
+        raise WorkerDied(cause)
+    status, value = outcome
+    if status == "error":
+        raise value
+    return value
+
+
+class WorkerDied(ClToolkitError):
+    """The process running a sweep job died without reporting (signal, OOM kill)."""
 
 
 def _planned_jobs(config) -> list[list[str]]:

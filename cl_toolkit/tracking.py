@@ -1,13 +1,16 @@
-"""Optional experiment-tracking sinks: TensorBoard (``tensorboard=true``) and MLflow
-(``mlflow=true``, a local file store at ``<output_root>/mlruns`` unless ``mlflow_uri`` names
-another tracking URI: no server needed).
+"""Optional experiment-tracking sinks: TensorBoard (``tensorboard=true``), CSV files
+(``csv=true``), Weights & Biases (``wandb=true``) and MLflow (``mlflow=true``, a local file
+store at ``<output_root>/mlruns`` unless ``mlflow_uri`` names another tracking URI).
 
 The runner calls ``log_task(results, step)`` after every committed task and ``close(results)``
-at the end. Sinks only read the results dict the runner already wrote, so ``results.json`` stays
-the record and a sink can never change what a run computes.
+at the end; `attach_step_logging` registers an ``after_batch`` hook (the strategies' existing
+hook mechanism) that hands every ``log_every``-th training loss to the sinks' ``log_step``. Sinks
+only read what the runner computed, so ``results.json`` stays the record and a sink can never
+change what a run computes.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -15,16 +18,27 @@ from pathlib import Path
 from .errors import ConfigError
 
 
-class TensorBoardSink:
-    """Scalars under ``<run dir>/tensorboard``: acc, forgetting, memory, each task's accuracy."""
+def _final_metrics(results: dict) -> dict:
+    return {f"final/{k}": float(v) for k, v in results["metrics"].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-    def __init__(self, root: Path):
+
+class TensorBoardSink:
+    """Under ``<run dir>/tensorboard``: the training loss per logged step, per task acc,
+    forgetting, memory and each task's accuracy, and the config as hparams with the final
+    metrics (TensorBoard's HPARAMS tab)."""
+
+    def __init__(self, cfg: dict, root: Path):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
             raise ConfigError("tensorboard=true needs the tensorboard package: "
                               "pip install 'cl_toolkit[tensorboard]'.") from exc
+        self.cfg = cfg
         self.writer = SummaryWriter(str(Path(root) / "tensorboard"))
+
+    def log_step(self, task: int, epoch: int, step: int, loss: float, global_step: int) -> None:
+        self.writer.add_scalar("train/loss", loss, global_step)
 
     def log_task(self, results: dict, step: int) -> None:
         m = results["metrics"]
@@ -37,7 +51,79 @@ class TensorBoardSink:
         self.writer.flush()
 
     def close(self, results: dict) -> None:
+        from .report import flatten_config
+        from .runner import semantic_config
+
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                   for k, v in flatten_config(semantic_config(self.cfg)).items()}
+        self.writer.add_hparams(hparams, _final_metrics(results), run_name="hparams")
         self.writer.close()
+
+
+class CSVSink:
+    """``steps.csv`` (task, epoch, step, global_step, loss) and ``tasks.csv`` (one row per
+    finished task: acc, bwt, forgetting, memory, the accuracy on every task) in the run
+    directory; appended to on resume."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.steps = open(self.root / "steps.csv", "a", newline="")
+        self.step_writer = csv.writer(self.steps)
+        if self.steps.tell() == 0:
+            self.step_writer.writerow(["task", "epoch", "step", "global_step", "loss"])
+
+    def log_step(self, task: int, epoch: int, step: int, loss: float, global_step: int) -> None:
+        self.step_writer.writerow([task, epoch, step, global_step, f"{loss:.6g}"])
+
+    def log_task(self, results: dict, step: int) -> None:
+        path = self.root / "tasks.csv"
+        new = not path.exists()
+        m, row = results["metrics"], results["matrix"][-1]
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["task", "acc", "bwt", "forgetting", "memory_bytes"]
+                           + [f"acc_task_{j}" for j in range(len(row))])
+            w.writerow([step, m.get("acc"), m.get("bwt"), m.get("forgetting"),
+                        results["memory_bytes"][-1], *row])
+        self.steps.flush()
+
+    def close(self, results: dict) -> None:
+        self.steps.close()
+
+
+class WandbSink:
+    """One W&B run per cl_toolkit run (project ``wandb_project``, mode ``wandb_mode``, e.g.
+    ``offline`` to write under ``<run dir>/wandb`` without an account): the config, the training
+    loss per logged step, per-task metrics and the final metrics as the run summary."""
+
+    def __init__(self, cfg: dict, root: Path):
+        try:
+            import wandb
+        except ImportError as exc:
+            raise ConfigError("wandb=true needs Weights & Biases: pip install wandb, or set "
+                              "wandb=false.") from exc
+        from .runner import semantic_config
+
+        name = f"{cfg['strategy']['name']}@{cfg['benchmark']['name']}/seed{cfg.get('seed', 0)}"
+        self.run = wandb.init(project=cfg.get("wandb_project") or "cl_toolkit", name=name,
+                              dir=str(root), mode=cfg.get("wandb_mode") or None,
+                              config=semantic_config(cfg), reinit="create_new",
+                              settings=wandb.Settings(console="off"))  # results.json has it
+
+    def log_step(self, task: int, epoch: int, step: int, loss: float, global_step: int) -> None:
+        self.run.log({"train/loss": loss, "task": task}, step=global_step)
+
+    def log_task(self, results: dict, step: int) -> None:
+        m = results["metrics"]
+        data = {f"task/{k}": m[k] for k in ("acc", "bwt", "forgetting") if m.get(k) is not None}
+        data.update({f"task/acc_task_{j}": a for j, a in enumerate(results["matrix"][-1])})
+        self.run.log(data)
+
+    def close(self, results: dict) -> None:
+        self.run.summary.update(_final_metrics(results))
+        self.run.finish()
 
 
 class MLflowSink:
@@ -94,7 +180,30 @@ class MLflowSink:
 def open_sinks(cfg: dict, root: Path) -> list:
     sinks = []
     if cfg.get("tensorboard", False):
-        sinks.append(TensorBoardSink(root))
+        sinks.append(TensorBoardSink(cfg, root))
+    if cfg.get("csv", False):
+        sinks.append(CSVSink(root))
+    if cfg.get("wandb", False):
+        sinks.append(WandbSink(cfg, root))
     if cfg.get("mlflow", False):
         sinks.append(MLflowSink(cfg, root))
     return sinks
+
+
+def attach_step_logging(sinks: list, hooks, every: int = 10) -> None:
+    """Register one ``after_batch`` hook that passes every ``every``-th loss to the sinks that
+    take steps (``loss.item()`` syncs a GPU, hence not every step)."""
+    takers = [s for s in sinks if hasattr(s, "log_step")]
+    if not takers:
+        return
+    count = {"n": 0}
+
+    def after_batch(strategy, task, epoch, step, loss, **_):
+        count["n"] += 1
+        if (count["n"] - 1) % max(every, 1):
+            return
+        value = float(loss.detach())
+        for sink in takers:
+            sink.log_step(task.index, epoch, step, value, count["n"] - 1)
+
+    hooks.after_batch.append(after_batch)

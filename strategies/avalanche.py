@@ -42,15 +42,37 @@ def _task_aware_wrapper(model: nn.Module) -> nn.Module:
     return TaskAware(model)
 
 
+# Arguments of every Avalanche strategy that the adapter sets itself.
+_OWN = {"model", "optimizer", "criterion", "train_mb_size", "train_epochs", "eval_mb_size",
+        "device", "evaluator", "plugins", "eval_every"}
+
+
 class AvalancheStrategy(Strategy):
+    """Training defaults are naive's (conf/strategy/naive.yaml), so an Avalanche baseline runs
+    with the same budget as ours unless the config says otherwise."""
+
     name = "avalanche"
 
-    def __init__(self, cls: str = "Naive", kwargs: dict | None = None, epochs: int = 1,
-                 batch_size: int = 32, lr: float = 0.01, optimizer: str = "sgd",
-                 momentum: float = 0.0):
+    def __init__(self, cls: str = "Naive", kwargs: dict | None = None, epochs: int = 5,
+                 batch_size: int = 32, lr: float = 0.05, optimizer: str = "sgd",
+                 momentum: float = 0.9, weight_decay: float = 0.0):
         self.cls, self.kwargs = cls, dict(kwargs or {})
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
-        self.optimizer_name, self.momentum = optimizer, momentum
+        self.optimizer_name, self.momentum, self.weight_decay = optimizer, momentum, weight_decay
+
+    def hyperparameters(self) -> dict:
+        """The Avalanche class's own parameters in effect: its signature's defaults updated by
+        ``kwargs`` (recorded in results.json, since ``--cfg job`` cannot know them)."""
+        import inspect
+
+        from avalanche import training
+
+        params = inspect.signature(getattr(training, self.cls)).parameters.values()
+        own = {p.name: p.default for p in params if p.name not in _OWN
+               and p.default is not p.empty and p.kind is not p.VAR_KEYWORD}
+        own = {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+               for k, v in own.items()}
+        return {"cls": self.cls, **own, **self.kwargs}
 
     def setup(self, stream, model, ctx):
         super().setup(stream, model, ctx)
@@ -65,7 +87,8 @@ class AvalancheStrategy(Strategy):
                               f"{', '.join(valid)}.")
         self.benchmark = to_avalanche(stream)
         wrapped = _task_aware_wrapper(self.model)
-        opt = make_optimizer(self.optimizer_name, wrapped.parameters(), self.lr, self.momentum)
+        opt = make_optimizer(self.optimizer_name, wrapped.parameters(), self.lr, self.momentum,
+                             self.weight_decay)
         self.avl = getattr(training, self.cls)(
             model=wrapped, optimizer=opt, criterion=nn.CrossEntropyLoss(),
             train_mb_size=self.batch_size, train_epochs=self.epochs, eval_mb_size=1024,

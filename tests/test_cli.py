@@ -2,6 +2,7 @@
 of a task followed by resume, Hydra-level config errors, and a strategy plugin installed
 through the entry point."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ COMMON = ["benchmark.scenario=class-il", "model.hidden=[32]", "strategy.batch_si
 def results_without_timings(path):
     r = json.loads(Path(path).read_text())
     r.pop("timings")
+    r.pop("code")  # the date and process differ
     r["config"].pop("resume", None)
     return r
 
@@ -27,15 +29,21 @@ def results_without_timings(path):
 def test_sweep_and_report(tmp_path):
     cltk("run", "-m", "strategy=naive,replay", "seed=0,1", "strategy.epochs=1",
          f"output_root={tmp_path}", *COMMON, cwd=tmp_path)
-    runs = sorted((tmp_path / "sweep").rglob("results.json"))
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    assert sweep.name == ("benchmark.scenario=class-il,model.hidden=[32],seed=0,1,"
+                          "strategy.batch_size=32,strategy.epochs=1,strategy=naive,replay")
+    runs = sorted(sweep.rglob("results.json"))
     assert len(runs) == 4
-    proc = cltk("report", str(tmp_path / "sweep"), cwd=tmp_path)
-    md = (tmp_path / "sweep" / "report.md").read_text()
-    assert "| naive @ split_digits [class-il] | 2 |" in md and "| replay @ split_digits [class-il] | 2 |" in md
-    html = (tmp_path / "sweep" / "report.html").read_text()
-    # running acc, forgetting, acc vs memory (replay keeps a buffer), 2 heatmaps
-    assert html.count("data:image/png;base64,") == 5
-    assert (tmp_path / "sweep" / "acc_vs_memory.png").stat().st_size > 0
+    proc = cltk("report", str(tmp_path / "multirun"), cwd=tmp_path)
+    md = (tmp_path / "multirun" / "report.md").read_text()
+    assert "## split_digits · class-il · 5 tasks" in md
+    assert "| naive | 2 |" in md and "| replay | 2 |" in md
+    html = (tmp_path / "multirun" / "report.html").read_text()
+    # running acc, forgetting, acc vs memory (replay keeps a buffer); matrices as HTML tables
+    assert html.count("data:image/png;base64,") == 3 and html.count('class="matrix"') == 2
+    assert (tmp_path / "multirun" / "split_digits_class-il_5__acc_vs_memory.png").stat().st_size > 0
+    for name in ("report.md", "report.csv", "report.tex"):
+        assert (tmp_path / "multirun" / name).stat().st_size > 0
     assert "report.html" in proc.stdout
 
 
@@ -47,11 +55,17 @@ def test_sigkill_mid_task_then_resume_matches_uninterrupted(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "cl_toolkit.cli", "run", *args,
                              f"output_root={out}"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results = out / "split_digits" / "replay" / "seed0" / "results.json"
+    # The run directory is named by the overrides (resume=true is not among them).
+    results = out / "split_digits" / "replay" / (
+        "benchmark.scenario=class-il,model.hidden=[32],strategy.batch_size=32,"
+        "strategy.buffer_size=100,strategy.epochs=20,strategy=replay") / "results.json"
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
-        if results.exists() and json.loads(results.read_text())["finished_tasks"] >= 1:
-            break
+        try:
+            if json.loads(results.read_text())["finished_tasks"] >= 1:
+                break
+        except (OSError, ValueError):
+            pass
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -62,6 +76,7 @@ def test_sigkill_mid_task_then_resume_matches_uninterrupted(tmp_path):
     # The uninterrupted reference: the same composed config, run in this process.
     full = run({**resumed["config"], "resume": False}, tmp_path / "full")
     full.pop("timings")
+    full.pop("code")
     full["config"].pop("resume")
     assert resumed == full
 
@@ -73,7 +88,7 @@ def test_hydra_level_config_errors(tmp_path):
     assert proc.returncode != 0 and "lrr" in proc.stderr
     proc = cltk("run", "+strategy.lrr=0.1", f"output_root={tmp_path}", cwd=tmp_path,
                 check=False)
-    assert proc.returncode == 1 and "Did you mean 'lr'" in proc.stderr
+    assert proc.returncode == 2 and "Did you mean 'lr'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -99,45 +114,63 @@ PLUGIN = textwrap.dedent('''
         def learn(self, task):
             raise RuntimeError("plugin bug")
 ''')
+# The config the plugin ships (entry-point group cl_toolkit.configs -> package cltk_demo_conf).
+PLUGIN_YAML = """name: label_smoothing
+smoothing: 0.3
+epochs: 1
+batch_size: 32
+lr: 0.05
+optimizer: sgd
+momentum: 0.9
+weight_decay: 0.0
+lr_decay: 1.0
+reset_optimizer: true
+"""
 
 
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plugin")
-    pkg = root / "src"
-    pkg.mkdir()
-    (pkg / "cltk_demo_plugin.py").write_text(PLUGIN)
-    (pkg / "pyproject.toml").write_text(textwrap.dedent('''
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "cltk-demo-plugin"
-        version = "0.1"
-        [tool.setuptools]
-        py-modules = ["cltk_demo_plugin"]
-        [project.entry-points."cl_toolkit.strategies"]
-        label_smoothing = "cltk_demo_plugin:LabelSmoothing"
-        broken = "cltk_demo_plugin:Broken"
-    '''))
-    site = root / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--no-build-isolation", "--target", str(site), str(pkg)], check=True,
-                   timeout=240, capture_output=True)
+    """An installed plugin distribution, laid out as pip installs one: the module, its config
+    package and a dist-info whose entry points name them."""
+    site = tmp_path_factory.mktemp("plugin_site")
+    (site / "cltk_demo_plugin.py").write_text(PLUGIN)
+    conf = site / "cltk_demo_conf"
+    (conf / "strategy").mkdir(parents=True)
+    (conf / "__init__.py").write_text("")
+    (conf / "strategy" / "label_smoothing.yaml").write_text(PLUGIN_YAML)
+    info = site / "cltk_demo_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cltk-demo-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent("""
+        [cl_toolkit.strategies]
+        label_smoothing = cltk_demo_plugin:LabelSmoothing
+        broken = cltk_demo_plugin:Broken
+
+        [cl_toolkit.configs]
+        cltk_demo = cltk_demo_conf
+    """))
     return site
 
 
 def test_plugin_strategy_through_entry_point(tmp_path, plugin_site):
-    env = {"PYTHONPATH": str(plugin_site)}
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(plugin_site),
+                                                     os.environ.get("PYTHONPATH")) if p)}
     listing = cltk("list", cwd=tmp_path, env=env).stdout
-    assert "label_smoothing" in listing and "naive" in listing
-    cltk("run", "strategy=label_smoothing", "+strategy.smoothing=0.2", "+strategy.epochs=1",
+    assert "label_smoothing" in listing and "naive" in listing and "broken" in listing
+    # The plugin's own YAML is the config of its name...
+    job = cltk("run", "strategy=label_smoothing", "--cfg", "job", cwd=tmp_path, env=env).stdout
+    assert "smoothing: 0.3" in job and "lr: 0.05" in job
+    # ...and a plugin without one gets a node generated from its signature: every default shows.
+    job = cltk("run", "strategy=broken", "--cfg", "job", cwd=tmp_path, env=env).stdout
+    for line in ("epochs: 1", "lr: 0.01", "momentum: 0.0", "reset_optimizer: true"):
+        assert line in job, job
+    cltk("run", "strategy=label_smoothing", "strategy.smoothing=0.2", "strategy.epochs=1",
          f"output_root={tmp_path}", *COMMON[:2], "quiet=true", cwd=tmp_path, env=env)
-    r = json.loads((tmp_path / "split_digits" / "label_smoothing" / "seed0" /
-                    "results.json").read_text())
+    (path,) = (tmp_path / "split_digits" / "label_smoothing").glob("*/results.json")
+    r = json.loads(path.read_text())
     assert r["status"] == "done" and r["config"]["strategy"]["smoothing"] == 0.2
-    proc = cltk("run", "strategy=broken", f"output_root={tmp_path}", "quiet=true",
-                cwd=tmp_path, env=env, check=False)
+    proc = cltk("run", "strategy=broken", "strategy.epochs=1", f"output_root={tmp_path}",
+                "quiet=true", cwd=tmp_path, env=env, check=False)
     assert proc.returncode == 1
     assert "Strategy plugin Broken (cltk_demo_plugin) raised in learn (task 0)" in proc.stderr
     assert "plugin bug" in proc.stderr

@@ -31,10 +31,13 @@ def uninterrupted(results_path, where):
 
 
 def test_sigkill_worker_mid_task_then_reinvoke_matches_uninterrupted(tmp_path):
+    """Killing the process of one run of a 3-run joblib sweep (2 workers): the others go on
+    and finish in the same invocation (the third starting after the kill), the dead one is
+    marked failed with its cause, exit code and report say so; re-invoking resumes it."""
     sweep = tmp_path / "sweep"
-    args = ["run", "-m", "seed=0,1", "strategy=replay", "strategy.epochs=3",
+    args = ["run", "-m", "seed=0,1,2", "strategy=replay", "strategy.epochs=3",
             "strategy.buffer_size=100", "model.hidden=[32]", "quiet=true", "threads=1",
-            f"output_root={tmp_path}"]
+            f"output_root={tmp_path}", f"hydra.sweep.dir={sweep}"]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cltk_cmd(*args, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"),
                             cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
@@ -59,16 +62,26 @@ def test_sigkill_worker_mid_task_then_reinvoke_matches_uninterrupted(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert killed is not None, (tmp_path / "first.log").read_text()
-    assert proc.returncode != 0
+    first_log = (tmp_path / "first.log").read_text()
+    assert killed is not None, first_log
+    assert proc.returncode == 1, first_log
     assert json.loads(killed[0].read_text())["finished_tasks"] < 5
+    index = json.loads((sweep / "sweep_index.json").read_text())["runs"]
+    dead = [e for e in index.values() if e["dir"] == str(killed[0].parent.resolve())]
+    assert dead[0]["status"] == "failed" and "killed by SIGKILL" in dead[0]["error"]
+    assert sorted(e["status"] for e in index.values()) == ["done", "done", "failed"]
+    assert "1 run(s) failed" in first_log and "killed by SIGKILL" in first_log
+    from cl_toolkit.report import write_report
+
+    write_report([str(sweep)])
+    assert "| failed | WorkerDied: the process running it" in (sweep / "report.md").read_text()
 
     second = subprocess.run(cltk_cmd(*args), cwd=tmp_path, capture_output=True, text=True,
                             timeout=240)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming after task" in second.stdout
     index = json.loads((sweep / "sweep_index.json").read_text())["runs"]
-    assert [e["status"] for e in index.values()] == ["done", "done"]
+    assert [e["status"] for e in index.values()] == ["done", "done", "done"]
     for i, results in enumerate(sorted(sweep.glob("*/results.json"))):
         resumed = json.loads(results.read_text())
         reference = uninterrupted(results, tmp_path / f"reference{i}")
@@ -152,7 +165,7 @@ def test_two_sweeps_in_one_directory_are_refused(tmp_path):
         with pytest.raises(SweepLockedError, match=f"pid {os.getpid()}"):
             acquire_lock(sweep)
         proc = subprocess.run(cltk_cmd("run", "-m", "seed=0,1", "quiet=true",
-                                       f"output_root={tmp_path}"),
+                                       f"output_root={tmp_path}", f"hydra.sweep.dir={sweep}"),
                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
     finally:
         release_lock(sweep)

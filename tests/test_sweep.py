@@ -18,6 +18,12 @@ TINY = ["model.hidden=[32]", "strategy.epochs=1", "strategy.batch_size=64", "qui
         "threads=1"]
 
 
+def the_sweep(root) -> Path:
+    """The one sweep directory under ``<output_root>/multirun`` (named by the sweep's overrides)."""
+    (sweep,) = (Path(root) / "multirun").iterdir()
+    return sweep
+
+
 def index_of(sweep_dir) -> dict:
     return json.loads((Path(sweep_dir) / "sweep_index.json").read_text())["runs"]
 
@@ -37,19 +43,20 @@ def same_results(a: dict, b: dict) -> bool:
 
 
 def test_joblib_sweep_failed_run_index_skip_and_report(tmp_path):
-    sweep = tmp_path / "sweep"
-    args = ["run", "-m", "seed=0,1", "model.heads=single,bogus", *TINY,
+    args = ["run", "-m", "seed=0,1", "benchmark=split_digits,split_cifar100", *TINY,
             f"output_root={tmp_path}"]
+    env = {"CLTK_DATA": str(tmp_path / "no_data")}
     proc = cltk(*args, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", cwd=tmp_path,
-                check=False)
-    # The two runs with a bad value fail; the two others finish; the exit code says so.
+                check=False, env=env)
+    # The two runs without their data fail; the two others finish; the exit code says so.
     assert proc.returncode == 1, proc.stderr
-    assert "2 run(s) failed" in proc.stderr and "model.heads must be" in proc.stderr
+    assert "2 run(s) failed" in proc.stderr and "CIFAR-100 files" in proc.stderr
+    sweep = the_sweep(tmp_path)
     runs = index_of(sweep)
     assert sorted(e["status"] for e in runs.values()) == ["done", "done", "failed", "failed"]
     for key, entry in runs.items():
-        if "bogus" in key:
-            assert "ConfigError" in entry["error"] and "'bogus'" in entry["error"]
+        if "cifar" in key:
+            assert "DatasetNotFoundError" in entry["error"] and "CIFAR-100" in entry["error"]
         else:
             assert entry["error"] is None and Path(entry["dir"]).is_dir()
     done = sorted(sweep.rglob("results.json"))
@@ -59,8 +66,8 @@ def test_joblib_sweep_failed_run_index_skip_and_report(tmp_path):
 
     # Re-invoking the same sweep (another launcher is fine) skips the finished runs.
     mtimes = [p.stat().st_mtime_ns for p in done]
-    again = cltk(*args, cwd=tmp_path, check=False)
-    assert again.stdout.count("skipped") == 2, again.stdout
+    again = cltk(*args, cwd=tmp_path, check=False, env=env)
+    assert again.stdout.count(": already done in ") == 2, again.stdout
     assert [p.stat().st_mtime_ns for p in done] == mtimes
     assert again.returncode == 1
 
@@ -68,9 +75,9 @@ def test_joblib_sweep_failed_run_index_skip_and_report(tmp_path):
 
     write_report([str(sweep)])
     md = (sweep / "report.md").read_text()
-    assert "| naive @ split_digits [task-il] | 2 |" in md
+    assert "| naive | 2 |" in md and "## split_digits · task-il" in md
     assert "## Sweep status" in md and "4 run(s): 2 done, 0 running, 0 pending, 2 failed" in md
-    assert md.count("| failed | ConfigError: model.heads must be") == 2
+    assert md.count("| failed | DatasetNotFoundError: CIFAR-100 files") == 2
     assert "Sweep status" in (sweep / "report.html").read_text()
 
 
@@ -79,7 +86,7 @@ def test_submitit_local_sweep(tmp_path):
     cltk("run", "-m", "seed=0,1,2,3", *TINY, f"output_root={tmp_path}",
          "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=4",
          "hydra.launcher.cpus_per_task=1", cwd=tmp_path, timeout=300)
-    runs = index_of(tmp_path / "sweep")
+    runs = index_of(the_sweep(tmp_path))
     assert len(runs) == 4 and {e["status"] for e in runs.values()} == {"done"}
     pids = {e["pid"] for e in runs.values()}
     assert len(pids) == 4, "submitit_local runs every job in its own process"
@@ -110,7 +117,7 @@ def test_ray_sweep_on_a_local_instance(tmp_path):
              "hydra/launcher=cltk_ray", "hydra.launcher.num_cpus=2",
              "hydra.launcher.timeout_s=240", f"+hydra.launcher.init_kwargs._temp_dir={ray_tmp}",
              cwd=tmp_path, env=env, timeout=300)
-        runs = index_of(tmp_path / "sweep")
+        runs = index_of(the_sweep(tmp_path))
         assert len(runs) == 4 and {e["status"] for e in runs.values()} == {"done"}
         path = Path(next(iter(runs.values()))["dir"]) / "results.json"
         assert same_results(json.loads(path.read_text()), reference(path, tmp_path))

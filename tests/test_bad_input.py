@@ -1,0 +1,123 @@
+"""Bad input, table-driven: every case must end in ONE paragraph that names the problem (the
+key or path) and the fix, exit code 2, and no traceback; nothing may run or be written first.
+
+Cases run in this process through `cl_toolkit.cli.main` (as the ``cltk`` entry point does);
+one case also runs as a subprocess to check the exit status a shell sees and that
+``HYDRA_FULL_ERROR=1`` brings the traceback back.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from cl_toolkit.cli import _flags_first, main
+from cltk_subprocess import cltk
+
+# (id, arguments after `cltk`, words the message must contain: the problem and the fix)
+CASES = [
+    ("buffer_size<0", ["run", "strategy=replay", "strategy.buffer_size=-5"],
+     ["strategy.buffer_size", ">= 0", "-5"]),
+    ("scenario_typo", ["run", "benchmark.scenario=class_il"],
+     ["benchmark.scenario", "class-il", "task-il"]),
+    ("lr<0", ["run", "strategy.lr=-0.1"], ["strategy.lr", "> 0", "-0.1"]),
+    ("dropout>1", ["run", "model.dropout=1.5"], ["model.dropout", "< 1", "1.5"]),
+    ("lr_text", ["run", "strategy.lr=abc"], ["strategy.lr", "a number", "'abc'"]),
+    ("seed_text", ["run", "seed=abc"], ["seed", "an integer", "seed=0"]),
+    ("buffer_text", ["run", "strategy=replay", "strategy.buffer_size=abc"],
+     ["strategy.buffer_size", "an integer", "'abc'"]),
+    ("hidden_text", ["run", "model.hidden=abc"], ["model.hidden", "a list", "[256, 256]"]),
+    ("batch_size=0", ["run", "strategy.batch_size=0"], ["strategy.batch_size", ">= 1"]),
+    ("eval_batch_size=0", ["run", "eval_batch_size=0"], ["eval_batch_size", ">= 1"]),
+    ("threads<0", ["run", "threads=-1"], ["threads", ">= 1"]),
+    ("device_gpu", ["run", "device=gpu"], ["device='gpu'", "device=cpu"]),
+    ("epochs<0", ["run", "strategy.epochs=-1"], ["strategy.epochs", ">= 0", "-1"]),
+    ("epochs=0", ["run", "strategy.epochs=0"], ["strategy.epochs=0", "trains nothing"]),
+    ("unknown_strategy", ["run", "strategy=naiv"], ["'naiv'", "Did you mean 'naive'"]),
+    ("unknown_key", ["run", "strategy.lrr=0.1"], ["strategy.lrr", "Did you mean 'lr'"]),
+    ("added_unknown_key", ["run", "+strategy.lrr=0.1"], ["strategy.lrr", "Did you mean 'lr'"]),
+    ("bad_override_syntax", ["run", "strategy.lr=[1,"], ["Cannot parse the override",
+                                                         "key=value"]),
+    ("unknown_option", ["run", "--frobnicate"], ["--frobnicate", "cltk run --help"]),
+    ("report_missing", ["report", "{tmp}/nowhere"], ["nowhere", "does not exist"]),
+    ("report_empty", ["report", "{tmp}/empty"], ["No results.json", "cltk run"]),
+    ("output_root_file", ["run", "output_root={tmp}/a_file/runs"], ["a_file", "is a file"]),
+    ("output_root_readonly", ["run", "output_root={tmp}/readonly/runs"],
+     ["readonly", "not writable"]),
+    ("device_cuda_no_gpu", ["run", "device=cuda"], ["device=cuda", "no CUDA GPU", "device=cpu"]),
+    ("cifar_download_offline", ["run", "benchmark=split_cifar100", "benchmark.download=true",
+                                "benchmark.root={tmp}/cifar", "quiet=true"],
+     ["Offline", "cifar-100-python", "benchmark.download=false"]),
+    ("avalanche_download_offline",
+     ["run", "benchmark=avalanche", "benchmark.factory=SplitMNIST",
+      "+benchmark.kwargs.dataset_root={tmp}/avalanche", "quiet=true"],
+     ["Offline", "SplitMNIST", "dataset_root"]),
+]
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network (downloads fail at once) and the paths the cases refer to."""
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "readonly").mkdir(mode=0o555)
+    return tmp_path
+
+
+@pytest.mark.parametrize("case,argv,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_paragraph_with_exit_code_2(case, argv, words, offline, capsys):
+    import torch
+
+    if case == "output_root_readonly" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only directories")
+    if case == "device_cuda_no_gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    before = sorted(p.name for p in offline.iterdir())
+    argv = [a.replace("{tmp}", str(offline)) for a in argv]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err and err.startswith("error: "), err
+    message = err.splitlines()[-1]
+    assert len(err.splitlines()) == 1, f"not one paragraph:\n{err}"
+    for word in words:
+        assert word in message, f"{word!r} missing from: {message}"
+    if case not in ("cifar_download_offline", "avalanche_download_offline"):
+        assert sorted(p.name for p in offline.iterdir()) == before, "it ran or wrote first"
+
+
+def test_bad_input_from_a_shell_and_full_error(tmp_path):
+    proc = cltk("run", "strategy.lr=-0.1", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: strategy.lr must be > 0")
+    proc = cltk("run", "strategy.lr=-0.1", cwd=tmp_path, check=False,
+                env={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_flags_anywhere_on_the_line():
+    """`-m` (and `--cfg job`) after the overrides work, as people type them."""
+    assert _flags_first(["seed=0,1", "-m", "strategy=naive"]) == ["-m", "seed=0,1",
+                                                                  "strategy=naive"]
+    assert _flags_first(["seed=1", "--cfg", "job", "quiet=true"]) == ["--cfg", "job", "seed=1",
+                                                                      "quiet=true"]
+
+
+def test_help_explains_subcommands_and_config_groups(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(cmd in out for cmd in ("cltk run", "cltk report", "cltk list"))
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    for text in ("strategy: ", "benchmark: ", "model: ", "experiment: ", "naive", "replay",
+                 "split_digits", "seed:", "output_root:", "--cfg job", "-m, --multirun"):
+        assert text in out, text
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
