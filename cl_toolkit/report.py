@@ -504,7 +504,8 @@ def write_report(paths, out: str | None = None) -> list[Path]:
           f"{len(results)} run(s) from {len(files)} results file(s) in {len(sections)} "
           f"section(s), one per (benchmark, scenario, tasks). Metrics in %; each cell is the "
           f"{STATISTIC}. Forgetting is max-based (Chaudhry et al. 2018): mean over j < T-1 of "
-          "max_(j<=l<T-1) R[l, j] - R[T-1, j]. n/a [k]: the metric does not apply, for reason [k] below the table.", ""]
+          "max_(j<=l<T-1) R[l, j] - R[T-1, j]. n/a [k]: the metric does not apply, for reason "
+          "[k] below the table.", ""]
     page = [f"<h1>cl_toolkit report</h1><p>{len(results)} run(s) in {len(sections)} section(s). "
             f"Metrics in %; each cell is the {html.escape(STATISTIC)}. Forgetting is max-based "
             "(Chaudhry et al. 2018: max over the rows from the task's own on)."
