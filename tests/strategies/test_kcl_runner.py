@@ -59,5 +59,6 @@ def test_structurally_zero_fwt_is_reported_not_applicable(tmp_path, name, scenar
     assert results["metrics"]["fwt"] is None
     reason = results["not_applicable"]["fwt"]
     assert ("class-il" in reason) == (scenario == "class-il")
-    md, _ = write_report([tmp_path / "run"], str(tmp_path / "report"))
-    assert "n/a" in md.read_text()
+    md = write_report([tmp_path / "run"], str(tmp_path / "report"))[0]
+    text = md.read_text()
+    assert "n/a [1]" in text and reason.split(":")[0] in text
