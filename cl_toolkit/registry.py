@@ -40,6 +40,8 @@ BUILTINS: dict[str, dict[str, str]] = {
         "split_cifar100": "cl_toolkit.benchmarks.cifar100:split_cifar100",
         "avalanche": "cl_toolkit.benchmarks.avalanche_adapter:avalanche_stream",
         "clip_tasks": "cl_toolkit.benchmarks.clip_tasks:clip_stream",
+        "mqar": "cl_toolkit.benchmarks.mqar:mqar_stream",
+        "kv_interference": "cl_toolkit.benchmarks.kv_interference:kv_interference_stream",
     },
     "model": {
         "mlp": "cl_toolkit.models:MLP",
