@@ -12,7 +12,8 @@ the offset ``s`` (0 = right after the pairs) is drawn with probability proportio
 random tokens (Zoology's default) or 0.
 
 As a stream, tasks either grow the number of pairs (``split="pairs"``) or draw their keys from
-disjoint blocks of the key vocabulary (``split="keys"``). After every task the analysis
+disjoint blocks of the key vocabulary (``split="keys"``); ``split="mixture"`` is one task with
+an equal share of every number of pairs (Zoology's training mix). After every task the analysis
 ``mqar`` measures accuracy against the number of pairs on fresh sequences over the whole key
 vocabulary. Everything is generated from the seed, in memory.
 """
@@ -25,7 +26,7 @@ import torch
 from cl_toolkit.errors import ConfigError
 from cl_toolkit.stream import IGNORE_INDEX, Task, TaskStream, TensorData, answer_scores
 
-SPLITS = ("pairs", "keys")
+SPLITS = ("pairs", "keys", "mixture")
 
 
 def assemble(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
@@ -82,29 +83,40 @@ def mqar_stream(vocab_size: int = 256, seq_len: int = 64, num_pairs: Sequence[in
                 scenario: str = "domain-il", seed: int = 0) -> TaskStream:
     """The MQAR stream. ``split="pairs"``: one task per entry of ``num_pairs``;
     ``split="keys"``: ``n_tasks`` tasks with ``num_pairs[0]`` pairs, task ``i`` drawing keys
-    from the ``i``-th of ``n_tasks`` equal blocks of the key vocabulary. ``probe_pairs``: the
-    numbers of pairs of the accuracy curve (``[]``: none)."""
+    from the ``i``-th of ``n_tasks`` equal blocks of the key vocabulary; ``split="mixture"``:
+    one task mixing every entry of ``num_pairs``. ``probe_pairs``: the numbers of pairs of the
+    accuracy curve (``[]``: none)."""
     if split not in SPLITS:
         raise ConfigError(f"benchmark.split={split!r}; choose one of {', '.join(SPLITS)}.")
     num_pairs = [int(p) for p in num_pairs]
     keys = (1, vocab_size // 2)
     if split == "pairs":
-        plan = [(f"pairs{p}", p, keys) for p in num_pairs]
+        plan = [(f"pairs{p}", [p], keys) for p in num_pairs]
+    elif split == "mixture":
+        plan = [("mixture", num_pairs, keys)]
     else:
         width = (keys[1] - keys[0]) // n_tasks
-        plan = [(f"keys{i}", num_pairs[0], (keys[0] + i * width, keys[0] + (i + 1) * width))
+        plan = [(f"keys{i}", num_pairs[:1], (keys[0] + i * width, keys[0] + (i + 1) * width))
                 for i in range(n_tasks)]
-    for _, p, block in plan:
-        check(vocab_size, seq_len, p, block)
+    for _, ps, block in plan:
+        for p in ps:
+            check(vocab_size, seq_len, p, block)
     for p in probe_pairs:
         check(vocab_size, seq_len, int(p), keys)
     g = torch.Generator().manual_seed(seed)
     opts = dict(power_a=power_a, random_fillers=random_fillers)
-    tasks = []
-    for i, (name, p, block) in enumerate(plan):
-        train = TensorData(*sample(train_size, vocab_size, seq_len, p, block, g, **opts))
-        test = TensorData(*sample(test_size, vocab_size, seq_len, p, block, g, **opts))
-        tasks.append(Task(i, name, train, test, (), info={"num_pairs": p, "keys": list(block)}))
+
+    def data(n, ps, block):
+        """``n`` sequences, an equal share per number of pairs, shuffled."""
+        parts = [sample(n // len(ps) + (i < n % len(ps)), vocab_size, seq_len, p, block, g,
+                        **opts) for i, p in enumerate(ps)]
+        perm = torch.randperm(n, generator=g)
+        return TensorData(torch.cat([x for x, _ in parts])[perm],
+                          torch.cat([y for _, y in parts])[perm])
+
+    tasks = [Task(i, name, data(train_size, ps, block), data(test_size, ps, block), (),
+                  info={"num_pairs": ps, "keys": list(block)})
+             for i, (name, ps, block) in enumerate(plan)]
 
     def analyse(predict) -> dict:
         """Accuracy and exact match against the number of pairs, on fresh sequences."""

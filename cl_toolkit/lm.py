@@ -66,10 +66,14 @@ def check_stream_fits(stream, vocab_size: Optional[int], max_len: Optional[int])
 def _language_model(stream, mixer: str, vocab_size: Optional[int] = None,
                     tie_embeddings: bool = True, **block_kwargs) -> TokenModel:
     """`SequenceLanguageModel` of ``mixer`` (causal) sized for ``stream``: its vocabulary by
-    default and, with task routing, its task count."""
+    default, with task routing its task count, and ``chunk_size=None``: the shortest chunk
+    (16, 32 or 64) that holds a whole sequence."""
     from .kernels.backbones import SequenceLanguageModel
 
     check_stream_fits(stream, vocab_size, None)
+    if mixer != "transformer" and block_kwargs.get("chunk_size") is None:
+        block_kwargs["chunk_size"] = next(
+            (c for c in (16, 32) if c >= int(stream.input_shape[0])), 64)
     if block_kwargs.get("task_routing"):
         if not stream.task_il:
             raise ConfigError(

@@ -77,6 +77,10 @@ def test_stream_splits():
         blocks.append(set(range(lo, hi)))
     assert not (blocks[0] & blocks[1]) and not (blocks[1] & blocks[2])
     assert keys.describe()["vocab_size"] == 64
+    mix = mqar_stream(vocab_size=64, seq_len=32, num_pairs=[2, 4], split="mixture",
+                      train_size=10, test_size=4, probe_pairs=[])
+    counts = (mix[0].train.y != IGNORE_INDEX).sum(1)
+    assert len(mix) == 1 and sorted(counts.tolist()) == [2] * 5 + [4] * 5
 
 
 def test_analysis_scores_against_pairs():
