@@ -23,8 +23,13 @@ from .report import group_runs
 
 
 def _groups(runs: list[dict], key: str) -> dict[str, list[dict]]:
-    return {label: [r["extras"][key] for r in rs]
-            for label, rs in group_runs([r for r in runs if key in r.get("extras", {})]).items()}
+    """``{label: [extras[key] of each run]}``; labelled by model name where that is unique,
+    else by the report's group label."""
+    groups = group_runs([r for r in runs if key in r.get("extras", {})])
+    names = {label: rs[0]["config"]["model"]["name"] for label, rs in groups.items()}
+    unique = len(set(names.values())) == len(names)
+    return {(names[label] if unique else label): [r["extras"][key] for r in rs]
+            for label, rs in groups.items()}
 
 
 def _ms(values) -> str:

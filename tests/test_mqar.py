@@ -116,3 +116,20 @@ def test_bad_input():
         mqar_stream(vocab_size=16, seq_len=32, num_pairs=[8], probe_pairs=[])
     with pytest.raises(ConfigError, match="benchmark.split='task'"):
         mqar_stream(split="task")
+
+
+def test_report_renders_mean_and_std_over_seeds(tmp_path):
+    from cl_toolkit.token_report import render_mqar
+
+    def run(model, seed, acc):
+        return {"config": {"model": {"name": model}, "strategy": {"name": "naive"},
+                           "benchmark": {"name": "mqar"}, "seed": seed},
+                "stream": {"scenario": "domain-il"},
+                "extras": {"mqar": {"num_pairs": [2, 8], "accuracy": acc,
+                                    "exact_match": acc}}}
+
+    md, page = render_mqar([run("mom_lm", 0, [0.4, 0.1]), run("mom_lm", 1, [0.6, 0.1]),
+                            run("gdn_lm", 0, [1.0, 0.5])], tmp_path)
+    assert "| mom_lm | 2 | 50.0 ± 10.0 | 10.0 ± 0.0 |" in md
+    assert "| gdn_lm | 1 | 100.0 | 50.0 |" in md
+    assert (tmp_path / "mqar_accuracy.png").stat().st_size > 0 and "<img" in page
