@@ -178,6 +178,10 @@ class SequenceModel(nn.Module):
         self.memories_per_task, self.freeze_shared = memories_per_task, freeze_shared
         if shared_memory is None:
             shared_memory = not task_routing
+        if freeze_shared and shared_memory:
+            raise ValueError("model.freeze_shared=true cannot freeze the shared memory (it "
+                             "lives in the same tensors as the task memories); set "
+                             "model.shared_memory=false")
         if task_routing:
             if not num_tasks or num_tasks < 1:
                 raise ValueError(f"task_routing needs num_tasks >= 1 (the runner passes the "

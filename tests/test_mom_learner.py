@@ -143,6 +143,9 @@ def test_memory_bytes_counts_the_task_owned_rows():
      "model.memories_per_task=1 must be >= model.topk=2"),
     ({"patch_size": 3}, "model.patch_size=3 must divide the image size 8x8"),
     ({"readout": "max"}, "model.readout='max' is not one of"),
+    ({"task_routing": True, "freeze_shared": True, "shared_memory": True},
+     "set model.shared_memory=false"),
+    ({"freeze_shared": True}, "freeze_shared=true needs task_routing=true"),
 ])
 def test_bad_model_keys_name_the_key(kw, match):
     with pytest.raises(ConfigError, match=match):
