@@ -293,7 +293,7 @@ class SequenceImageBackbone(SequenceModel):
     """
 
     def __init__(self, input_shape: Sequence[int], patch_size: Optional[int] = None,
-                 readout: str = "mean", centre: bool = False, **block_kwargs):
+                 readout: str = "mean", centre: bool = True, **block_kwargs):
         mixer = block_kwargs.get("mixer", "mom")
         if len(input_shape) != 3:
             raise ValueError(f"model={mixer} is an image backbone: input_shape must be "
