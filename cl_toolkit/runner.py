@@ -107,6 +107,12 @@ def build_model(cfg: dict, stream: TaskStream) -> Classifier:
     return Classifier(backbone, stream.num_classes, len(stream) if heads == "multi" else 1, mask)
 
 
+def _model_memory_bytes(model) -> int:
+    """Per-task parts of the model (e.g. a task-routed MoM's memories), counted as memory."""
+    fn = getattr(model, "memory_bytes", None)
+    return int(fn()) if callable(fn) else 0
+
+
 def build_strategy(cfg: dict) -> Strategy:
     name, kwargs = _split_name(cfg["strategy"], "strategy")
     strategy = registry.build("strategy", name, **kwargs)
@@ -261,7 +267,7 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
         state["matrix"].append(row)
         state["train_s"].append(t1 - t0)
         state["eval_s"].append(t2 - t1)
-        state["memory"].append(int(strategy.memory_bytes()))
+        state["memory"].append(int(strategy.memory_bytes()) + _model_memory_bytes(model))
         results = _results(cfg, stream, strategy, model, state, T)
         store.commit(results, {"format": FORMAT, "config": semantic_config(cfg),
                                "strategy": strategy.state_dict(), "rng": _rng_state(ctx),
