@@ -165,7 +165,7 @@ def kv_interference_stream(vocab_size: int = 512, key_tokens: int = 32, num_keys
     key_probe = [(int(k), total_updates // int(k)) for k in probe_keys]
     points = [kv for _, groups in plan for kv in groups] + \
         [(K, int(u)) for u in probe_updates] + key_probe
-    for k, u in points:
+    for k, u in sorted(points, key=lambda p: (-p[0] * p[1], -p[0])):  # the largest need first
         check(vocab_size, key_tokens, k, u)
     g = torch.Generator().manual_seed(seed)
     tasks = [_task(i, name, groups, train_size, test_size, vocab_size, key_tokens, g)
