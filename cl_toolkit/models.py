@@ -165,6 +165,18 @@ class Classifier(nn.Module):
     def feat_dim(self) -> int:
         return self.backbone.feat_dim
 
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """The backbone's auxiliary loss of the last forward (weighted), or None (contract C2:
+        `SupervisedStrategy.learn` adds it to the training loss)."""
+        return getattr(self.backbone, "aux_loss", None)
+
+    def memory_bytes(self) -> int:
+        """Bytes the backbone spends per task to protect old tasks (e.g. the memories a
+        task-routed MoM gives each task); 0 for backbones without such parts."""
+        fn = getattr(self.backbone, "memory_bytes", None)
+        return int(fn()) if fn is not None else 0
+
     def features(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         return self.backbone(x, t) if self.backbone_uses_task_id else self.backbone(x)
 

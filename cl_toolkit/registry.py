@@ -47,6 +47,8 @@ BUILTINS: dict[str, dict[str, str]] = {
         "split_cifar100": "cl_toolkit.benchmarks.cifar100:split_cifar100",
         "avalanche": "cl_toolkit.benchmarks.avalanche_adapter:avalanche_stream",
         "clip_tasks": "cl_toolkit.benchmarks.clip_tasks:clip_stream",
+        "mqar": "cl_toolkit.benchmarks.mqar:mqar_stream",
+        "kv_interference": "cl_toolkit.benchmarks.kv_interference:kv_interference_stream",
     },
     "model": {
         "mlp": "cl_toolkit.models:MLP",
@@ -58,6 +60,10 @@ BUILTINS: dict[str, dict[str, str]] = {
         "gla": "cl_toolkit.kernels.backbones:gla_backbone",
         "transformer": "cl_toolkit.kernels.backbones:transformer_backbone",
         "clip": "cl_toolkit.benchmarks.clip_tasks:clip_classifier",
+        "mom_lm": "cl_toolkit.lm:mom_lm",
+        "gdn_lm": "cl_toolkit.lm:gdn_lm",
+        "gla_lm": "cl_toolkit.lm:gla_lm",
+        "transformer_lm": "cl_toolkit.lm:transformer_lm",
     },
 }
 

@@ -37,7 +37,12 @@ GROUP_EXCLUDE = {"seed", "resume", "overwrite", "quiet", "output_root", "tensorb
                  "log_every"}
 STATISTIC = "mean ± sample std (ddof=1) over n runs (seeds / task orders); n = 1: the value"
 # results["extras"] key -> "module:function(runs, out_dir) -> (markdown, html)" (contract C5).
-EXTRA_RENDERERS: dict[str, str] = {}
+EXTRA_RENDERERS: dict[str, str] = {
+    "exact_match": "cl_toolkit.token_report:render_exact_match",
+    "mqar": "cl_toolkit.token_report:render_mqar",
+    "kv_interference": "cl_toolkit.token_report:render_kv_interference",
+    "retention": "cl_toolkit.retention:render",
+}
 
 
 def find_results(paths, allow_empty: bool = False) -> list[Path]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import NonFiniteLossError
-from .stream import Task, TaskStream, TensorData
+from .stream import IGNORE_INDEX, Task, TaskStream, TensorData
 
 Hook = Callable[..., None]
 HOOK_EVENTS = ("before_task", "after_task", "before_epoch", "after_epoch", "after_batch")
@@ -78,9 +78,15 @@ class Strategy:
         return self.model(x, t)
 
     def _task_ids(self, x: torch.Tensor, task: Task) -> torch.Tensor | None:
+        """Test-time task ids: given in task-il only (`train_task_ids` matches it)."""
         if not self.stream.task_il:
             return None
         return torch.full((x.shape[0],), task.index, dtype=torch.long, device=x.device)
+
+    def train_task_ids(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Training-time task ids, handed to the model exactly when `predict` hands them (a
+        model must not learn to rely on an id it will not get at test time)."""
+        return t if self.stream.task_il and getattr(self.model, "uses_task_id", False) else None
 
     def state_dict(self) -> dict:
         """Everything needed to continue after the last finished task."""
@@ -103,6 +109,15 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def supervised_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of class logits ``[B, C]`` against labels ``[B]``, or of token logits
+    ``[B, L, V]`` against per-position targets ``[B, L]`` averaged over the positions that have
+    one (``IGNORE_INDEX`` = no loss)."""
+    if logits.dim() == 3:
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, y)
+
+
 def make_optimizer(name: str, params, lr: float, momentum: float = 0.0,
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
     from .errors import unknown_name
@@ -114,6 +129,12 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.0,
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise unknown_name("optimizer", name, ["sgd", "adam", "adamw"])
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | float:
+    """The model's auxiliary loss from its last forward (already weighted), or 0."""
+    aux = getattr(model, "aux_loss", None)
+    return 0.0 if aux is None else aux
 
 
 class SupervisedStrategy(Strategy):
@@ -137,7 +158,7 @@ class SupervisedStrategy(Strategy):
         return task.train
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, task: Task) -> torch.Tensor:
-        return F.cross_entropy(self.model(x, t if self.model.uses_task_id else None), y)
+        return supervised_loss(self.model(x, self.train_task_ids(t)), y)
 
     def after_task(self, task: Task) -> None:
         """Update buffers etc. once the task has been learned."""
@@ -163,6 +184,7 @@ class SupervisedStrategy(Strategy):
                 if x.device != dev:
                     x, y, t = x.to(dev, non_blocking=True), y.to(dev), t.to(dev)
                 loss = self.loss(x, y, t, task)
+                loss = loss + aux_loss(model)  # C2: e.g. MoM load balancing, every strategy
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"Loss became {loss.item()} in task {task.index} ({task.name!r}), epoch "

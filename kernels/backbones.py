@@ -69,8 +69,9 @@ def rotary(x: torch.Tensor, offset: int, base: float = 10000.0) -> torch.Tensor:
     """Rotary position embedding (https://arxiv.org/abs/2104.09864) of x [B, H, T, K],
     positions offset .. offset + T - 1 (half-split pairing)."""
     K, T = x.shape[-1], x.shape[-2]
-    freq = base ** (-torch.arange(0, K // 2, device=x.device, dtype=torch.float32) / (K // 2))
-    ang = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)[:, None] * freq
+    acc = torch.promote_types(x.dtype, torch.float32)
+    freq = base ** (-torch.arange(0, K // 2, device=x.device, dtype=acc) / (K // 2))
+    ang = torch.arange(offset, offset + T, device=x.device, dtype=acc)[:, None] * freq
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     a, b = x[..., :K // 2], x[..., K // 2:2 * (K // 2)]
     return torch.cat([a * cos - b * sin, a * sin + b * cos, x[..., 2 * (K // 2):]], -1)
@@ -177,6 +178,10 @@ class SequenceModel(nn.Module):
         self.memories_per_task, self.freeze_shared = memories_per_task, freeze_shared
         if shared_memory is None:
             shared_memory = not task_routing
+        if freeze_shared and shared_memory:
+            raise ValueError("model.freeze_shared=true cannot freeze the shared memory (it "
+                             "lives in the same tensors as the task memories); set "
+                             "model.shared_memory=false")
         if task_routing:
             if not num_tasks or num_tasks < 1:
                 raise ValueError(f"task_routing needs num_tasks >= 1 (the runner passes the "
@@ -233,6 +238,13 @@ class SequenceModel(nn.Module):
             owned[name] = rows.masked_fill(rows >= self.num_tasks, -1)
         return owned
 
+    def memory_bytes(self) -> int:
+        """Bytes of the task-owned parameters (the shared memory's rows excluded): what the
+        partition spends to protect old tasks, growing with num_tasks."""
+        params = dict(self.named_parameters())
+        return sum(int((rows >= 0).sum()) * params[n][0].numel() * params[n].element_size()
+                   for n, rows in self.task_owned().items())
+
     def shared_parameters(self) -> List[nn.Parameter]:
         """Every parameter no task owns (embeddings, norms, MLPs, q/g/o projections)."""
         owned = self.task_owned()
@@ -281,7 +293,7 @@ class SequenceImageBackbone(SequenceModel):
     """
 
     def __init__(self, input_shape: Sequence[int], patch_size: Optional[int] = None,
-                 readout: str = "mean", centre: bool = False, **block_kwargs):
+                 readout: str = "mean", centre: bool = True, **block_kwargs):
         mixer = block_kwargs.get("mixer", "mom")
         if len(input_shape) != 3:
             raise ValueError(f"model={mixer} is an image backbone: input_shape must be "

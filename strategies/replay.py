@@ -61,7 +61,7 @@ class Replay(SupervisedStrategy):
             x = torch.cat([x, mem.x.to(dev)])
             y = torch.cat([y, mem.y.to(dev)])
             t = torch.cat([t, mem.t.to(dev)])
-        return F.cross_entropy(self.model(x, t if self.model.uses_task_id else None), y)
+        return F.cross_entropy(self.model(x, self.train_task_ids(t)), y)
 
     def after_task(self, task: Task) -> None:
         self.buffer.update(task.train, self.ctx.generator)
