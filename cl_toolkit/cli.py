@@ -44,7 +44,8 @@ def _register_plugin_configs() -> None:
     from . import registry
 
     cs = ConfigStore.instance()
-    group_of = {"strategy": "strategy", "stream": "benchmark", "model": "model"}
+    group_of = {"strategy": "strategy", "stream": "benchmark", "model": "model",
+                "probe": "probe"}
     for kind, group in group_of.items():
         for name in registry.names(kind):
             if name not in registry.BUILTINS[kind]:

@@ -40,6 +40,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "split_cifar100": "cl_toolkit.benchmarks.cifar100:split_cifar100",
         "avalanche": "cl_toolkit.benchmarks.avalanche_adapter:avalanche_stream",
         "clip_tasks": "cl_toolkit.benchmarks.clip_tasks:clip_stream",
+        "fortunes": "cl_toolkit.benchmarks.fortunes:fortunes",
     },
     "model": {
         "mlp": "cl_toolkit.models:MLP",
@@ -48,12 +49,16 @@ BUILTINS: dict[str, dict[str, str]] = {
         "mom": "cl_toolkit.kernels.backbones:MoMImageClassifierBackbone",
         "clip": "cl_toolkit.benchmarks.clip_tasks:clip_classifier",
     },
+    "probe": {
+        "retention": "cl_toolkit.retention:RetentionProbe",
+    },
 }
 
 GROUPS = {
     "strategy": "cl_toolkit.strategies",
     "stream": "cl_toolkit.streams",
     "model": "cl_toolkit.models",
+    "probe": "cl_toolkit.probes",
 }
 
 
