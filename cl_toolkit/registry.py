@@ -48,6 +48,10 @@ BUILTINS: dict[str, dict[str, str]] = {
         "resnet18_reduced": "cl_toolkit.models:ReducedResNet18",
         "mom": "cl_toolkit.kernels.backbones:MoMImageClassifierBackbone",
         "clip": "cl_toolkit.benchmarks.clip_tasks:clip_classifier",
+        "mom_lm": "cl_toolkit.lm:mom_lm",
+        "gdn_lm": "cl_toolkit.lm:gdn_lm",
+        "gla_lm": "cl_toolkit.lm:gla_lm",
+        "transformer_lm": "cl_toolkit.lm:transformer_lm",
     },
     "probe": {
         "retention": "cl_toolkit.retention:RetentionProbe",

@@ -24,7 +24,7 @@ from .errors import ClToolkitError, ConfigError, PluginError, ResumeError
 from .models import Classifier, task_mask
 from .store import RunStore
 from .strategy import RunContext, Strategy
-from .stream import Task, TaskStream
+from .stream import Task, TaskStream, answer_scores
 
 FORMAT = 1
 # Keys that do not change what a run computes: a resumed run may differ in them.
@@ -63,8 +63,13 @@ def build_model(cfg: dict, stream: TaskStream) -> Classifier:
     classes either way."""
     name, kwargs = _split_name(cfg["model"], "model")
     if getattr(registry.resolve("model", name), "needs_stream", False):
-        # Builders such as CLIP's make their own heads from the stream's class names.
+        # Builders such as CLIP's make their own heads from the stream's class names; language
+        # models take the stream's vocabulary.
         return registry.build("model", name, stream, **kwargs)
+    if stream.is_tokens:
+        lms = [n for n in registry.names("model") if n.endswith("_lm")]
+        raise ConfigError(f"benchmark {stream.name!r} is a token stream, which model={name} "
+                          f"cannot take; use a language model: {', '.join(lms)}.")
     heads = kwargs.pop("heads", "single")
     if heads not in ("single", "multi"):
         raise ConfigError(f"model.heads must be 'single' or 'multi'; got {heads!r}.")
@@ -86,15 +91,58 @@ def build_strategy(cfg: dict) -> Strategy:
 
 @torch.no_grad()
 def evaluate(strategy: Strategy, task: Task, batch_size: int, device: torch.device) -> float:
-    """Top-1 accuracy of ``strategy.predict`` on ``task.test``."""
+    """Top-1 accuracy of ``strategy.predict`` on ``task.test`` (token tasks: over answers)."""
+    return evaluate_scores(strategy, task, batch_size, device)["accuracy"]
+
+
+# Logit elements [B, L, V] one evaluation batch of a token task may hold (128 MiB of float32).
+EVAL_LOGITS = 2 ** 25
+
+
+@torch.no_grad()
+def evaluate_scores(strategy: Strategy, task: Task, batch_size: int, device: torch.device
+                    ) -> dict[str, float]:
+    """``{"accuracy"}``; token tasks add ``"exact_match"`` (sequences whose answers are all
+    right) and count accuracy over answer positions, one per query."""
     model = getattr(strategy, "model", None)
     if isinstance(model, torch.nn.Module):
         model.eval()
-    correct = 0
-    for x, y, _ in task.test.batches(batch_size):
-        logits = strategy.predict(x.to(device), task)
-        correct += int((logits.argmax(1).cpu() == y).sum())
-    return correct / max(len(task.test), 1)
+    data = task.test
+    if not data.is_tokens:
+        correct = 0
+        for x, y, _ in data.batches(batch_size):
+            logits = strategy.predict(x.to(device), task)
+            correct += int((logits.argmax(1).cpu() == y).sum())
+        return {"accuracy": correct / max(len(data), 1)}
+    correct = answers = exact = 0
+    for x, y, _ in data.batches(_token_batch(strategy, data.x.shape[1], batch_size)):
+        c, n = answer_scores(strategy.predict(x.to(device), task).argmax(-1).cpu(), y)
+        correct, answers, exact = correct + int(c.sum()), answers + int(n.sum()), \
+            exact + int((c == n).sum())
+    return {"accuracy": correct / max(answers, 1), "exact_match": exact / max(len(data), 1)}
+
+
+def _token_batch(strategy: Strategy, seq_len: int, batch_size: int) -> int:
+    """Rows per evaluation batch so that its logits stay under ``EVAL_LOGITS`` elements."""
+    vocab = getattr(getattr(strategy, "stream", None), "vocab_size", None) or 1
+    return max(1, min(batch_size, EVAL_LOGITS // (seq_len * vocab)))
+
+
+def run_analyses(strategy: Strategy, stream: TaskStream, task: Task, batch_size: int,
+                 device: torch.device) -> dict:
+    """The stream's analyses of the model after ``task`` (see `cl_toolkit.stream`), keyed as
+    in ``results["extras"]``; each gets a predictor of token ids ``[N, L]``."""
+    @torch.no_grad()
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        rows = _token_batch(strategy, x.shape[1], batch_size)
+        return torch.cat([strategy.predict(x[s:s + rows].to(device), task).argmax(-1).cpu()
+                          for s in range(0, x.shape[0], rows)])
+
+    model = getattr(strategy, "model", None)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    return {key: {"after_task": task.index, **analyse(predict)}
+            for key, analyse in stream.analyses.items()}
 
 
 def _rng_state(ctx: RunContext) -> dict:
@@ -164,8 +212,12 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
             probe.load_state_dict(checkpoint["probe"])
         state = checkpoint["state"]
     else:
-        before = [evaluate(strategy, t, eval_bs, device) for t in stream]
-        state = {"before": before, "matrix": [], "train_s": [], "eval_s": [], "memory": []}
+        before = [evaluate_scores(strategy, t, eval_bs, device) for t in stream]
+        state = {"before": [s["accuracy"] for s in before], "matrix": [], "train_s": [],
+                 "eval_s": [], "memory": []}
+        if stream.is_tokens:
+            state["extras"] = {"exact_match": {"before": [s["exact_match"] for s in before],
+                                               "matrix": []}}
 
     if progress is not None:
         progress.start(stream, strategy, start=len(state["matrix"]))
@@ -176,7 +228,11 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
         t0 = time.perf_counter()
         _guard_plugin(strategy, f"learn (task {task.index})", lambda: strategy.learn(task))
         t1 = time.perf_counter()
-        row = [evaluate(strategy, other, eval_bs, device) for other in stream]
+        scores = [evaluate_scores(strategy, other, eval_bs, device) for other in stream]
+        row = [s["accuracy"] for s in scores]
+        if stream.is_tokens:
+            state["extras"]["exact_match"]["matrix"].append([s["exact_match"] for s in scores])
+            state["extras"].update(run_analyses(strategy, stream, task, eval_bs, device))
         t2 = time.perf_counter()
         ctx.hooks.call("after_task", strategy=strategy, task=task)
         state["matrix"].append(row)
@@ -218,6 +274,7 @@ def _results(cfg, stream, strategy, model, state, T) -> dict:
         "memory_bytes": state["memory"],
         "reference": strategy.reference_accuracy(),
         "timings": {"train_s": state["train_s"], "eval_s": state["eval_s"]},
+        **({"extras": state["extras"]} if state.get("extras") else {}),
     }
 
 

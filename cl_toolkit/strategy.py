@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import NonFiniteLossError
-from .stream import Task, TaskStream, TensorData
+from .stream import IGNORE_INDEX, Task, TaskStream, TensorData
 
 Hook = Callable[..., None]
 HOOK_EVENTS = ("before_task", "after_task", "before_epoch", "after_epoch", "after_batch")
@@ -103,6 +103,15 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def supervised_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of class logits ``[B, C]`` against labels ``[B]``, or of token logits
+    ``[B, L, V]`` against per-position targets ``[B, L]`` averaged over the positions that have
+    one (``IGNORE_INDEX`` = no loss)."""
+    if logits.dim() == 3:
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, y)
+
+
 def make_optimizer(name: str, params, lr: float, momentum: float = 0.0,
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
     from .errors import unknown_name
@@ -137,7 +146,7 @@ class SupervisedStrategy(Strategy):
         return task.train
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, task: Task) -> torch.Tensor:
-        return F.cross_entropy(self.model(x, t if self.model.uses_task_id else None), y)
+        return supervised_loss(self.model(x, t if self.model.uses_task_id else None), y)
 
     def after_task(self, task: Task) -> None:
         """Update buffers etc. once the task has been learned."""

@@ -9,15 +9,27 @@ at test time:
 
 Datasets are held as in-memory tensors (`TensorData`) because every stream we ship fits in RAM
 and indexing a tensor is the fastest data path on a CPU: no DataLoader, no per-sample Python.
+
+Token streams (language-model tasks such as associative recall) use the same containers: ``x``
+and ``y`` are token ids ``[N, L]`` (int64), ``y`` holds the target of every position, and
+``IGNORE_INDEX`` (-100, PyTorch's cross-entropy default) marks positions without a loss. The
+stream then carries its ``vocab_size`` and may carry ``analyses``: functions that score a model
+on extra held-out sets (accuracy against the number of pairs, error classes, ...) and whose
+JSON goes into ``results["extras"]``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 SCENARIOS = ("task-il", "class-il", "domain-il")
+IGNORE_INDEX = -100
+
+# predict(x [N, L]) -> predicted token ids [N, L] (the argmax of the next-token logits)
+TokenPredictor = Callable[[torch.Tensor], torch.Tensor]
+Analysis = Callable[[TokenPredictor], dict]
 
 
 @dataclass
@@ -42,6 +54,14 @@ class TensorData:
             self.y = self.y.long()
         if self.t is None:
             self.t = torch.zeros(n, dtype=torch.long)
+        if self.y.dim() == 2 and self.x.shape != self.y.shape:
+            raise ValueError(f"Token data needs x and y of the same shape [N, L]; got x "
+                             f"{tuple(self.x.shape)} and y {tuple(self.y.shape)}.")
+
+    @property
+    def is_tokens(self) -> bool:
+        """Per-position targets ``y [N, L]`` (token data) rather than one label per sample."""
+        return self.y.dim() == 2
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -88,7 +108,9 @@ class Task:
 
 @dataclass
 class TaskStream:
-    """Ordered tasks plus the scenario. ``num_classes`` is the size of the global label space."""
+    """Ordered tasks plus the scenario. ``num_classes`` is the size of the global label space
+    (the vocabulary for token streams, where ``vocab_size`` is set and ``input_shape`` is
+    ``(L,)``, the longest sequence)."""
 
     name: str
     tasks: list[Task]
@@ -97,6 +119,8 @@ class TaskStream:
     input_shape: tuple[int, ...]
     seed: int = 0
     info: dict = field(default_factory=dict)
+    vocab_size: int | None = None
+    analyses: dict[str, Analysis] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.scenario not in SCENARIOS:
@@ -110,6 +134,14 @@ class TaskStream:
                 raise ValueError(f"Task {t.name!r} has index {t.index} but sits at position {i}.")
             t.train.t = torch.full((len(t.train),), i, dtype=torch.long)
             t.test.t = torch.full((len(t.test),), i, dtype=torch.long)
+        if self.vocab_size is not None:
+            for t in self.tasks:
+                check_tokens(t.train, self.vocab_size, f"{self.name} task {t.name!r} train")
+                check_tokens(t.test, self.vocab_size, f"{self.name} task {t.name!r} test")
+
+    @property
+    def is_tokens(self) -> bool:
+        return self.vocab_size is not None
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -151,4 +183,31 @@ class TaskStream:
                 for t in self.tasks
             ],
             **({"info": self.info} if self.info else {}),
+            **({"vocab_size": self.vocab_size, "seq_len": int(self.input_shape[0])}
+               if self.is_tokens else {}),
         }
+
+
+def check_tokens(data: TensorData, vocab_size: int, where: str) -> None:
+    """Token ids in ``[0, vocab_size)`` and targets that are token ids or ``IGNORE_INDEX``
+    (checked once when the stream is built, never on the training path)."""
+    if not data.is_tokens or data.x.dtype != torch.long:
+        raise ValueError(f"{where}: token streams need x and y as int64 [N, L]; got x "
+                         f"{data.x.dtype} {tuple(data.x.shape)}, y {tuple(data.y.shape)}.")
+    if len(data) == 0:
+        return
+    if int(data.x.min()) < 0 or int(data.x.max()) >= vocab_size:
+        raise ValueError(f"{where}: token ids span [{int(data.x.min())}, {int(data.x.max())}] "
+                         f"but the vocabulary has {vocab_size} tokens.")
+    bad = (data.y != IGNORE_INDEX) & ((data.y < 0) | (data.y >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(f"{where}: targets must be token ids in [0, {vocab_size}) or "
+                         f"{IGNORE_INDEX} (no loss); found {int(data.y[bad][0])}.")
+
+
+def answer_scores(pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: correct answers and answer positions (``y != IGNORE_INDEX``), both
+    ``[N]``, from predicted ids ``pred [N, L]``. Accuracy counts answers (queries); a sequence
+    is an exact match when every one of its answers is right."""
+    answer = y != IGNORE_INDEX
+    return ((pred == y) & answer).sum(1), answer.sum(1)
