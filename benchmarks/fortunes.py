@@ -107,8 +107,8 @@ def fortunes(files: Sequence[str] = DEFAULT_FILES, path: str = DEFAULT_PATH, seq
                           test=lm_windows(test, seq_len, max_test)))
     return TaskStream(name="fortunes", tasks=tasks, scenario="domain-il",
                       num_classes=VOCAB_SIZE, input_shape=(seq_len,), seed=seed,
-                      info={"vocab_size": VOCAB_SIZE, "tokenizer": "utf-8 bytes",
-                            "files": list(corpus)})
+                      info={"tokenizer": "utf-8 bytes", "files": list(corpus)},
+                      vocab_size=VOCAB_SIZE)
 
 
 def probe_sequences(length: int, path: str | Path = DEFAULT_PATH,

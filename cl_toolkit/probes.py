@@ -72,5 +72,5 @@ def attach(probe: Probe | None, stream: TaskStream, ctx: RunContext) -> None:
 
 def add_results(results: dict, probe: Probe | None) -> dict:
     if probe is not None:
-        results.setdefault("extras", {})[probe.key] = probe.results()
+        results["extras"] = {**results.get("extras", {}), probe.key: probe.results()}
     return results

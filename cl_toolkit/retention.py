@@ -90,13 +90,6 @@ def recall(predict: Callable[[torch.Tensor], torch.Tensor], seqs: torch.Tensor,
     return exact, acc
 
 
-def vocab_size_of(stream: TaskStream) -> int | None:
-    """The vocabulary of a token stream (contract C3: ``vocab_size`` in its description)."""
-    desc = stream.describe()
-    size = desc.get("vocab_size", desc.get("info", {}).get("vocab_size"))
-    return None if size is None else int(size)
-
-
 class RetentionProbe(Probe):
     """The retention probe; settings as in conf/probe/retention.yaml."""
 
@@ -134,11 +127,11 @@ class RetentionProbe(Probe):
     def setup(self, stream: TaskStream, ctx: RunContext) -> None:
         from cl_toolkit.benchmarks import fortunes
 
-        vocab = vocab_size_of(stream)
+        vocab = stream.vocab_size
         if vocab is None:
             raise ConfigError(
                 f"probe=retention needs a language-model run, but the stream {stream.name!r} is "
-                "not a token stream (its description has no vocab_size). Use a token benchmark "
+                "not a token stream (it has no vocab_size). Use a token benchmark "
                 "with an *_lm model, e.g. benchmark=fortunes model=mom_lm, or drop probe=.")
         g = torch.Generator().manual_seed(int(ctx.seed) + 7919)
         need, sets = len(self.exposures) * self.n_study, []
