@@ -253,3 +253,91 @@ class RetentionProbe(Probe):
     def load_state_dict(self, state: dict) -> None:
         self.updates, self.study_update = state["updates"], state["study_update"]
         self.probe_s, self.before, self.points = state["probe_s"], state["before"], state["points"]
+
+
+def _curves(runs: list[dict]) -> dict:
+    """``{(model, stimuli, k): {updates or "before": {measure: [one value per run]}}}``."""
+    out: dict = {}
+    for r in runs:
+        extra = r.get("extras", {}).get("retention")
+        if not extra:
+            continue
+        model = r.get("config", {}).get("model", {}).get("name", "?")
+        for p in extra["before"] + extra["points"]:
+            at = "before" if p["updates"] is None else p["updates"]
+            cell = out.setdefault((model, p["stimuli"], p["k"]), {}).setdefault(at, {})
+            for m in MEASURES:
+                cell.setdefault(m, []).append(p[m])
+    return out
+
+
+MEASURES = ("recognition", "recall_exact", "recall_token")
+
+
+def tables(runs: list[dict]) -> str:
+    """Markdown: one table per measure, a row per (model, stimuli, k), a column per point
+    (mean over runs, in %; the number of runs in the last column)."""
+    curves = _curves(runs)
+    if not curves:
+        return ""
+    points = sorted({a for c in curves.values() for a in c if a != "before"})
+    md = []
+    for m in MEASURES:
+        head = ["model", "stimuli", "k", "before"] + [str(p) for p in points] + ["runs"]
+        md += [f"{m} (%) after n updates of new text", "",
+               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for (model, kind, k), c in sorted(curves.items()):
+            cells = [f"{100 * sum(c[a][m]) / len(c[a][m]):.0f}" if a in c else ""
+                     for a in ["before"] + points]
+            n = max(len(v[m]) for v in c.values())
+            md.append("| " + " | ".join([model, kind, str(k)] + cells + [str(n)]) + " |")
+        md.append("")
+    return "\n".join(md)
+
+
+def render(runs: list[dict], out_dir) -> tuple[str, str]:
+    """Report renderer (contract C5): the tables plus one retention plot per model."""
+    import base64
+    import html
+    import io
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = _curves(runs)
+    if not curves:
+        return "", ""
+    md, frag = ["### Retention (recognition, recall)", "", tables(runs)], []
+    frag.append("<h3>Retention (recognition, recall)</h3>")
+    for model in sorted({key[0] for key in curves}):
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharex=True)
+        for (name, kind, k), c in sorted(curves.items()):
+            if name != model:
+                continue
+            xs = sorted(a for a in c if a != "before")
+            for ax, m in zip(axes, MEASURES):
+                ys = [100 * sum(c[a][m]) / len(c[a][m]) for a in xs]
+                ax.plot([x + 1 for x in xs], ys, marker="o", ms=3,
+                        ls="-" if kind == "fortunes" else "--", label=f"{kind}, k={k}")
+        for ax, m in zip(axes, MEASURES):
+            ax.set(xscale="log", xlabel="updates after the study + 1", ylabel=f"{m} (%)",
+                   ylim=(-5, 105))
+            if m == "recognition":
+                ax.axhline(50, color="grey", lw=0.8, ls=":")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{model}: retention of studied sequences")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        name = f"retention_{model}.png"
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / name).write_bytes(buf.getvalue())
+        md += [f"![retention {model}]({name})", ""]
+        data = base64.b64encode(buf.getvalue()).decode()
+        frag.append(f'<img alt="{html.escape(model)} retention" src="data:image/png;base64,'
+                    f'{data}">')
+    frag.append("<pre>" + html.escape(tables(runs)) + "</pre>")
+    return "\n".join(md), "\n".join(frag)
