@@ -1,4 +1,5 @@
-"""Language models on token streams: one builder for every memory type.
+"""Language models on token streams: one builder for every memory type (the shared sequence
+backbone of `cl_toolkit.kernels.backbones`, causal, so only the token mixer differs).
 
 `TokenModel` puts a sequence language model behind the interface every strategy uses:
 ``model(x, t)`` maps token ids ``[B, L]`` to next-token logits ``[B, L, V]`` and leaves the
@@ -7,8 +8,8 @@ models without one).
 """
 from __future__ import annotations
 
-from functools import partial
-from typing import Optional
+import inspect
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +36,8 @@ class TokenModel(nn.Module):
         out = self.lm(x, t) if self.uses_task_id else self.lm(x)
         if isinstance(out, tuple):
             out, self.aux_loss = out[0], out[1]
+        else:
+            self.aux_loss = getattr(self.lm, "aux_loss", None)
         return out
 
 
@@ -60,49 +63,51 @@ def check_stream_fits(stream, vocab_size: Optional[int], max_len: Optional[int])
             "(benchmark.seq_len / number of pairs or updates).")
 
 
-MIXERS = ("mom", "gdn", "gla", "transformer")
+def _language_model(stream, mixer: str, vocab_size: Optional[int] = None,
+                    tie_embeddings: bool = True, **block_kwargs) -> TokenModel:
+    """`SequenceLanguageModel` of ``mixer`` (causal) sized for ``stream``: its vocabulary by
+    default and, with task routing, its task count."""
+    from .kernels.backbones import SequenceLanguageModel
+
+    check_stream_fits(stream, vocab_size, None)
+    if block_kwargs.get("task_routing"):
+        if not stream.task_il:
+            raise ConfigError(
+                f"model.task_routing=true needs task ids at test time, which a "
+                f"{stream.scenario} stream does not give; use benchmark.scenario=task-il or "
+                "model.task_routing=false.")
+        if block_kwargs.get("num_tasks") is None:
+            block_kwargs["num_tasks"] = len(stream)
+    try:
+        lm = SequenceLanguageModel(stream.vocab_size, tie_embeddings=tie_embeddings,
+                                   mixer=mixer, causal=True, **block_kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"model={mixer}_lm: {exc}") from exc
+    return TokenModel(lm, stream.vocab_size, getattr(lm, "max_len", None))
 
 
-def language_model(stream, mixer: str = "mom", vocab_size: Optional[int] = None,
-                   hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2,
-                   num_memories: int = 4, topk: int = 2, shared_memory: bool = True,
-                   task_routing: bool = False, memories_per_task: int = 2,
-                   aux_loss_weight: float = 0.01, max_len: Optional[int] = None,
-                   backend: str = "auto") -> TokenModel:
-    """The language model of ``mixer`` sized for ``stream`` (its vocabulary by default).
+def _preset(mixer: str, keys: Sequence[str]):
+    """The registry entry ``<mixer>_lm``: its signature lists the keys that mixer takes, so the
+    registry refuses the others (e.g. model.topk for gdn_lm) by name."""
+    from .kernels.backbones import SequenceModel
 
-    mom: MoM (https://arxiv.org/abs/2502.13685), ``num_memories`` routed gated-delta memories,
-    ``topk`` per token, plus a shared one; gdn: one gated-delta-rule memory
-    (https://arxiv.org/abs/2412.06464); gla: one gated-linear-attention memory
-    (https://arxiv.org/abs/2312.06635). The memory options apply to mom only."""
-    from .errors import unknown_name
-    from .kernels.backbones import MoMLanguageModel
+    def build(stream, **kwargs):
+        return _language_model(stream, mixer, **kwargs)
 
-    if mixer not in MIXERS:
-        raise unknown_name("model.mixer", mixer, list(MIXERS))
-    check_stream_fits(stream, vocab_size, max_len)
-    vocab = stream.vocab_size
-    common = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                  backend=backend)
-    if mixer == "mom":
-        lm = MoMLanguageModel(vocab, num_memories=num_memories, topk=topk,
-                              shared_memory=shared_memory, task_routing=task_routing,
-                              num_tasks=len(stream), memories_per_task=memories_per_task,
-                              aux_loss_weight=aux_loss_weight, **common)
-    elif mixer in ("gdn", "gla"):
-        lm = MoMLanguageModel(vocab, num_memories=1, topk=1, shared_memory=False,
-                              memory_type="gated_delta" if mixer == "gdn" else "gla",
-                              aux_loss_weight=0.0, **common)
-    else:
-        raise ConfigError("model.mixer=transformer needs the shared sequence backbone.")
-    return TokenModel(lm, vocab, max_len)
-
-
-def _preset(mixer: str):
-    """The registry entry ``<mixer>_lm``: `language_model` with its mixer fixed."""
-    build = partial(language_model, mixer=mixer)
+    block = inspect.signature(SequenceModel.__init__).parameters
+    own = list(inspect.signature(_language_model).parameters.values())
+    build.__signature__ = inspect.Signature([own[0], *own[2:4]] + [block[k] for k in keys])
+    build.__name__ = build.__qualname__ = f"{mixer}_lm"
+    build.__doc__ = f"Causal language model with mixer={mixer!r} (keys: {', '.join(keys)})."
     build.needs_stream = True
     return build
 
 
-mom_lm, gdn_lm, gla_lm, transformer_lm = (_preset(m) for m in MIXERS)
+_WIDTH = ["hidden_size", "num_layers", "num_heads", "mlp_ratio"]
+_MEMORY = ["use_short_conv", "chunk_size", "backend"]
+_ROUTER = ["num_memories", "topk", "shared_memory", "memory_type", "aux_loss_weight",
+           "task_routing", "num_tasks", "memories_per_task", "freeze_shared"]
+mom_lm = _preset("mom", _WIDTH + _ROUTER + _MEMORY)
+gdn_lm = _preset("gdn", _WIDTH + _MEMORY)
+gla_lm = _preset("gla", _WIDTH + _MEMORY)
+transformer_lm = _preset("transformer", _WIDTH)

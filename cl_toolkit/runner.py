@@ -60,9 +60,14 @@ def build_stream(cfg: dict) -> TaskStream:
 def build_model(cfg: dict, stream: TaskStream) -> Classifier:
     """Backbone from the registry plus heads. ``heads``: ``single`` (one head over the global
     label space) or ``multi`` (one per task). In task-il the logits are masked to each task's
-    classes either way."""
+    classes either way.
+
+    A backbone builder whose signature has ``num_tasks`` gets the stream's task count there
+    (unless the config sets it); a backbone that uses task ids (``uses_task_id``, e.g. a
+    task-routed MoM) is refused on streams that give no task id at test time."""
     name, kwargs = _split_name(cfg["model"], "model")
-    if getattr(registry.resolve("model", name), "needs_stream", False):
+    target = registry.resolve("model", name)
+    if getattr(target, "needs_stream", False):
         # Builders such as CLIP's make their own heads from the stream's class names; language
         # models take the stream's vocabulary.
         return registry.build("model", name, stream, **kwargs)
@@ -73,7 +78,29 @@ def build_model(cfg: dict, stream: TaskStream) -> Classifier:
     heads = kwargs.pop("heads", "single")
     if heads not in ("single", "multi"):
         raise ConfigError(f"model.heads must be 'single' or 'multi'; got {heads!r}.")
-    backbone = registry.build("model", name, tuple(stream.input_shape), **kwargs)
+    if heads == "multi" and not stream.task_il:
+        raise ConfigError(f"model.heads=multi needs the task id at test time, which a "
+                          f"{stream.scenario} stream does not give; use model.heads=single or "
+                          "benchmark.scenario=task-il.")
+    if "num_tasks" in inspect.signature(target).parameters:
+        if kwargs.get("num_tasks") is None:
+            kwargs["num_tasks"] = len(stream)
+        elif kwargs["num_tasks"] < len(stream):
+            raise ConfigError(f"model.num_tasks={kwargs['num_tasks']} is below the stream's "
+                              f"{len(stream)} tasks; leave model.num_tasks null (the stream's "
+                              "count is used).")
+    try:
+        backbone = registry.build("model", name, tuple(stream.input_shape), **kwargs)
+    except ValueError as exc:
+        if name not in registry.BUILTINS["model"]:
+            raise
+        raise ConfigError(f"model={name}: {exc}") from exc
+    if getattr(backbone, "uses_task_id", False) and not stream.task_il:
+        raise ConfigError(
+            f"model={name} routes by task (model.task_routing=true) but a {stream.scenario} "
+            "stream gives no task id at test time. Use benchmark.scenario=task-il (for a "
+            "domain stream such as permuted_fashion_mnist: domain-il with task ids) or "
+            "model.task_routing=false.")
     mask = task_mask(stream) if stream.task_il else None
     if mask is not None and bool((mask == 0).all()):
         mask = None

@@ -8,7 +8,8 @@ from torch import nn
 
 from cl_toolkit import runner
 from cl_toolkit.errors import ConfigError
-from cl_toolkit.lm import TokenModel, mom_lm
+from cl_toolkit import registry
+from cl_toolkit.lm import TokenModel, check_stream_fits, mom_lm
 from cl_toolkit.strategy import RunContext, SupervisedStrategy, supervised_loss
 from cl_toolkit.stream import IGNORE_INDEX, Task, TaskStream, TensorData
 
@@ -73,7 +74,7 @@ def test_run_trains_a_language_model_and_records_exact_match(tmp_path, monkeypat
 
     stream = copy_stream(analyses={"probe": analysis})
     cfg = {"benchmark": {"name": "x"}, "model": {"name": "mom_lm", "hidden_size": 16,
-                                                 "num_layers": 1, "backend": "torch"},
+                                                 "num_layers": 1, "chunk_size": 16, "backend": "torch"},
            "strategy": {"name": "naive", "epochs": 15, "batch_size": 16, "lr": 0.02,
                         "optimizer": "adam"}, "seed": 0}
     monkeypatch.setattr(runner, "build_stream", lambda c: stream)
@@ -103,8 +104,12 @@ def test_models_refuse_streams_they_cannot_take():
     with pytest.raises(ConfigError, match="model.vocab_size=7 but benchmark 'copy' has "
                                           "vocab_size=6"):
         mom_lm(stream, vocab_size=7, hidden_size=8, num_layers=1)
-    with pytest.raises(ConfigError, match="model.max_len=4"):
-        mom_lm(stream, max_len=4, hidden_size=8, num_layers=1)
+    with pytest.raises(ConfigError, match="sequences of 8 tokens but the model takes at most"):
+        check_stream_fits(stream, None, 4)
+    with pytest.raises(ConfigError, match="Unknown config key model.topk"):
+        registry.build("model", "gdn_lm", stream, topk=2)
+    with pytest.raises(ConfigError, match="task_routing=true needs task ids at test time"):
+        mom_lm(stream, task_routing=True)
     with pytest.raises(ConfigError, match="token stream, which model=mlp cannot take"):
         runner.build_model({"model": {"name": "mlp"}}, stream)
     images = TaskStream("img", [Task(0, "a", TensorData(torch.zeros(2, 1, 4, 4), torch.zeros(2)),
@@ -112,3 +117,33 @@ def test_models_refuse_streams_they_cannot_take():
                         "domain-il", 2, (1, 4, 4))
     with pytest.raises(ConfigError, match="A language model needs a token stream"):
         mom_lm(images, hidden_size=8, num_layers=1)
+
+
+def test_presets_have_equal_parameters():
+    """conf/model/*_lm.yaml: the four memory types at equal parameters (within 0.5 %)."""
+    from pathlib import Path
+
+    import yaml
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "model"
+    stream = copy_stream()
+    counts = {}
+    for name in ("mom_lm", "gdn_lm", "gla_lm", "transformer_lm"):
+        node = yaml.safe_load((conf / f"{name}.yaml").read_text())
+        model = registry.build("model", node.pop("name"), stream, **node)
+        counts[name] = sum(p.numel() for p in model.parameters())
+    assert max(counts.values()) / min(counts.values()) < 1.005, counts
+
+
+@pytest.mark.parametrize("name", ["mom_lm", "gdn_lm", "gla_lm", "transformer_lm"])
+def test_language_models_are_causal(name):
+    """Changing the tokens after position 4 leaves the logits up to position 4 unchanged."""
+    torch.manual_seed(0)
+    model = registry.build("model", name, copy_stream(), hidden_size=16, num_layers=1)
+    x = torch.randint(0, V, (2, 8))
+    x2 = x.clone()
+    x2[:, 5:] = (x2[:, 5:] + 1) % V
+    a, b = model(x), model(x2)
+    assert a.shape == (2, 8, V)
+    assert torch.allclose(a[:, :5], b[:, :5], atol=1e-5)
+    assert not torch.allclose(a[:, 5:], b[:, 5:], atol=1e-3)

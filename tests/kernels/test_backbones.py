@@ -7,7 +7,7 @@ from cl_toolkit.kernels.backbones import MoMImageClassifierBackbone, MoMLanguage
 from .conftest import rel_err
 
 
-@pytest.mark.parametrize("shape,patch,tokens", [((1, 8, 8), None, 64), ((3, 32, 32), 4, 64),
+@pytest.mark.parametrize("shape,patch,tokens", [((1, 8, 8), None, 16), ((3, 32, 32), 4, 64),
                                                 ((1, 28, 28), 4, 49)], ids=["digits", "cifar",
                                                                             "fmnist"])
 def test_image_backbone_shapes(shape, patch, tokens):
@@ -28,12 +28,13 @@ def test_patches_are_raster_ordered():
 
 def test_task_routing_keeps_tasks_on_disjoint_memories():
     net = MoMImageClassifierBackbone((1, 8, 8), patch_size=2, hidden_size=16, num_layers=2,
-                                     task_routing=True, num_tasks=3, memories_per_task=2).double()
-    assert net.uses_task_id and net.blocks[0].mom.num_memories == 6
+                                     task_routing=True, num_tasks=3, memories_per_task=2,
+                                     shared_memory=True).double()
+    assert net.uses_task_id and net.blocks[0].mixer.num_memories == 6
     x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
     net(x, torch.tensor([1, 1, 1, 1])).sum().backward()
     for block in net.blocks:
-        grad = block.mom.k_proj.grad
+        grad = block.mixer.k_proj.grad
         assert grad[[0, 1, 4, 5]].abs().max() == 0      # memories of tasks 0 and 2
         assert grad[[2, 3]].abs().max() > 0             # task 1's own memories
         assert grad[6].abs().max() > 0                  # the shared memory

@@ -1,0 +1,123 @@
+"""Multi-query associative recall (MQAR), the recall test of Zoology (Arora et al. 2023,
+https://arxiv.org/abs/2312.04927): ``D`` key-value pairs, then every key again at a random
+later position, where the model must emit the value paired with it::
+
+    x:  k1 v1 k2 v2 ... kD vD | f  f  k2 f  f  f  k1 f ...     (f: filler)
+    y:  -100 ...        -100  | -  -  v2 -  -  -  v1 - ...      (-100: no loss)
+
+Keys come from the lower half of the vocabulary (token 0 excluded), values from the upper half,
+both without repetition inside a sequence. Queries sit at even offsets of the query region;
+the offset ``s`` (0 = right after the pairs) is drawn with probability proportional to
+``(s + 1) ** (power_a - 1)``, the power law of Zoology (``power_a = 1``: uniform). Fillers are
+random tokens (Zoology's default) or 0.
+
+As a stream, tasks either grow the number of pairs (``split="pairs"``) or draw their keys from
+disjoint blocks of the key vocabulary (``split="keys"``). After every task the analysis
+``mqar`` measures accuracy against the number of pairs on fresh sequences over the whole key
+vocabulary. Everything is generated from the seed, in memory.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from cl_toolkit.errors import ConfigError
+from cl_toolkit.stream import IGNORE_INDEX, Task, TaskStream, TensorData, answer_scores
+
+SPLITS = ("pairs", "keys")
+
+
+def assemble(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+             fillers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences from their parts: pairs ``keys[:, i], values[:, i]`` ``[N, D]`` first, then
+    key ``i`` queried at position ``2 D + 2 slots[:, i]``; ``fillers [N, L]`` fill the rest.
+    Returns ``x, y`` ``[N, L]`` with the value as target at each query position."""
+    n, d = keys.shape
+    x, y = fillers.clone(), torch.full_like(fillers, IGNORE_INDEX)
+    x[:, 0:2 * d:2], x[:, 1:2 * d:2] = keys, values
+    pos = 2 * d + 2 * slots
+    x.scatter_(1, pos, keys)
+    y.scatter_(1, pos, values)
+    return x, y
+
+
+def sample(n: int, vocab_size: int, seq_len: int, num_pairs: int, key_range: tuple[int, int],
+           generator: torch.Generator, power_a: float = 0.01, random_fillers: bool = True
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` MQAR sequences ``x, y [n, seq_len]`` with keys drawn from ``key_range``
+    (half-open) and values from ``[vocab_size // 2, vocab_size)``."""
+    check(vocab_size, seq_len, num_pairs, key_range)
+    lo, hi = key_range
+    g = generator
+    keys = torch.rand(n, hi - lo, generator=g).argsort(1)[:, :num_pairs] + lo
+    half = vocab_size // 2
+    values = torch.rand(n, vocab_size - half, generator=g).argsort(1)[:, :num_pairs] + half
+    space = (seq_len - 2 * num_pairs) // 2
+    weights = torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1)
+    slots = torch.multinomial(weights.expand(n, space), num_pairs, replacement=False,
+                              generator=g)
+    fillers = torch.randint(vocab_size, (n, seq_len), generator=g) if random_fillers else \
+        torch.zeros(n, seq_len, dtype=torch.long)
+    return assemble(keys, values, slots, fillers)
+
+
+def check(vocab_size: int, seq_len: int, num_pairs: int, key_range: tuple[int, int]) -> None:
+    if num_pairs < 1 or 4 * num_pairs > seq_len:
+        raise ConfigError(
+            f"MQAR with {num_pairs} pairs needs 1 <= pairs and 4 * pairs <= seq_len (pairs, "
+            f"then a query region at least as long); got seq_len={seq_len}. Raise "
+            "benchmark.seq_len or lower the number of pairs.")
+    if key_range[1] - key_range[0] < num_pairs or vocab_size - vocab_size // 2 < num_pairs:
+        raise ConfigError(
+            f"benchmark.vocab_size={vocab_size} is too small for {num_pairs} distinct keys "
+            f"(key block [{key_range[0]}, {key_range[1]})) and values (upper half of the "
+            "vocabulary); raise benchmark.vocab_size or lower the number of pairs / tasks.")
+
+
+def mqar_stream(vocab_size: int = 256, seq_len: int = 64, num_pairs: Sequence[int] = (4, 8, 16),
+                split: str = "pairs", n_tasks: int = 3, train_size: int = 2000,
+                test_size: int = 256, power_a: float = 0.01, random_fillers: bool = True,
+                probe_pairs: Sequence[int] = (2, 4, 8, 16), probe_size: int = 256,
+                scenario: str = "domain-il", seed: int = 0) -> TaskStream:
+    """The MQAR stream. ``split="pairs"``: one task per entry of ``num_pairs``;
+    ``split="keys"``: ``n_tasks`` tasks with ``num_pairs[0]`` pairs, task ``i`` drawing keys
+    from the ``i``-th of ``n_tasks`` equal blocks of the key vocabulary. ``probe_pairs``: the
+    numbers of pairs of the accuracy curve (``[]``: none)."""
+    if split not in SPLITS:
+        raise ConfigError(f"benchmark.split={split!r}; choose one of {', '.join(SPLITS)}.")
+    num_pairs = [int(p) for p in num_pairs]
+    keys = (1, vocab_size // 2)
+    if split == "pairs":
+        plan = [(f"pairs{p}", p, keys) for p in num_pairs]
+    else:
+        width = (keys[1] - keys[0]) // n_tasks
+        plan = [(f"keys{i}", num_pairs[0], (keys[0] + i * width, keys[0] + (i + 1) * width))
+                for i in range(n_tasks)]
+    for _, p, block in plan:
+        check(vocab_size, seq_len, p, block)
+    for p in probe_pairs:
+        check(vocab_size, seq_len, int(p), keys)
+    g = torch.Generator().manual_seed(seed)
+    opts = dict(power_a=power_a, random_fillers=random_fillers)
+    tasks = []
+    for i, (name, p, block) in enumerate(plan):
+        train = TensorData(*sample(train_size, vocab_size, seq_len, p, block, g, **opts))
+        test = TensorData(*sample(test_size, vocab_size, seq_len, p, block, g, **opts))
+        tasks.append(Task(i, name, train, test, (), info={"num_pairs": p, "keys": list(block)}))
+
+    def analyse(predict) -> dict:
+        """Accuracy and exact match against the number of pairs, on fresh sequences."""
+        pg = torch.Generator().manual_seed(seed + 7919)
+        acc, em = [], []
+        for p in probe_pairs:
+            x, y = sample(probe_size, vocab_size, seq_len, int(p), keys, pg, **opts)
+            correct, answers = answer_scores(predict(x), y)
+            acc.append(float(correct.sum() / answers.sum()))
+            em.append(float((correct == answers).float().mean()))
+        return {"num_pairs": [int(p) for p in probe_pairs], "accuracy": acc, "exact_match": em,
+                "seq_len": seq_len, "vocab_size": vocab_size}
+
+    return TaskStream("mqar", tasks, scenario, vocab_size, (seq_len,), seed,
+                      info={"split": split, "power_a": power_a}, vocab_size=vocab_size,
+                      analyses={"mqar": analyse} if probe_pairs else {})
