@@ -341,3 +341,25 @@ def render(runs: list[dict], out_dir) -> tuple[str, str]:
                     f'{data}">')
     frag.append("<pre>" + html.escape(tables(runs)) + "</pre>")
     return "\n".join(md), "\n".join(frag)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cl_toolkit.retention RUN_OR_SWEEP_DIR... [-o DIR]``: print the tables of the
+    retention runs found there and write their plots to DIR (default: the first path)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from .report import find_results
+
+    p = argparse.ArgumentParser(prog="python -m cl_toolkit.retention")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("-o", "--out", default=None)
+    args = p.parse_args(argv)
+    runs = [json.loads(f.read_text()) for f in find_results(args.paths)]
+    md, _ = render(runs, Path(args.out or args.paths[0]))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
