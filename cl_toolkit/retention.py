@@ -64,14 +64,17 @@ def sequence_loss(logits: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def recall(predict: Callable[[torch.Tensor], torch.Tensor], seqs: torch.Tensor,
-           logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           logits: torch.Tensor | None = None, step: Callable | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy continuation of the second half of each of ``seqs`` ``[N, L]`` from its first
     half: ``(exact match [N] bool, token accuracy [N])``.
 
     ``predict(ids [n, T]) -> logits [n, T, V]``; ``logits`` of ``seqs[:, :-1]`` may be passed to
     save a forward pass. A continuation equals the truth exactly when every teacher-forced
     argmax of the second half is right, and agrees with it up to the first wrong one, so only
-    the sequences with an error are decoded, from the earliest first error on.
+    the sequences with an error are decoded, from the earliest first error on. ``step(ids,
+    caches) -> (logits, caches)`` decodes with the model's cache (one token per call) instead
+    of running ``predict`` over the whole prefix for every token.
     """
     n, L = seqs.shape
     h = L // 2
@@ -84,8 +87,15 @@ def recall(predict: Callable[[torch.Tensor], torch.Tensor], seqs: torch.Tensor,
     if len(todo):
         first = int((~right[todo]).float().argmax(1).min())
         out = seqs[todo, :h + first]
-        while out.shape[1] < L:
-            out = torch.cat([out, predict(out)[:, -1].argmax(-1, keepdim=True)], 1)
+        if step is None:
+            while out.shape[1] < L:
+                out = torch.cat([out, predict(out)[:, -1].argmax(-1, keepdim=True)], 1)
+        else:
+            last, caches = step(out, None)
+            while out.shape[1] < L:
+                out = torch.cat([out, last[:, -1].argmax(-1, keepdim=True)], 1)
+                if out.shape[1] < L:
+                    last, caches = step(out[:, -1:], caches)
         acc[todo] = (out[:, h:] == seqs[todo, h:]).float().mean(1)
     return exact, acc
 
@@ -226,7 +236,7 @@ class RetentionProbe(Probe):
         logits = predict(torch.cat([studied, foils])[:, :-1])
         n = len(studied)
         loss = sequence_loss(logits, torch.cat([studied, foils]))
-        exact, acc = recall(predict, studied, logits[:n])
+        exact, acc = recall(predict, studied, logits[:n], self._cached_step(strategy, task))
         rows, m = [], self.n_study
         for i, (kind, k, _, _) in enumerate(self.sets):
             sl = slice(i * m, (i + 1) * m)
@@ -238,6 +248,19 @@ class RetentionProbe(Probe):
                          "loss_studied": float(ls.mean()), "loss_foil": float(lf.mean())})
         model.train(was_training)
         return rows
+
+    @staticmethod
+    def _cached_step(strategy, task: Task) -> Callable | None:
+        """Cached decoding of the shared sequence backbone (``TokenModel.lm.step``), if any."""
+        model = strategy.model
+        lm = getattr(model, "lm", None)
+        if not callable(getattr(lm, "step", None)):
+            return None
+
+        def step(ids, caches):
+            t = strategy._task_ids(ids, task) if getattr(model, "uses_task_id", False) else None
+            return lm.step(ids, caches, t)
+        return step
 
     def results(self) -> dict:
         return {"paper": "https://arxiv.org/abs/2303.17557", "exposures": self.exposures,
