@@ -264,3 +264,36 @@ def test_run_with_probe_writes_the_curve_and_resume_continues_it(tmp_path, corpu
     resumed = run({**cfg, "resume": True}, tmp_path / "cut")
     keep = ("points", "before", "updates", "study_update")
     assert {k: resumed["extras"]["retention"][k] for k in keep} == {k: curve[k] for k in keep}
+
+
+class RunningSumLM(nn.Module):
+    """Predicts (sum of all tokens so far) mod V; ``step`` carries the sum as its cache, like
+    the shared backbone's ``SequenceLanguageModel.step``."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, x, t=None):
+        return torch.nn.functional.one_hot(x.cumsum(1) % self.vocab, self.vocab).float()
+
+    def step(self, x, caches=None, t=None):
+        start = 0 if caches is None else caches
+        sums = start + x.cumsum(1)
+        return torch.nn.functional.one_hot(sums % self.vocab, self.vocab).float(), sums[:, -1:]
+
+
+def test_cached_decoding_gives_the_recall_of_full_forward_decoding():
+    """The oracle is decoding by full forward passes over the growing prefix."""
+    from cl_toolkit.lm import TokenModel
+
+    stream = token_stream(vocab=7, length=10)
+    model = TokenModel(RunningSumLM(7), 7)
+    strategy = Naive()
+    strategy.setup(stream, model, RunContext())
+    step = RetentionProbe._cached_step(strategy, stream[0])
+    seqs = torch.randint(7, (32, 10), generator=torch.Generator().manual_seed(1))
+    full = recall(lambda ids: model(ids), seqs)
+    cached = recall(lambda ids: model(ids), seqs, step=step)
+    assert torch.equal(full[0], cached[0]) and torch.equal(full[1], cached[1])
+    assert 0 < full[1].mean() < 1 and full[1].unique().numel() > 2
