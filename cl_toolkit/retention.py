@@ -279,18 +279,25 @@ class RetentionProbe(Probe):
 
 
 def _curves(runs: list[dict]) -> dict:
-    """``{(model, stimuli, k): {updates or "before": {measure: [one value per run]}}}``."""
+    """``{(model, stimuli, k): {updates or "before": {measure: [one value per run]}}}``;
+    ``loss_gain`` is how much more the studied sequences' loss fell than the foils' since the
+    measurement before the study (nats), which cancels the sets' chance differences."""
     out: dict = {}
     for r in runs:
         extra = r.get("extras", {}).get("retention")
         if not extra:
             continue
         model = r.get("config", {}).get("model", {}).get("name", "?")
+        gap0 = {(p["stimuli"], p["k"]): p["loss_foil"] - p["loss_studied"]
+                for p in extra["before"]}
         for p in extra["before"] + extra["points"]:
             at = "before" if p["updates"] is None else p["updates"]
             cell = out.setdefault((model, p["stimuli"], p["k"]), {}).setdefault(at, {})
             for m in MEASURES:
                 cell.setdefault(m, []).append(p[m])
+            if at != "before":
+                gap = p["loss_foil"] - p["loss_studied"]
+                cell.setdefault("loss_gain", []).append(gap - gap0[(p["stimuli"], p["k"])])
     return out
 
 
@@ -299,20 +306,22 @@ MEASURES = ("recognition", "recall_exact", "recall_token")
 
 def tables(runs: list[dict]) -> str:
     """Markdown: one table per measure, a row per (model, stimuli, k), a column per point
-    (mean over runs, in %; the number of runs in the last column)."""
+    (mean over runs, in %; ``loss_gain`` in nats, see `_curves`; the number of runs in the last
+    column)."""
     curves = _curves(runs)
     if not curves:
         return ""
     points = sorted({a for c in curves.values() for a in c if a != "before"})
     md = []
-    for m in MEASURES:
+    for m in MEASURES + ("loss_gain",):
         head = ["model", "stimuli", "k", "before"] + [str(p) for p in points] + ["runs"]
-        md += [f"{m} (%) after n updates of new text", "",
+        unit, scale, fmt = ("nats", 1, "{:+.2f}") if m == "loss_gain" else ("%", 100, "{:.0f}")
+        md += [f"{m} ({unit}) after n updates of new text", "",
                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for (model, kind, k), c in sorted(curves.items()):
-            cells = [f"{100 * sum(c[a][m]) / len(c[a][m]):.0f}" if a in c else ""
-                     for a in ["before"] + points]
-            n = max(len(v[m]) for v in c.values())
+            cells = [fmt.format(scale * sum(c[a][m]) / len(c[a][m])) if m in c.get(a, {})
+                     else "" for a in ["before"] + points]
+            n = max(len(v.get(m, ())) for v in c.values())
             md.append("| " + " | ".join([model, kind, str(k)] + cells + [str(n)]) + " |")
         md.append("")
     return "\n".join(md)
