@@ -297,3 +297,23 @@ def test_cached_decoding_gives_the_recall_of_full_forward_decoding():
     cached = recall(lambda ids: model(ids), seqs, step=step)
     assert torch.equal(full[0], cached[0]) and torch.equal(full[1], cached[1])
     assert 0 < full[1].mean() < 1 and full[1].unique().numel() > 2
+
+
+def test_renderer_averages_runs_and_writes_a_plot(tmp_path):
+    from cl_toolkit.retention import render
+
+    def point(updates, rec, gap):
+        return {"stimuli": "random", "k": 3, "updates": updates, "recognition": rec,
+                "recall_exact": 0.0, "recall_token": 0.5, "loss_studied": 2.0,
+                "loss_foil": 2.0 + gap}
+
+    runs = [{"config": {"model": {"name": "gdn_lm"}},
+             "extras": {"retention": {"before": [point(None, 0.5, 0.1)],
+                                      "points": [point(0, r0, 0.5), point(10, 0.5, 0.2)]}}}
+            for r0 in (1.0, 0.75)]
+    md, html = render(runs + [{"config": {}, "metrics": {}}], tmp_path)
+    assert "| gdn_lm | random | 3 | 50 | 88 | 50 | 2 |" in md  # recognition: (100 + 75) / 2
+    assert "| gdn_lm | random | 3 |  | +0.40 | +0.10 | 2 |" in md  # gain: 0.5 - 0.1, 0.2 - 0.1
+    assert (tmp_path / "retention_gdn_lm.png").stat().st_size > 1000
+    assert "data:image/png;base64," in html
+    assert render([{"config": {}}], tmp_path) == ("", "")
