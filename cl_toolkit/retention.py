@@ -345,14 +345,15 @@ def render(runs: list[dict], out_dir) -> tuple[str, str]:
     md, frag = ["### Retention (recognition, recall)", "", tables(runs)], []
     frag.append("<h3>Retention (recognition, recall)</h3>")
     for model in sorted({key[0] for key in curves}):
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharex=True)
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), sharex=True)
+        ks = sorted({key[2] for key in curves if key[0] == model})
         for (name, kind, k), c in sorted(curves.items()):
             if name != model:
                 continue
             xs = sorted(a for a in c if a != "before")
             for ax, m in zip(axes, MEASURES):
                 ys = [100 * sum(c[a][m]) / len(c[a][m]) for a in xs]
-                ax.plot([x + 1 for x in xs], ys, marker="o", ms=3,
+                ax.plot([x + 1 for x in xs], ys, marker="o", ms=3, color=f"C{ks.index(k)}",
                         ls="-" if kind == "fortunes" else "--", label=f"{kind}, k={k}")
         for ax, m in zip(axes, MEASURES):
             ax.set(xscale="log", xlabel="updates after the study + 1", ylabel=f"{m} (%)",
@@ -360,7 +361,8 @@ def render(runs: list[dict], out_dir) -> tuple[str, str]:
             if m == "recognition":
                 ax.axhline(50, color="grey", lw=0.8, ls=":")
         axes[0].legend(fontsize=7)
-        fig.suptitle(f"{model}: retention of studied sequences")
+        fig.suptitle(f"{model}: retention of studied sequences (solid: fortunes, dashed: random)")
+        fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
