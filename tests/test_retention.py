@@ -317,3 +317,12 @@ def test_renderer_averages_runs_and_writes_a_plot(tmp_path):
     assert (tmp_path / "retention_gdn_lm.png").stat().st_size > 1000
     assert "data:image/png;base64," in html
     assert render([{"config": {}}], tmp_path) == ("", "")
+
+
+def test_a_strategy_without_optimizer_is_refused_at_the_study():
+    stream = token_stream(vocab=16, length=8)
+    probe = RetentionProbe(exposures=[1], stimuli=["random"], n_study=2, length=8,
+                           study_after=1)
+    probe.setup(stream, RunContext())
+    with pytest.raises(ConfigError, match="optimizer and loss.*naive"):
+        probe.after_batch(strategy=FakeStrategy(BigramLM(16)), task=stream[0])
