@@ -49,6 +49,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "clip_tasks": "cl_toolkit.benchmarks.clip_tasks:clip_stream",
         "mqar": "cl_toolkit.benchmarks.mqar:mqar_stream",
         "kv_interference": "cl_toolkit.benchmarks.kv_interference:kv_interference_stream",
+        "fortunes": "cl_toolkit.benchmarks.fortunes:fortunes",
     },
     "model": {
         "mlp": "cl_toolkit.models:MLP",
@@ -65,12 +66,16 @@ BUILTINS: dict[str, dict[str, str]] = {
         "gla_lm": "cl_toolkit.lm:gla_lm",
         "transformer_lm": "cl_toolkit.lm:transformer_lm",
     },
+    "probe": {
+        "retention": "cl_toolkit.retention:RetentionProbe",
+    },
 }
 
 GROUPS = {
     "strategy": "cl_toolkit.strategies",
     "stream": "cl_toolkit.streams",
     "model": "cl_toolkit.models",
+    "probe": "cl_toolkit.probes",
 }
 
 # The Hydra config group of each kind (a kind missing here uses its own name as its group).

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics, registry, smoke, tracking
+from . import metrics, probes, registry, smoke, tracking
 from .errors import ClToolkitError, ConfigError, PluginError, ResumeError
 from .models import Classifier, task_mask
 from .store import RunStore, code_version, describe_code, remove_partial_files, same_code
@@ -234,10 +234,12 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
         stream = smoke.shrink_stream(stream, seed)
     model = build_model(cfg, stream)
     strategy = build_strategy(cfg)
+    probe = probes.build_probe(cfg)
     ctx = RunContext(device=device, seed=seed, generator=torch.Generator().manual_seed(seed),
                      progress=progress)
     if hooks is not None:
         ctx.hooks = hooks
+    probes.attach(probe, stream, ctx)
     _guard_plugin(strategy, "setup", lambda: strategy.setup(stream, model, ctx))
     eval_bs = int(cfg.get("eval_batch_size", 1024))
     T = len(stream)
@@ -247,6 +249,8 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
     if checkpoint is not None:
         strategy.load_state_dict(checkpoint["strategy"])
         _set_rng_state(checkpoint["rng"], ctx)
+        if probe is not None:
+            probe.load_state_dict(checkpoint["probe"])
         state = checkpoint["state"]
         state.setdefault("code", [])
         if not state["code"] or not same_code(state["code"][-1], code_version()):
@@ -284,17 +288,18 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
         state["train_s"].append(t1 - t0)
         state["eval_s"].append(t2 - t1)
         state["memory"].append(int(strategy.memory_bytes()) + _model_memory_bytes(model))
-        results = _results(cfg, stream, strategy, model, state, T)
+        results = probes.add_results(_results(cfg, stream, strategy, model, state, T), probe)
         store.commit(results, {"format": FORMAT, "config": semantic_config(cfg),
                                "strategy": strategy.state_dict(), "rng": _rng_state(ctx),
-                               "state": state})
+                               "state": state,
+                               "probe": None if probe is None else probe.state_dict()})
         for sink in sinks:
             sink.log_task(results, task.index)
         if progress is not None:
             progress.task_done(task, row)
     if progress is not None:
         progress.finish()
-    results = _results(cfg, stream, strategy, model, state, T)
+    results = probes.add_results(_results(cfg, stream, strategy, model, state, T), probe)
     for sink in sinks:
         sink.close(results)
     return results
