@@ -45,7 +45,7 @@ def test_split_cifar100_uses_the_authors_search_script_values_and_backbone():
     assert (s["lr"], s["lr_decay"], s["tau"], s["num_features"], s["coreset_per_class"],
             s["batch_size"], s["kernel"]) == (0.3, 0.95, 0.01, 2048, 20, 10, "vrf")
     assert cfg["model"]["name"] == "resnet18_reduced_kcl" and cfg["model"]["dropout"] == 0.02
-    stream = type("S", (), {"input_shape": (3, 32, 32), "num_classes": 100, "task_il": False,
+    stream = type("S", (), {"input_shape": (3, 32, 32), "num_classes": 100, "task_il": False, "is_tokens": False,
                             "__len__": lambda self: 20})()
     model = build_model(cfg, stream)
     assert isinstance(model.backbone, KCLReducedResNet18)
