@@ -25,7 +25,8 @@ STREAMS = {
     "digits_cil": ["experiment=mom_split_digits", "benchmark.scenario=class-il"],
     "pfmnist": ["experiment=mom_permuted_fashion_mnist"],
 }
-MLP = ["model=mlp", "model.hidden=[376,376]"]  # 166k parameters on 8x8, like the presets
+MLP = ["model=mlp", "model.hidden=[WIDTH,WIDTH]"]
+WIDTH = {"digits_til": 376, "digits_cil": 376, "pfmnist": 176}  # 166k / 169k, like the presets
 ROUTED = ["model=mom", "model.task_routing=true", "model.memories_per_task=1", "model.topk=1"]
 ROWS = {
     "MLP naive": MLP,
@@ -51,7 +52,8 @@ def equal_memory_buffer(stream_overrides: list[str]) -> int:
     from cl_toolkit.runner import build_model, build_stream
 
     with initialize_config_module("cl_toolkit.conf", version_base=None):
-        cfg = OmegaConf.to_container(compose("config", stream_overrides + ROUTED), resolve=True)
+        cfg = OmegaConf.to_container(compose("config", stream_overrides + ROUTED + [
+            "benchmark.scenario=task-il"]), resolve=True)  # the routed MoM's bytes, any scenario
     stream = build_stream(cfg)
     model = build_model(cfg, stream)
     sample = math.prod(stream.input_shape) * 4 + 16
@@ -64,7 +66,8 @@ def run_dir(out: Path, stream: str, row: str, seed: int) -> Path:
 
 
 def command(stream: str, row: str, seed: int, out: Path, buffer: int) -> list[str]:
-    overrides = [o.replace("EQUAL", str(buffer)) for o in STREAMS[stream] + ROWS[row]]
+    overrides = [o.replace("EQUAL", str(buffer)).replace("WIDTH", str(WIDTH[stream]))
+                 for o in STREAMS[stream] + ROWS[row]]
     return ["nice", "-n", "10", sys.executable, "-m", "cl_toolkit.cli", "run", *overrides,
             f"seed={seed}", "threads=1", "quiet=true", "overwrite=true",
             f"hydra.run.dir={run_dir(out, stream, row, seed)}"]
