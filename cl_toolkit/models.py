@@ -79,13 +79,17 @@ class ReducedResNet18(nn.Module):
 
     def __init__(self, input_shape: Sequence[int], nf: int = 20, blocks=(2, 2, 2, 2)):
         super().__init__()
-        self.conv1 = nn.Conv2d(input_shape[0], nf, 3, 1, 1, bias=False)
+        self._build(input_shape[0], nf, blocks, BasicBlock)
+
+    def _build(self, in_channels: int, nf: int, blocks, make_block) -> None:
+        """Stem and stages; ``make_block(in_planes, planes, stride)`` makes one residual block."""
+        self.conv1 = nn.Conv2d(in_channels, nf, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(nf)
         stages, in_planes = [], nf
         for i, n in enumerate(blocks):
             planes = nf * 2 ** i
             for j in range(n):
-                stages.append(BasicBlock(in_planes, planes, (1 if i == 0 else 2) if j == 0 else 1))
+                stages.append(make_block(in_planes, planes, (1 if i == 0 else 2) if j == 0 else 1))
                 in_planes = planes
         self.layers = nn.Sequential(*stages)
         self.feat_dim = in_planes
@@ -115,7 +119,7 @@ class KCLBlock(nn.Module):
         return self.drop2(self.bn2(F.relu(out + self.shortcut(x))))
 
 
-class KCLReducedResNet18(nn.Module):
+class KCLReducedResNet18(ReducedResNet18):
     """The reduced ResNet18 as KCL's public code builds it (github.com/mmderakhshani/KCL,
     stable_sgd/models.py), for KCL's SplitCIFAR100 protocol (https://arxiv.org/abs/2107.05757):
     the stem and stages of `ReducedResNet18` (nf, 2nf, 4nf, 8nf; 160-d features at nf=20) with
@@ -123,22 +127,9 @@ class KCLReducedResNet18(nn.Module):
 
     def __init__(self, input_shape: Sequence[int], nf: int = 20, dropout: float = 0.02,
                  blocks=(2, 2, 2, 2)):
-        super().__init__()
-        self.conv1 = nn.Conv2d(input_shape[0], nf, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(nf)
-        stages, in_planes = [], nf
-        for i, n in enumerate(blocks):
-            planes = nf * 2 ** i
-            for j in range(n):
-                stride = (1 if i == 0 else 2) if j == 0 else 1
-                stages.append(KCLBlock(in_planes, planes, stride, dropout))
-                in_planes = planes
-        self.layers = nn.Sequential(*stages)
-        self.feat_dim = in_planes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+        nn.Module.__init__(self)
+        self._build(input_shape[0], nf, blocks,
+                    lambda in_planes, planes, stride: KCLBlock(in_planes, planes, stride, dropout))
 
 
 class Classifier(nn.Module):
