@@ -92,10 +92,17 @@ def _limit(data: TensorData, n: int | None, seed: int) -> TensorData:
 
 def split_fashion_mnist(n_tasks: int = 5, scenario: str = "task-il",
                         class_order_seed: int | None = None, root: str | None = None,
-                        download: bool = False, seed: int = 0) -> TaskStream:
+                        download: bool = False, max_train_per_task: int | None = None,
+                        max_test_per_task: int | None = None, seed: int = 0) -> TaskStream:
+    """The per-task limits draw a seeded subset of each task's own images (after the split, so
+    that every task keeps its classes)."""
     train, test = load_fashion_mnist(root, download)
-    return split_by_classes("split_fashion_mnist", train, test, 10, n_tasks, scenario,
-                            class_order(10, class_order_seed), CLASS_NAMES, seed)
+    stream = split_by_classes("split_fashion_mnist", train, test, 10, n_tasks, scenario,
+                              class_order(10, class_order_seed), CLASS_NAMES, seed)
+    for task in stream.tasks:
+        task.train = _limit(task.train, max_train_per_task, seed)
+        task.test = _limit(task.test, max_test_per_task, seed)
+    return stream
 
 
 def permuted_fashion_mnist(n_tasks: int = 8, scenario: str = "domain-il",

@@ -80,6 +80,15 @@ def test_idx_reader_and_fashion_streams_on_generated_files(tmp_path):
     assert not torch.equal(perm[1].train.x, train.x)
     assert torch.equal(perm[1].train.x.flatten(1).sort(1).values, train.x.flatten(1).sort(1).values)
 
+    full = fashion_mnist.split_fashion_mnist(root=str(tmp_path))
+    small = fashion_mnist.split_fashion_mnist(root=str(tmp_path), max_train_per_task=5,
+                                              max_test_per_task=3, seed=2)
+    for f, s in zip(full, small):
+        assert (len(f.train), len(f.test)) == (12, 4) and (len(s.train), len(s.test)) == (5, 3)
+        assert set(s.train.y.tolist()) <= set(f.classes) and s.train.t.eq(f.index).all()
+        rows = {tuple(x.flatten().tolist()) for x in f.train.x}
+        assert all(tuple(x.flatten().tolist()) in rows for x in s.train.x)
+
 
 def test_truncated_idx_file_is_reported(tmp_path):
     path = tmp_path / "x.gz"

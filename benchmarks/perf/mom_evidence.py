@@ -3,7 +3,7 @@ parameters? Runs every (stream, row, seed) that has no results yet with ``cltk r
 one markdown table per stream (mean +- std over seeds).
 
     python benchmarks/perf/mom_evidence.py --out /tmp/i16_runs/evidence --run \
-        --streams digits_til digits_cil pfmnist --seeds 0 1 2
+        --streams digits_til digits_cil pfmnist sfmnist --seeds 0 1 2
 
 Every row uses the recipe of its experiment file (conf/experiment/mom_*.yaml: AdamW 1e-3,
 batch 32). "MLP replay, equal memory" gets a buffer of as many samples as the bytes that the
@@ -24,9 +24,11 @@ STREAMS = {
     "digits_til": ["experiment=mom_split_digits"],
     "digits_cil": ["experiment=mom_split_digits", "benchmark.scenario=class-il"],
     "pfmnist": ["experiment=mom_permuted_fashion_mnist"],
+    "sfmnist": ["experiment=mom_split_fashion_mnist"],
 }
 MLP = ["model=mlp", "model.hidden=[WIDTH,WIDTH]"]
-WIDTH = {"digits_til": 376, "digits_cil": 376, "pfmnist": 176}  # 166k / 169k, like the presets
+# 166k / 169k parameters, like the presets
+WIDTH = {"digits_til": 376, "digits_cil": 376, "pfmnist": 176, "sfmnist": 176}
 ROUTED = ["model=mom", "model.task_routing=true", "model.memories_per_task=1", "model.topk=1"]
 ROWS = {
     "MLP naive": MLP,
