@@ -19,7 +19,7 @@ the max, i.e. -BWT. Metrics that need a task that does not exist (BWT and forget
 FWT with T=1) are ``None`` rather than a made-up 0.
 
 Metrics that a run cannot measure are ``None`` too, with the reason in
-``results["not_applicable"]`` ({name: reason}; contract C4): `not_applicable` collects them from
+``results["not_applicable"]`` ({name: reason}): `not_applicable` collects them from
 the scenario (class-il FWT) and from what the strategy declares (its class attribute
 ``not_applicable``, e.g. KCL's FWT).
 """

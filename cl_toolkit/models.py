@@ -158,8 +158,8 @@ class Classifier(nn.Module):
 
     @property
     def aux_loss(self) -> torch.Tensor | None:
-        """The backbone's auxiliary loss of the last forward (weighted), or None (contract C2:
-        `SupervisedStrategy.learn` adds it to the training loss)."""
+        """The backbone's auxiliary loss of the last forward (weighted), or None
+        (`SupervisedStrategy.learn` adds it to the training loss)."""
         return getattr(self.backbone, "aux_loss", None)
 
     def memory_bytes(self) -> int:

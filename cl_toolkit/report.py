@@ -36,7 +36,7 @@ GROUP_EXCLUDE = {"seed", "resume", "overwrite", "quiet", "output_root", "tensorb
                  "mlflow", "mlflow_uri", "csv", "wandb", "wandb_project", "wandb_mode",
                  "log_every"}
 STATISTIC = "mean ± sample std (ddof=1) over n runs (seeds / task orders); n = 1: the value"
-# results["extras"] key -> "module:function(runs, out_dir) -> (markdown, html)" (contract C5).
+# results["extras"] key -> "module:function(runs, out_dir) -> (markdown, html)".
 EXTRA_RENDERERS: dict[str, str] = {
     "exact_match": "cl_toolkit.token_report:render_exact_match",
     "mqar": "cl_toolkit.token_report:render_mqar",
@@ -163,7 +163,7 @@ def _run_status(r: dict) -> str:
 
 
 def _not_applicable(runs: list[dict], key: str) -> str | None:
-    """The reason a metric does not apply to these runs (contract C4), or a generic one when
+    """The reason a metric does not apply to these runs , or a generic one when
     it is missing in every run without a reason."""
     reasons = {(r.get("not_applicable") or {}).get(key) for r in runs
                if r["metrics"].get(key) is None}

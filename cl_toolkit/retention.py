@@ -208,7 +208,7 @@ class RetentionProbe(Probe):
             x = torch.cat([s for _, k, s, _ in self.sets if r >= top - k])
             t = torch.full((x.shape[0],), task.index, dtype=torch.long, device=x.device)
             loss = strategy.loss(x[:, :-1], x[:, 1:], t, task)
-            aux = getattr(strategy.model, "aux_loss", None)  # contract C2: the training objective
+            aux = getattr(strategy.model, "aux_loss", None)  # the training objective includes it
             if aux is not None:
                 loss = loss + aux
             opt.zero_grad(set_to_none=True)
@@ -328,7 +328,7 @@ def tables(runs: list[dict]) -> str:
 
 
 def render(runs: list[dict], out_dir) -> tuple[str, str]:
-    """Report renderer (contract C5): the tables plus one retention plot per model."""
+    """Report renderer (report.EXTRA_RENDERERS): the tables plus one retention plot per model."""
     import base64
     import html
     import io

@@ -184,7 +184,7 @@ class SupervisedStrategy(Strategy):
                 if x.device != dev:
                     x, y, t = x.to(dev, non_blocking=True), y.to(dev), t.to(dev)
                 loss = self.loss(x, y, t, task)
-                loss = loss + aux_loss(model)  # C2: e.g. MoM load balancing, every strategy
+                loss = loss + aux_loss(model)  # e.g. MoM load balancing, for every strategy
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"Loss became {loss.item()} in task {task.index} ({task.name!r}), epoch "

@@ -66,7 +66,7 @@ def normalise_features(h: torch.Tensor, how: str) -> torch.Tensor:
 class KCL(Strategy):
     name = "kcl"
     support_modes = ("coreset", "batch")
-    # Contract C4 (cl_toolkit.metrics.not_applicable): metrics this method cannot measure.
+    # cl_toolkit.metrics.not_applicable: metrics this method cannot measure.
     not_applicable = {"fwt": "structurally zero: a task has no kernel machine before it is "
                              "learned, so R[j-1, j] and b[j] are the same constant prediction"}
 

@@ -52,7 +52,7 @@ def learn_two_tasks(cfg: dict) -> list[float]:
 
 
 def _is_token_stream(name: str) -> bool:
-    """Contract C3: a token stream says so (``is_tokens``); built at smoke size to find out."""
+    """A token stream says so (``is_tokens``); built at smoke size to find out."""
     cfg = compose([f"benchmark={name}"])
     try:
         return bool(smoke.shrink_stream(runner.build_stream(cfg)).is_tokens)

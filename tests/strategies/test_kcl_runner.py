@@ -46,7 +46,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, name):
 def test_structurally_zero_fwt_is_reported_not_applicable(tmp_path, name, scenario):
     """KCL / GKCL have no classifier for a task before learning it (R[j-1, j] = b[j] = the
     same constant prediction); in class-il an untrained class is never predicted. Their FWT is
-    None with the reason in results["not_applicable"] (contract C4), and the report says n/a."""
+    None with the reason in results["not_applicable"] and the report says n/a."""
     from cl_toolkit.report import write_report
 
     c = cfg(name) if name != "naive" else {**cfg("kcl"), "strategy": {"name": "naive"}}
