@@ -12,8 +12,9 @@ from cl_toolkit.retention import (RetentionProbe, log_spaced, on_log_schedule, r
                                   recognition, sequence_loss)
 from cl_toolkit.runner import run
 from cl_toolkit.strategies.naive import Naive
-from cl_toolkit.strategy import Hooks, RunContext
+from cl_toolkit.strategy import RunContext
 from cl_toolkit.stream import Task, TaskStream, TensorData
+from interrupt import run_until
 
 
 class KnownLossLM(nn.Module):
@@ -252,15 +253,7 @@ def test_run_with_probe_writes_the_curve_and_resume_continues_it(tmp_path, corpu
     assert {(r["stimuli"], r["k"]) for r in curve["points"]} == \
         {(s, k) for s in ("fortunes", "random") for k in (1, 3)}
 
-    class Stop(Exception):
-        pass
-
-    def stop_in_second_task(strategy, task, epoch, step, loss):
-        if task.index == 1 and step == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        run(cfg, tmp_path / "cut", hooks=Hooks(after_batch=[stop_in_second_task]))
+    run_until(cfg, tmp_path / "cut", task_index=1, at_step=2)
     resumed = run({**cfg, "resume": True}, tmp_path / "cut")
     keep = ("points", "before", "updates", "study_update")
     assert {k: resumed["extras"]["retention"][k] for k in keep} == {k: curve[k] for k in keep}

@@ -8,6 +8,7 @@ from cl_toolkit import registry
 from cl_toolkit.errors import ConfigError, NonFiniteLossError, ResumeError
 from cl_toolkit.runner import build_model, build_stream, run
 from cl_toolkit.strategy import Hooks
+from interrupt import run_until
 
 
 def cfg(**strategy):
@@ -46,16 +47,7 @@ def test_same_seed_gives_identical_results(tmp_path):
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     full = run(cfg(name="replay", buffer_size=50), tmp_path / "full")
 
-    class Stop(Exception):
-        pass
-
-    def stop_in_third_task(strategy, task, epoch, step, loss):
-        if task.index == 2 and step == 3:
-            raise Stop
-
-    hooks = Hooks(after_batch=[stop_in_third_task])
-    with pytest.raises(Stop):
-        run(cfg(name="replay", buffer_size=50), tmp_path / "cut", hooks=hooks)
+    run_until(cfg(name="replay", buffer_size=50), tmp_path / "cut", task_index=2, at_step=3)
     partial = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert partial["status"] == "running" and partial["finished_tasks"] == 2
     resumed = run({**cfg(name="replay", buffer_size=50), "resume": True}, tmp_path / "cut")

@@ -2,7 +2,7 @@
 import pytest
 
 from cl_toolkit.runner import run
-from cl_toolkit.strategy import Hooks
+from interrupt import run_until
 
 SETTINGS = {
     "kcl": {"kernel": "vrf", "coreset_per_class": 5, "num_features": 128},
@@ -26,15 +26,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, name):
     full = run(cfg(name), tmp_path / "full")
     assert full["metrics"]["acc"] > 0.8  # chance: 0.5
 
-    class Stop(Exception):
-        pass
-
-    def stop_in_fourth_task(strategy, task, epoch, step, loss):
-        if task.index == 3 and step == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        run(cfg(name), tmp_path / "cut", hooks=Hooks(after_batch=[stop_in_fourth_task]))
+    run_until(cfg(name), tmp_path / "cut", task_index=3, at_step=3)
     resumed = run({**cfg(name), "resume": True}, tmp_path / "cut")
     assert resumed["matrix"] == full["matrix"]
     assert resumed["memory_bytes"] == full["memory_bytes"]
