@@ -365,8 +365,10 @@ class SequenceLanguageModel(SequenceModel):
     def _logits(self, input_ids, t, caches, use_cache):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or
-                                  int(input_ids.max()) >= self.vocab_size):
+        # Values are checked on the CPU only: on a GPU reading them costs a device sync per
+        # forward (token streams check their ids once, when they are built).
+        if input_ids.device.type == "cpu" and input_ids.numel() and (
+                int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}) (model vocab_size), "
                              f"got ids in [{int(input_ids.min())}, {int(input_ids.max())}]; "
                              "build the model with the stream's vocab_size")
