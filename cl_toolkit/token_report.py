@@ -2,7 +2,8 @@
 
 Each renderer takes the runs of a report (results.json dicts) and a directory, writes its
 plots there as PNG and returns ``(markdown, html)``; runs are grouped as in the main table
-(config minus seed), curves are mean ± std over a group's runs.
+(config minus seed), cells and curves are mean ± sample std (ddof 1, as the main table) over
+a group's runs.
 
 - ``mqar``: accuracy against the number of key-value pairs;
 - ``kv_interference``: accuracy against updates per key U (log axis) and against the number of
@@ -34,7 +35,7 @@ def _groups(runs: list[dict], key: str) -> dict[str, list[dict]]:
 
 def _ms(values) -> str:
     v = np.asarray(values, dtype=float) * 100
-    return f"{v.mean():.1f} ± {v.std():.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -53,7 +54,7 @@ def _curves(ax, groups: dict[str, list[dict]], x_key: str, y_of, log: bool = Fal
     for label, extras in groups.items():
         x = extras[0][x_key]
         ys = np.asarray([y_of(e) for e in extras], dtype=float)
-        ax.errorbar(x, ys.mean(0), yerr=ys.std(0) if len(ys) > 1 else None, marker="o",
+        ax.errorbar(x, ys.mean(0), yerr=ys.std(0, ddof=1) if len(ys) > 1 else None, marker="o",
                     capsize=3, label=label)
     if log:
         ax.set_xscale("log", base=2)

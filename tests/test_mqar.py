@@ -130,6 +130,7 @@ def test_report_renders_mean_and_std_over_seeds(tmp_path):
 
     md, page = render_mqar([run("mom_lm", 0, [0.4, 0.1]), run("mom_lm", 1, [0.6, 0.1]),
                             run("gdn_lm", 0, [1.0, 0.5])], tmp_path)
-    assert "| mom_lm | 2 | 50.0 ± 10.0 | 10.0 ± 0.0 |" in md
+    # sample std of 40 and 60: sqrt((10^2 + 10^2) / 1) = 14.14
+    assert "| mom_lm | 2 | 50.0 ± 14.1 | 10.0 ± 0.0 |" in md
     assert "| gdn_lm | 1 | 100.0 | 50.0 |" in md
     assert (tmp_path / "mqar_accuracy.png").stat().st_size > 0 and "<img" in page
