@@ -3,20 +3,20 @@
 Each training step adds a batch drawn from the buffer to the current batch. After a task the
 buffer is rebuilt so every class seen so far gets an equal share of the budget; within a class
 the kept samples are a uniform random subset (reservoir sampling, done in one draw since the
-whole task is in memory).
+whole task is in memory). On token streams (targets ``[N, L]``, no class per sample) the
+budget is shared over the tasks seen so far instead.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from cl_toolkit.stream import Task, TensorData
-from cl_toolkit.strategy import SupervisedStrategy, tensor_bytes
+from cl_toolkit.strategy import SupervisedStrategy, supervised_loss, tensor_bytes
 
 
 class ClassBalancedBuffer:
     """A fixed budget in samples, split evenly over classes (the remainder goes to the first
-    classes in id order)."""
+    classes in id order); over tasks for token data, whose samples have no single class."""
 
     def __init__(self, size: int):
         if size < 0:
@@ -29,12 +29,13 @@ class ClassBalancedBuffer:
 
     def update(self, new: TensorData, generator: torch.Generator) -> None:
         pool = new if self.data is None else TensorData.cat([self.data, new])
-        classes = pool.y.unique(sorted=True)
+        groups = pool.t if pool.is_tokens else pool.y
+        classes = groups.unique(sorted=True)
         quota = [self.size // len(classes) + (i < self.size % len(classes))
                  for i in range(len(classes))]
         keep = []
         for c, q in zip(classes.tolist(), quota):
-            idx = (pool.y == c).nonzero().squeeze(1)
+            idx = (groups == c).nonzero().squeeze(1)
             keep.append(idx[torch.randperm(len(idx), generator=generator)[:q]])
         self.data = pool.subset(torch.cat(keep))
 
@@ -61,7 +62,7 @@ class Replay(SupervisedStrategy):
             x = torch.cat([x, mem.x.to(dev)])
             y = torch.cat([y, mem.y.to(dev)])
             t = torch.cat([t, mem.t.to(dev)])
-        return F.cross_entropy(self.model(x, self.train_task_ids(t)), y)
+        return supervised_loss(self.model(x, self.train_task_ids(t)), y)
 
     def after_task(self, task: Task) -> None:
         self.buffer.update(task.train, self.ctx.generator)

@@ -147,3 +147,40 @@ def test_language_models_are_causal(name):
     assert a.shape == (2, 8, V)
     assert torch.allclose(a[:, :5], b[:, :5], atol=1e-5)
     assert not torch.allclose(a[:, 5:], b[:, 5:], atol=1e-3)
+
+
+def two_task_copy_stream(n=24, L=8) -> TaskStream:
+    tasks = []
+    for i in range(2):
+        s = copy_stream(n=n, L=L, seed=i)
+        tasks.append(Task(i, f"copy{i}", s[0].train, s[0].test, tuple(range(V))))
+    return TaskStream("copy2", tasks, "domain-il", V, (L,), vocab_size=V)
+
+
+def test_replay_on_a_token_stream_shares_its_budget_over_tasks_and_replays_targets():
+    from cl_toolkit.strategies.replay import Replay
+
+    stream = two_task_copy_stream()
+    strategy = Replay(buffer_size=10, epochs=1, batch_size=8, lr=0.1)
+    strategy.setup(stream, TokenModel(Echo(), V), RunContext())
+    for task in stream:
+        strategy.learn(task)
+    buf = strategy.buffer.data
+    assert buf.y.shape == (10, 8) and torch.bincount(buf.t).tolist() == [5, 5]
+    # Every kept sequence is one of its task's, whole: x and its targets together.
+    for x, y, t in zip(buf.x, buf.y, buf.t):
+        train = stream[int(t)].train
+        hit = ((train.x == x).all(1) & (train.y == y).all(1)).any()
+        assert hit
+    # The loss of a step covers the replayed sequences' answer positions too (oracle:
+    # cross-entropy over the concatenated batch with the ignored positions left out).
+    strategy.ctx.generator.manual_seed(3)
+    x, y, t = stream[1].train.x[:4], stream[1].train.y[:4], stream[1].train.t[:4]
+    loss = strategy.loss(x, y, t, stream[1])
+    strategy.ctx.generator.manual_seed(3)
+    mem = strategy.buffer.sample(4, strategy.ctx.generator)
+    xx, yy = torch.cat([x, mem.x]), torch.cat([y, mem.y])
+    logits = strategy.model(xx)
+    keep = yy != IGNORE_INDEX
+    ref = nn.functional.cross_entropy(logits[keep], yy[keep])
+    assert math.isclose(loss.item(), ref.item(), rel_tol=1e-6)
