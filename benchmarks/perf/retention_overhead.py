@@ -3,8 +3,8 @@ updates, measurements after 0, 1, 3, 10, 30, 100, 300 ... updates, 8 sequences p
 kind and exposure count) against the same run without the probe. Target: < 10 % of the run's
 training time.
 
-    python -m cl_toolkit.benchmarks.perf.retention_overhead [--models transformer_lm gla_lm]
-        [--epochs 2] [--repeats 1]
+    python -m cl_toolkit.benchmarks.perf.retention_overhead
+        [--models mom_lm gdn_lm gla_lm transformer_lm] [--epochs 2] [--repeats 1]
 
 Both runs of a model use the configs that ``cltk run benchmark=fortunes model=<m>
 [probe=retention]`` composes (plus ``strategy.epochs``), train on the same batches (the probe
@@ -41,7 +41,8 @@ def timed_run(model: str, epochs: int, probe: bool, out: Path) -> tuple[float, f
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["transformer_lm", "gla_lm"])
+    p.add_argument("--models", nargs="+",
+                   default=["mom_lm", "gdn_lm", "gla_lm", "transformer_lm"])
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
     args = p.parse_args()
