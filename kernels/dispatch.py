@@ -98,10 +98,11 @@ def run_recurrent(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
                          chunk_size=64, backend="naive")
     if backend == "torch":
         from .recurrent_torch import recurrent_forward_torch
-        return recurrent_forward_torch(
-            q, k, v, g, beta, delta=delta, scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
-            initial_state=initial_state, output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens, cu_host=cu_host)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return recurrent_forward_torch(q, k, v, g, beta, delta=delta, scale=scale,
+                                       initial_state=initial_state,
+                                       output_final_state=output_final_state,
+                                       cu_seqlens=cu_seqlens, cu_host=cu_host)
     if torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)):
         raise ValueError("the fused recurrent kernel is forward-only (decoding); use the chunk "
