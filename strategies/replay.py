@@ -29,13 +29,13 @@ class ClassBalancedBuffer:
 
     def update(self, new: TensorData, generator: torch.Generator) -> None:
         pool = new if self.data is None else TensorData.cat([self.data, new])
-        groups = pool.t if pool.is_tokens else pool.y
-        classes = groups.unique(sorted=True)
-        quota = [self.size // len(classes) + (i < self.size % len(classes))
-                 for i in range(len(classes))]
+        labels = pool.t if pool.is_tokens else pool.y  # what the budget is balanced over
+        groups = labels.unique(sorted=True)
+        quota = [self.size // len(groups) + (i < self.size % len(groups))
+                 for i in range(len(groups))]
         keep = []
-        for c, q in zip(classes.tolist(), quota):
-            idx = (groups == c).nonzero().squeeze(1)
+        for c, q in zip(groups.tolist(), quota):
+            idx = (labels == c).nonzero().squeeze(1)
             keep.append(idx[torch.randperm(len(idx), generator=generator)[:q]])
         self.data = pool.subset(torch.cat(keep))
 

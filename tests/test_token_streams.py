@@ -149,9 +149,9 @@ def test_language_models_are_causal(name):
     assert not torch.allclose(a[:, 5:], b[:, 5:], atol=1e-3)
 
 
-def two_task_copy_stream(n=24, L=8) -> TaskStream:
+def two_task_copy_stream(sizes=(8, 40), L=8) -> TaskStream:
     tasks = []
-    for i in range(2):
+    for i, n in enumerate(sizes):
         s = copy_stream(n=n, L=L, seed=i)
         tasks.append(Task(i, f"copy{i}", s[0].train, s[0].test, tuple(range(V))))
     return TaskStream("copy2", tasks, "domain-il", V, (L,), vocab_size=V)
@@ -161,12 +161,13 @@ def test_replay_on_a_token_stream_shares_its_budget_over_tasks_and_replays_targe
     from cl_toolkit.strategies.replay import Replay
 
     stream = two_task_copy_stream()
-    strategy = Replay(buffer_size=10, epochs=1, batch_size=8, lr=0.1)
+    strategy = Replay(buffer_size=12, epochs=1, batch_size=8, lr=0.1)
     strategy.setup(stream, TokenModel(Echo(), V), RunContext())
     for task in stream:
         strategy.learn(task)
     buf = strategy.buffer.data
-    assert buf.y.shape == (10, 8) and torch.bincount(buf.t).tolist() == [5, 5]
+    # Tasks of 8 and 40 sequences: an equal share each, not one in proportion to their sizes.
+    assert buf.y.shape == (12, 8) and torch.bincount(buf.t).tolist() == [6, 6]
     # Every kept sequence is one of its task's, whole: x and its targets together.
     for x, y, t in zip(buf.x, buf.y, buf.t):
         train = stream[int(t)].train

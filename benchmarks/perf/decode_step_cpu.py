@@ -16,23 +16,25 @@ import time
 
 import torch
 
-PRESETS = {  # conf/model/*_lm.yaml: equal parameters, hidden 64, 2 layers, 2 heads
-    "mom_lm": dict(mixer="mom", mlp_ratio=2.0, num_memories=4, topk=2),
-    "gdn_lm": dict(mixer="gdn", mlp_ratio=4.9375),
-    "gla_lm": dict(mixer="gla", mlp_ratio=4.953125),
-    "transformer_lm": dict(mixer="transformer", mlp_ratio=5.359375),
-}
+MODELS = ("mom_lm", "gdn_lm", "gla_lm", "transformer_lm")
 
 
-def build(name: str, backend: str, vocab: int = 256):
-    from cl_toolkit.kernels.backbones import SequenceLanguageModel
+def build(name: str, backend: str):
+    """The preset of conf/model/<name>.yaml, built as ``cltk run benchmark=mqar model=<name>``
+    builds it (vocabulary 256), with the memories' kernel ``backend``; the language model
+    inside the strategy-facing wrapper."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
 
-    kw = dict(PRESETS[name])
-    if kw["mixer"] != "transformer":
-        kw.update(backend=backend, chunk_size=32)
+    from cl_toolkit.runner import build_model, build_stream
+
+    overrides = ["benchmark=mqar", f"model={name}"]
+    if name != "transformer_lm":
+        overrides.append(f"model.backend={backend}")
+    with initialize_config_module("cl_toolkit.conf", version_base=None):
+        cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
     torch.manual_seed(0)
-    return SequenceLanguageModel(vocab, causal=True, hidden_size=64, num_layers=2,
-                                 num_heads=2, **kw).eval()
+    return build_model(cfg, build_stream(cfg)).lm.eval()
 
 
 @torch.no_grad()
@@ -60,9 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| model | ms / token, batched loop (torch) | ms / token, per-sequence loop (naive) "
           "| naive / torch |")
     print("|---|---|---|---|")
-    for name in PRESETS:
+    for name in MODELS:
         fast = step_seconds(build(name, "torch"), ids, args.steps, args.repeats)
-        if PRESETS[name]["mixer"] == "transformer":
+        if name == "transformer_lm":
             print(f"| {name} | {1e3 * fast:.2f} | (no recurrence) | |")
             continue
         slow = step_seconds(build(name, "naive"), ids, args.steps, args.repeats)
