@@ -25,13 +25,17 @@ def recurrent_forward_torch(q, k, v, g, beta, *, delta: bool, scale: float,
     B, T, H, K = q.shape
     V = v.shape[-1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if delta and beta is None:
+        beta = q.new_ones(B, T, H)  # a unit step on every token (padding zeroes it below)
     if cu_seqlens is None:
-        pad = lambda x: x.to(dt)  # noqa: E731  (already [N = B, T, ...])
         N, steps, valid = B, T, None
+
+        def pad(x):
+            return x.to(dt)  # already [N = B, T, ...]
     else:
         cu = cu_host if cu_host is not None else cu_seqlens.tolist()
         N = len(cu) - 1
-        lens = torch.tensor([cu[i + 1] - cu[i] for i in range(N)], device=q.device)
+        lens = torch.tensor(cu, device=q.device).diff()
         steps = int(lens.max()) if N else 0
         offsets = torch.arange(steps, device=q.device)
         valid = offsets < lens[:, None]                                         # [N, steps]
@@ -43,9 +47,7 @@ def recurrent_forward_torch(q, k, v, g, beta, *, delta: bool, scale: float,
 
     qs, ks, vs = pad(q) * scale, pad(k), pad(v)
     gs = pad(g) if g is not None else None
-    bs = pad(beta) if (delta and beta is not None) else None
-    if delta and beta is None and valid is not None:
-        bs = valid.to(dt)[..., None].expand(N, steps, H)  # beta 1 on real tokens, 0 on padding
+    bs = pad(beta) if delta else None
     S = (initial_state.to(dt).clone() if initial_state is not None
          else q.new_zeros(N, H, V, K, dtype=dt))
     outs = []
@@ -54,9 +56,7 @@ def recurrent_forward_torch(q, k, v, g, beta, *, delta: bool, scale: float,
         if gs is not None:
             S = S * gs[:, t].exp()[..., None, None]
         if delta:
-            err = vs[:, t] - torch.einsum("nhvk,nhk->nhv", S, k_t)
-            if bs is not None:
-                err = err * bs[:, t, :, None]
+            err = bs[:, t, :, None] * (vs[:, t] - torch.einsum("nhvk,nhk->nhv", S, k_t))
             S = S + err[..., None] * k_t[:, :, None, :]
         else:
             S = S + vs[:, t, :, :, None] * k_t[:, :, None, :]
