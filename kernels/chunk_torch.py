@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 # The fixed CPU cost of one group (about 90 autograd ops) in units of padded work, heads x
-# rows x (rows + K) per sequence: measured on the dev machine (benchmarks/RESULTS.md, issue 16).
+# rows x (rows + K) per sequence: measured on the dev machine (RESULTS.md, issue 16).
 GROUP_COST = 16384
 
 

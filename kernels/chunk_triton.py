@@ -111,7 +111,7 @@ def _inverse_unit_lower(b_A, BT: tl.constexpr):
     most like C(15, 8) |A|^8, against C(63, 32) |A|^32 for one 64 x 64 product chain.
     Products of fp32 matrices use three-pass tf32 (about fp32 accuracy), also for bf16 inputs:
     one-pass tf32 is amplified along the chain to errors of order 1 with correlated keys and
-    beta up to 2 (benchmarks/perf/wy_inverse_precision.py).
+    beta up to 2 (perf/wy_inverse_precision.py).
     """
     NB: tl.constexpr = BT // 16
     o = tl.arange(0, 16)
@@ -323,7 +323,7 @@ def _bwd_dh_kernel(q, k, w, gcum, do, de_local, de, dh_all, dht, dh0, cu_seqlens
     """Reverse scan: dh (w.r.t. the state after each chunk) and dV' = P^T dO + K~ dh.
 
     DV_LOCAL: P^T dO is read from de_local (fp32, from ``_bwd_dv_local_kernel``) instead of
-    formed here; off only in the variant ``dv-in-scan`` (benchmarks/perf/kernel_variants.py).
+    formed here; off only in the variant ``dv-in-scan`` (perf/kernel_variants.py).
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H

@@ -11,7 +11,7 @@ never from the segment before. Two paths with one contract:
   pre-activation and gives dpre (stored in x's dtype, as torch's own bf16 backward would),
   per-block dweight sums and dcache; the second gives dx from W shifted reads of dpre. (One
   fused pass had to recompute the pre-activation at all W shifts: on an H200 it took 8x the
-  forward's time; see benchmarks/RESULTS.md.)
+  forward's time; see RESULTS.md.)
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ distance from the base.
 Only the ``min(m, n)`` singular pairs of the thin SVD enter ``P``; the public implementation
 takes full SVDs, which is wasted work. `project_exact` is the executable spec (float64 SVD);
 `project_` (in place; `project` returns a new tensor) is the fast path used by the strategy
-(see its docstring and ``benchmarks/perf/merge_speed.py``). Singular values below
+(see its docstring and ``perf/merge_speed.py``). Singular values below
 ``RTOL * sigma_max`` are treated as zero by both: in a float32 matrix they are rounding noise
 and their vectors are arbitrary.
 """

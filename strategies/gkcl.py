@@ -25,7 +25,7 @@ task is evaluated, so the memory is the generator's weights and does not grow wi
   condition starts as a copy of the latest learned condition of the same class (its prior and
   its conditioning weights) instead of a random one. On rotated Fashion-MNIST the random start
   left the newest tasks' generated class means off (cosine to the real means 0.88 from the
-  fifth task on) while the extractor was fine; inheriting fixes it (benchmarks/RESULTS.md).
+  fifth task on) while the extractor was fine; inheriting fixes it (RESULTS.md).
   Streams whose tasks have disjoint classes have nothing to inherit.
 - ``generator_space="pixel"`` (default) generates raw inputs that go through the current
   extractor; ``"feature"`` generates extractor features directly (smaller generator, but the

@@ -1,10 +1,10 @@
-"""benchmarks/perf/kcl_memory_curve.py: the interpolation of KCL's curve at GKCL's bytes, and an
+"""perf/kcl_memory_curve.py: the interpolation of KCL's curve at GKCL's bytes, and an
 end-to-end --smoke run that writes one JSON per run, resumes, and refuses a mixed protocol."""
 import math
 
 import pytest
 
-from cl_toolkit.benchmarks.perf import kcl_memory_curve as curve
+from perf import kcl_memory_curve as curve
 from cl_toolkit.errors import ConfigError
 
 

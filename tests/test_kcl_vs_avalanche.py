@@ -1,4 +1,4 @@
-"""benchmarks/perf/kcl_vs_avalanche.py runs end to end (--smoke) and prints one table row per
+"""perf/kcl_vs_avalanche.py runs end to end (--smoke) and prints one table row per
 method, with Avalanche's Replay buffer at KCL's memory in bytes."""
 import pytest
 
@@ -6,7 +6,7 @@ pytest.importorskip("avalanche")
 
 
 def test_smoke_prints_the_table(fashion_root, capsys):
-    from cl_toolkit.benchmarks.perf import kcl_vs_avalanche
+    from perf import kcl_vs_avalanche
 
     kcl_vs_avalanche.main(["--smoke"])
     lines = capsys.readouterr().out.splitlines()

@@ -1,7 +1,7 @@
-"""benchmarks/perf/decode_step_cpu.py: the table's plumbing (one tiny decode per row)."""
+"""perf/decode_step_cpu.py: the table's plumbing (one tiny decode per row)."""
 import re
 
-from cl_toolkit.benchmarks.perf import decode_step_cpu
+from perf import decode_step_cpu
 
 
 def test_table_has_a_row_per_preset_with_both_loops(capsys):

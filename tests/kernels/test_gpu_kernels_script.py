@@ -1,4 +1,4 @@
-"""benchmarks/perf/gpu_kernels.py on CPU (--smoke: interpreter, toy sizes): the GPU script runs
+"""perf/gpu_kernels.py on CPU (--smoke: interpreter, toy sizes): the GPU script runs
 rarely and on borrowed time, so its variant and reference plumbing is checked here."""
 import json
 import subprocess
@@ -11,7 +11,7 @@ def test_variant_run_times_ours_takes_fla_rows_from_a_reference_and_profiles(tmp
                "fwdbwd_ms": 54321.0}
     ref.write_text(json.dumps({"timings": [fla_row]}))
     proc = subprocess.run(
-        [sys.executable, "-m", "cl_toolkit.benchmarks.perf.gpu_kernels", "--smoke",
+        [sys.executable, "-m", "perf.gpu_kernels", "--smoke",
          "--skip-correctness", "--ours-only", "--variant", "dv-in-scan", "--fla-ref", str(ref),
          "--profile", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -31,7 +31,7 @@ def test_mom_baseline_is_timed_beside_ours_with_the_same_weights(tmp_path):
     # The baseline here is today's layer file itself, so the two outputs must agree.
     from cl_toolkit.kernels import mom
     proc = subprocess.run(
-        [sys.executable, "-m", "cl_toolkit.benchmarks.perf.gpu_kernels", "--smoke",
+        [sys.executable, "-m", "perf.gpu_kernels", "--smoke",
          "--skip-correctness", "--mom-only", "--ours-only", "--mom-baseline", mom.__file__,
          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -45,7 +45,7 @@ def test_mom_baseline_is_timed_beside_ours_with_the_same_weights(tmp_path):
 def test_warm_parts_run_the_calls_of_the_checks_and_timings(capsys):
     # gpu_kernels.sh runs these in parallel processes before the main run (kernel builds).
     import torch
-    from cl_toolkit.benchmarks.perf import gpu_kernels
+    from perf import gpu_kernels
     for part in ("gla-bf16", "sizes"):
         gpu_kernels.warm(part, torch.device("cpu"), smoke=True)
     assert "warmed gla-bf16" in capsys.readouterr().out

@@ -1,10 +1,10 @@
-"""benchmarks/perf/kernel_variants.py: the other kernel versions that the GPU script times
+"""perf/kernel_variants.py: the other kernel versions that the GPU script times
 against the current ones must still compute the op (checked against the float64 token loop,
 in the interpreter), or the comparison means nothing."""
 import pytest
 import torch
 
-from cl_toolkit.benchmarks.perf import kernel_variants
+from perf import kernel_variants
 from cl_toolkit.kernels import chunk_triton, short_conv
 from cl_toolkit.kernels.gated_delta_rule import chunk_gated_delta_rule, naive_gated_delta_rule
 from cl_toolkit.kernels.short_conv import segment_conv

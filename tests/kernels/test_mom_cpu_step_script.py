@@ -1,7 +1,7 @@
-"""benchmarks/perf/mom_cpu_step.py: the table's plumbing on the CPU (one step per row)."""
+"""perf/mom_cpu_step.py: the table's plumbing on the CPU (one step per row)."""
 import re
 
-from cl_toolkit.benchmarks.perf import mom_cpu_step
+from perf import mom_cpu_step
 
 
 def test_table_has_every_row_and_the_transformer_ratio(capsys):

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from cl_toolkit.benchmarks.perf import kernel_variants
+from perf import kernel_variants
 from cl_toolkit.kernels import chunk_triton
 from cl_toolkit.kernels.gated_delta_rule import chunk_gated_delta_rule, naive_gated_delta_rule
 from cl_toolkit.kernels.linear_attn import chunk_linear_attn, naive_linear_attn

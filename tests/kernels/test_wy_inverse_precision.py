@@ -1,8 +1,8 @@
-"""benchmarks/perf/wy_inverse_precision.py: its tf32 model and its copy of the WY product chain,
+"""perf/wy_inverse_precision.py: its tf32 model and its copy of the WY product chain,
 against hand-computed roundings and the float64 inverse."""
 import torch
 
-from cl_toolkit.benchmarks.perf import wy_inverse_precision as wy
+from perf import wy_inverse_precision as wy
 
 
 def test_tf32_keeps_ten_mantissa_bits():

@@ -2,7 +2,7 @@
 one process, and the joblib launcher on 2 workers) versus the same runs one after the other in
 one process, where only the runs themselves are timed.
 
-    python -m cl_toolkit.benchmarks.perf.sweep_overhead [--runs 8] [--workers 2]
+    python -m perf.sweep_overhead [--runs 8] [--workers 2]
 
 Overhead per run = (worker-seconds the sweep used - start-up of each process (imports and the
 first run's one-off warm-up) - the runs' own compute) / runs, where worker-seconds = workers x (sweep wall - the launching
@@ -68,7 +68,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         startup = min(_wall([py, "-c", "import torch, hydra, sklearn, cl_toolkit.cli, "
                              "cl_toolkit.runner, cl_toolkit.benchmarks"], tmp) for _ in range(2))
-        out = subprocess.run([py, "-m", "cl_toolkit.benchmarks.perf.sweep_overhead", "--runs",
+        out = subprocess.run([py, "-m", "perf.sweep_overhead", "--runs",
                               str(args.runs), "--inner", f"{tmp}/inproc"], capture_output=True,
                              text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"})
         compute, warmup = map(float, out.stdout.strip().splitlines()[-1].split())

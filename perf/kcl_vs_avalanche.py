@@ -31,14 +31,14 @@ evaluation), the task-aware baseline that Replay supports.
 
 The Avalanche baselines train at ``--baseline-lr`` (default 0.01, halved per task like KCL): at
 KCL's lr 0.1 with momentum 0.8 and batch 10 our own naive/replay MLPs did not learn at all (see
-benchmarks/RESULTS.md, "KCL protocol on rotated Fashion-MNIST, reduced").
+RESULTS.md, "KCL protocol on rotated Fashion-MNIST, reduced").
 
 Prints one markdown table: memory kept after the last task (bytes), ACC, BWT, max-based
 forgetting (%), training time and wall time (training + evaluation after every task), mean ± std
 over seeds.
 
-    python -m cl_toolkit.benchmarks.perf.kcl_vs_avalanche --tasks 3 --max-train 2000 --max-test 1000
-    python -m cl_toolkit.benchmarks.perf.kcl_vs_avalanche --smoke      # seconds
+    python -m perf.kcl_vs_avalanche --tasks 3 --max-train 2000 --max-test 1000
+    python -m perf.kcl_vs_avalanche --smoke      # seconds
 """
 from __future__ import annotations
 

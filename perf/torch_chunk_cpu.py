@@ -5,7 +5,7 @@ a MoM layer on top of it.
 MoM backbones train on CPU through this path, and its backward used to grow quadratically
 with T (see ``kernels/chunk_torch.py``), so the long sizes matter. Best of ``--repeats``.
 
-    python -m cl_toolkit.benchmarks.perf.torch_chunk_cpu
+    python -m perf.torch_chunk_cpu
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from cl_toolkit.benchmarks.perf.timing import best_seconds
+from perf.timing import best_seconds
 from cl_toolkit.kernels.gated_delta_rule import chunk_gated_delta_rule
 from cl_toolkit.kernels.mom import MoMLayer
 

@@ -8,7 +8,7 @@ launchers (what stays is our wrapper; Triton's own launcher and the CUDA allocat
 counted) and tiny CPU tensors keep allocation out of the way. Prints microseconds per call,
 the best of several repeats (the machine is shared; the minimum is the least disturbed).
 
-    python -m cl_toolkit.benchmarks.perf.kernel_host_overhead
+    python -m perf.kernel_host_overhead
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from cl_toolkit.benchmarks.perf.timing import best_seconds
+from perf.timing import best_seconds
 
 
 class _NoLaunch:

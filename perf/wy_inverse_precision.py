@@ -10,7 +10,7 @@ CPU, with tf32 modelled as operands rounded to 10 mantissa bits and fp32 accumul
 prints the worst relative error over 5 draws against the float64 inverse, next to the error
 that rounding the exact T to bf16 already makes.
 
-    python -m cl_toolkit.benchmarks.perf.wy_inverse_precision
+    python -m perf.wy_inverse_precision
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 parameters? Runs every (stream, row, seed) that has no results yet with ``cltk run`` and prints
 one markdown table per stream (mean +- std over seeds).
 
-    python benchmarks/perf/mom_evidence.py --out /tmp/i16_runs/evidence --run \
+    python perf/mom_evidence.py --out /tmp/i16_runs/evidence --run \
         --streams digits_til digits_cil pfmnist sfmnist --seeds 0 1 2
 
 Every row uses the recipe of its experiment file (conf/experiment/mom_*.yaml: AdamW 1e-3,

@@ -25,7 +25,7 @@ _LIBRARY_REVERSE_SCAN = chunk_triton._reverse_scan  # a variant replaces the mod
 def reverse_scan_dv_in_scan(q, k, w, gcum, do, dht, use_g, opts):
     """The reverse scan with P^T dO formed inside the sequential scan, as in the fourth session
     (no parallel pass and no fp32 buffer). On an H200 it was 1 % slower forward+backward at
-    T <= 4096 and 8.5 % slower at T = 16384 (benchmarks/RESULTS.md)."""
+    T <= 4096 and 8.5 % slower at T = 16384 (RESULTS.md)."""
     return _LIBRARY_REVERSE_SCAN(q, k, w, gcum, do, dht, use_g, opts, local_first=False)
 
 
@@ -69,7 +69,7 @@ def _segment_conv_bwd_kernel(x, w, cache, dy, dx, dw_part, dcache, cu_seqlens,
 def conv_bwd_one_pass(x, w, cache, dy, layout, cache_grad: bool):
     """The short convolution's backward as one kernel (fifth session): dx from the
     pre-activation recomputed at all W shifts, no dpre buffer. On an H200 it took 8x the
-    forward's time in the MoM layer profile (benchmarks/RESULTS.md, run 9)."""
+    forward's time in the MoM layer profile (RESULTS.md, run 9)."""
     C, W = w.shape
     BT, BC = short_conv._BT, short_conv._BC
     dx, dw_part, dcache = short_conv._bwd_buffers(x, w, cache, layout, cache_grad)

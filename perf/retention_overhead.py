@@ -3,7 +3,7 @@ updates, measurements after 0, 1, 3, 10, 30, 100, 300 ... updates, 8 sequences p
 kind and exposure count) against the same run without the probe. Target: < 10 % of the run's
 training time.
 
-    python -m cl_toolkit.benchmarks.perf.retention_overhead
+    python -m perf.retention_overhead
         [--models mom_lm gdn_lm gla_lm transformer_lm] [--epochs 2] [--repeats 1]
 
 Both runs of a model use the configs that ``cltk run benchmark=fortunes model=<m>

@@ -5,7 +5,7 @@ A group whose restoration brings task 0 back is where the forgetting leaks. Grou
 memories (should not move at all), the shared memory, the shared mixer projections (q, gate,
 output), embeddings (patch + position), the block MLPs, the norms, the head.
 
-    python benchmarks/perf/mom_forgetting_leak.py [--benchmark split_digits] [--seed 0]
+    python perf/mom_forgetting_leak.py [--benchmark split_digits] [--seed 0]
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ mix. Weights: open_clip ``create_model('ViT-B-32', pretrained=None).visual`` (87
 72 projected matrices: q, k, v, out, fc, proj of 12 blocks), task vectors with a 1/k singular
 value decay, as fine-tuning updates have.
 
-    python -m cl_toolkit.benchmarks.perf.merge_speed            # full table (minutes)
-    python -m cl_toolkit.benchmarks.perf.merge_speed --blocks 2 # quick look
+    python -m perf.merge_speed            # full table (minutes)
+    python -m perf.merge_speed --blocks 2 # quick look
 
 Ways (``--ways``): ``fast`` = `opcm.project_` (float64 Gram + eigh, float32 products, one
 single-threaded matrix per thread, each written back into tau at once; the strategy's path),
@@ -176,7 +176,7 @@ def child(way: str, shapes_path: str, models: int, out_path: str | None) -> dict
 
 
 def run_child(way, shapes_path, models, out_path):
-    cmd = [sys.executable, "-m", "cl_toolkit.benchmarks.perf.merge_speed", "--child", way,
+    cmd = [sys.executable, "-m", "perf.merge_speed", "--child", way,
            "--shapes", shapes_path, "--models", str(models), "--save", out_path]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:

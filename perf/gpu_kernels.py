@@ -786,7 +786,7 @@ def main():
     args = ap.parse_args()
     if args.variant:
         try:
-            from cl_toolkit.benchmarks.perf import kernel_variants
+            from perf import kernel_variants
         except ImportError:  # the GPU machine runs this file from the checkout
             import kernel_variants
         kernel_variants.apply(args.variant)

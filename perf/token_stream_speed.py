@@ -5,7 +5,7 @@ hand-written loop over the same model, optimizer and batches (same shuffled orde
 loss), alternating, best of ``--repeats``. Times are the process CPU seconds (one thread), which
 other jobs on a shared machine disturb less than wall time.
 
-    PYTHONPATH=. python -m cl_toolkit.benchmarks.perf.token_stream_speed
+    PYTHONPATH=. python -m perf.token_stream_speed
 """
 from __future__ import annotations
 

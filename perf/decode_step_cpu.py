@@ -1,7 +1,7 @@
 """CPU cost of one cached decoding step (``SequenceLanguageModel.step``, one token for a batch)
 of the four language-model presets: the retention probe's recall decodes this way.
 
-    python -m cl_toolkit.benchmarks.perf.decode_step_cpu [--batch 48] [--steps 16] [--repeats 5]
+    python -m perf.decode_step_cpu [--batch 48] [--steps 16] [--repeats 5]
 
 The recurrent memories decode through the fused recurrent functions. On the CPU these run the
 token loop batched over all packed sequences (kernels/recurrent_torch.py, backend 'torch');

@@ -14,8 +14,8 @@ with disjoint ``--coresets`` / ``--generators`` can share the cores. At the end 
 and, for each GKCL point, KCL's ACC at the same bytes (interpolated in log-bytes between the two
 nearest coreset sizes) with the difference.
 
-    python -m cl_toolkit.benchmarks.perf.kcl_memory_curve --out /tmp/curve
-    python -m cl_toolkit.benchmarks.perf.kcl_memory_curve --out /tmp/curve --smoke
+    python -m perf.kcl_memory_curve --out /tmp/curve
+    python -m perf.kcl_memory_curve --out /tmp/curve --smoke
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cl_toolkit import registry
-from cl_toolkit.benchmarks.perf.kcl_vs_avalanche import experiment, run_method
+from perf.kcl_vs_avalanche import experiment, run_method
 from cl_toolkit.errors import ConfigError
 from cl_toolkit.metrics import accuracy, backward_transfer, forgetting
 from cl_toolkit.runner import build_stream

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: correctness + timings of cl_toolkit.kernels (see gpu_kernels.py),
 # then other kernel versions (kernel_variants.py) and fla's MoM layer on the same machine.
-# Usage, from anywhere:  bash benchmarks/perf/gpu_kernels.sh [--quick] [--profile] ...
+# Usage, from anywhere:  bash perf/gpu_kernels.sh [--quick] [--profile] ...
 #   VARIANTS="dv-in-scan" also times that other version of a kernel part after the main run.
 #   MOM_BASELINE=FILE (git show COMMIT:kernels/mom.py > FILE) times that earlier MoM layer too.
 #   FLA_MOM_S=240: seconds for fla's MomAttention, timed last in a process of its own (its
@@ -37,7 +37,7 @@ if [[ "${WARM:-1}" != 0 ]]; then
   start=$SECONDS
   warm_s=$(( ${WARM_S:-240} < ${DEADLINE_S:-470} / 2 ? ${WARM_S:-240} : ${DEADLINE_S:-470} / 2 ))
   for part in $parts; do
-    timeout "$warm_s" python3 benchmarks/perf/gpu_kernels.py --warm "$part" \
+    timeout "$warm_s" python3 perf/gpu_kernels.py --warm "$part" \
       "${smoke[@]}" > "$OUT/warm_$part.log" 2>&1 &
   done
   wait
@@ -46,11 +46,11 @@ fi
 left() { echo $(( ${DEADLINE_S:-470} - SECONDS )); }
 budget=$(( $(left) - ${DEADLINE_RESERVE_S:-60} ))
 echo "main run: ${budget} s of timing budget ($(left) s left of DEADLINE_S=${DEADLINE_S:-470})"
-python3 benchmarks/perf/gpu_kernels.py --out "$OUT" --time-on-fail --budget-s "$budget" "$@" 2>&1 \
+python3 perf/gpu_kernels.py --out "$OUT" --time-on-fail --budget-s "$budget" "$@" 2>&1 \
   | tee "$OUT/gpu_kernels.log"
 status="${PIPESTATUS[0]}"
 for variant in ${VARIANTS:-}; do
-  python3 benchmarks/perf/gpu_kernels.py --out "$OUT" --variant "$variant" --ours-only \
+  python3 perf/gpu_kernels.py --out "$OUT" --variant "$variant" --ours-only \
     "${smoke[@]}" --skip-correctness --fla-ref "$OUT/gpu_kernels.json" \
     --budget-s "$(( $(left) - 30 < 120 ? $(left) - 30 : 120 ))" 2>&1 \
     | tee -a "$OUT/gpu_kernels.log"
@@ -61,7 +61,7 @@ if [[ "${FLA_MOM_S:-240}" == 0 ]]; then
 elif (( fla_s < 20 )); then
   echo "fla MomAttention: not timed (${fla_s} s left of DEADLINE_S)" | tee -a "$OUT/gpu_kernels.log"
 else
-  timeout "$fla_s" python3 benchmarks/perf/gpu_kernels.py --out "$OUT" --mom-only \
+  timeout "$fla_s" python3 perf/gpu_kernels.py --out "$OUT" --mom-only \
     --fla-mom "${smoke[@]}" --skip-correctness 2>&1 | tee -a "$OUT/gpu_kernels.log"
 fi
 echo "gpu_kernels.sh: $SECONDS s in all" | tee -a "$OUT/gpu_kernels.log"

@@ -8,14 +8,14 @@ and task ids (5 tasks) at batch 32. The backbones take turns step by step, so a 
 on a shared machine hits them alike; the figure is the best of ``--repeats`` steps in CPU time
 of this process (``--clock wall`` for wall-clock), at one thread by default.
 
-    python -m cl_toolkit.benchmarks.perf.mom_cpu_step
+    python -m perf.mom_cpu_step
 
 On a GPU (``--device cuda``, wall-clock with synchronisation; ``--dtype bfloat16`` runs the
 forward under autocast) the MoM rows take the Triton path, and the variant ``mom shared, fla``
 puts fla's MomAttention (https://github.com/fla-org/flash-linear-attention) into the same
 block in place of our MoM layer (reported as unavailable where fla is not installed):
 
-    python -m cl_toolkit.benchmarks.perf.mom_cpu_step --device cuda --dtype bfloat16 \
+    python -m perf.mom_cpu_step --device cuda --dtype bfloat16 \
         --variants transformer "mom shared" "mom task-routed" "mom shared, fla"
 """
 from __future__ import annotations

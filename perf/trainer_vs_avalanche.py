@@ -5,7 +5,7 @@ all three use the same single head and loss), SGD, batch 64, 1 epoch per task, t
 in-memory tensors. Prints samples/s of each and the ratios; repeats are interleaved so machine
 noise hits all three alike and the median is reported.
 
-    python benchmarks/perf/trainer_vs_avalanche.py [--repeats 3] [--threads N]
+    python perf/trainer_vs_avalanche.py [--repeats 3] [--threads N]
 """
 from __future__ import annotations
 
