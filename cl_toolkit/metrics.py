@@ -1,7 +1,11 @@
-"""Continual-learning metrics as pure functions of the accuracy matrix.
+"""Continual-learning metrics as pure functions of the score matrix.
 
-``R[i, j]`` is the accuracy on task j after learning task i (i, j = 0..T-1) and ``b[j]`` the
-accuracy on task j before any training (the runner's row ``-1``). Definitions follow
+``R[i, j]`` is the score on task j after learning task i (i, j = 0..T-1) and ``b[j]`` the
+score on task j before any training (the runner's row ``-1``). The score is the task kind's
+(accuracy, the daily IC, Dice, ...); the names below say "accuracy" as the papers do. For a
+score where lower is better, `summary` computes every metric on ``-R``, so BWT, FWT and
+forgetting keep their sign convention (positive forgetting = worse, positive BWT = better) and
+ACC stays in the score's own units. Definitions follow
 Lopez-Paz & Ranzato, GEM (https://arxiv.org/abs/1706.08840) and Chaudhry et al., RWalk
 (https://arxiv.org/abs/1801.10112):
 
@@ -99,9 +103,17 @@ def not_applicable(scenario: str, declared: Mapping[str, str] | None = None) -> 
 
 
 def summary(R, b: Sequence[float] | None = None,
-            not_applicable: Mapping[str, str] | None = None) -> dict:
+            not_applicable: Mapping[str, str] | None = None,
+            higher_is_better: bool = True) -> dict:
     """All scalar metrics of one run (JSON-friendly); those named in ``not_applicable`` are
     ``None``."""
+    if not higher_is_better:
+        out = summary(-np.asarray(R, dtype=np.float64),
+                      None if b is None else -np.asarray(b, dtype=np.float64), not_applicable)
+        for key in ("acc", "learning_acc"):
+            out[key] = None if out[key] is None else -out[key]
+        out["running_acc"] = [-v for v in out["running_acc"]]
+        return out
     unknown = set(not_applicable or {}) - set(SCALARS)
     if unknown:
         raise ValueError(f"not_applicable names unknown metrics {sorted(unknown)}; the scalar "

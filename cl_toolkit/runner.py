@@ -1,7 +1,9 @@
 """The loop of one run (DESIGN.md section 2) and the evaluator.
 
     build stream -> build model -> build strategy -> evaluate before training (row b)
-    for each task t: strategy.learn(task); R[t, j] = accuracy on every task j; commit
+    for each task t: strategy.learn(task); R[t, j] = score on every task j; commit
+
+The score is the stream's task kind's (`cl_toolkit.task_kinds`): accuracy, the daily IC, Dice.
 
 Every commit writes the checkpoint and ``results.json`` atomically, so a crash or kill loses at
 most the task in progress, and ``resume=true`` continues from the last finished task with the
@@ -24,7 +26,9 @@ from .errors import ClToolkitError, ConfigError, PluginError, ResumeError
 from .models import Classifier, task_mask
 from .store import RunStore, code_version, describe_code, remove_partial_files, same_code
 from .strategy import RunContext, Strategy
-from .stream import Task, TaskStream, answer_scores
+from .stream import Task, TaskStream
+from .task_kinds import TaskKind, task_kind
+from .trainer import check_settings
 
 FORMAT = 1
 # Keys that do not change what a run computes: a resumed run may differ in them.
@@ -123,52 +127,60 @@ def build_strategy(cfg: dict) -> Strategy:
     return strategy
 
 
+def check_compatible(cfg: dict, stream: TaskStream) -> None:
+    """Refuse, before a model is built, a strategy that does not support the stream's scenario
+    or task kind, and a probe whose required capabilities the strategy lacks (both read from
+    the classes' declarations: nothing is constructed)."""
+    name = cfg["strategy"]["name"]
+    strategy = registry.resolve("strategy", name)
+    if stream.kind not in strategy.task_kinds:
+        raise ConfigError(
+            f"strategy={name} cannot learn {stream.kind} tasks (benchmark={stream.name}); it "
+            f"supports {', '.join(strategy.task_kinds)}. Strategies for {stream.kind} tasks: "
+            f"{', '.join(_strategies_for('task_kinds', stream.kind)) or 'none built in'}.")
+    if stream.scenario not in strategy.scenarios:
+        raise ConfigError(
+            f"strategy={name} does not support the {stream.scenario} scenario (benchmark="
+            f"{stream.name}); it supports {', '.join(strategy.scenarios)}.")
+    probe = cfg.get("probe")
+    if isinstance(probe, dict) and "name" in probe:
+        probes.check_compatible(registry.resolve("probe", probe["name"]), strategy, name)
+
+
+def _strategies_for(attribute: str, value: str) -> list[str]:
+    out = []
+    for n in registry.names("strategy"):
+        try:
+            if value in getattr(registry.resolve("strategy", n), attribute, ()):
+                out.append(n)
+        except ClToolkitError:
+            continue
+    return out
+
+
 @torch.no_grad()
-def evaluate(strategy: Strategy, task: Task, batch_size: int, device: torch.device) -> float:
-    """Top-1 accuracy of ``strategy.predict`` on ``task.test`` (token tasks: over answers)."""
-    return evaluate_scores(strategy, task, batch_size, device)["accuracy"]
-
-
-# Logit elements [B, L, V] one evaluation batch of a token task may hold (128 MiB of float32).
-EVAL_LOGITS = 2 ** 25
-
-
-@torch.no_grad()
-def evaluate_scores(strategy: Strategy, task: Task, batch_size: int, device: torch.device
-                    ) -> dict[str, float]:
-    """``{"accuracy"}``; token tasks add ``"exact_match"`` (sequences whose answers are all
-    right) and count accuracy over answer positions, one per query."""
+def evaluate_scores(strategy: Strategy, task: Task, batch_size: int, device: torch.device,
+                    kind: TaskKind | None = None) -> dict[str, float]:
+    """The task kind's scores of ``strategy.predict`` on ``task.test``, primary metric first
+    (classification: ``{"accuracy"}``; tokens add ``"exact_match"``)."""
+    stream = strategy.stream
+    kind = kind or task_kind(stream.kind)
     model = getattr(strategy, "model", None)
     if isinstance(model, torch.nn.Module):
         model.eval()
-    data = task.test
-    if not data.is_tokens:
-        correct = 0
-        for x, y, _ in data.batches(batch_size):
-            logits = strategy.predict(x.to(device), task)
-            correct += int((logits.argmax(1).cpu() == y).sum())
-        return {"accuracy": correct / max(len(data), 1)}
-    correct = answers = exact = 0
-    for x, y, _ in data.batches(_token_batch(strategy, data.x.shape[1], batch_size)):
-        c, n = answer_scores(strategy.predict(x.to(device), task).argmax(-1).cpu(), y)
-        correct, answers, exact = correct + int(c.sum()), answers + int(n.sum()), \
-            exact + int((c == n).sum())
-    return {"accuracy": correct / max(answers, 1), "exact_match": exact / max(len(data), 1)}
-
-
-def _token_batch(strategy: Strategy, seq_len: int, batch_size: int) -> int:
-    """Rows per evaluation batch so that its logits stay under ``EVAL_LOGITS`` elements."""
-    vocab = getattr(getattr(strategy, "stream", None), "vocab_size", None) or 1
-    return max(1, min(batch_size, EVAL_LOGITS // (seq_len * vocab)))
+    rows = kind.rows_per_batch(task.test.x, batch_size, stream)
+    return kind.score(lambda x, t: strategy.predict(x.to(device), task), task.test, rows)
 
 
 def run_analyses(strategy: Strategy, stream: TaskStream, task: Task, batch_size: int,
                  device: torch.device) -> dict:
     """The stream's analyses of the model after ``task`` (see `cl_toolkit.stream`), keyed as
     in ``results["extras"]``; each gets a predictor of token ids ``[N, L]``."""
+    kind = task_kind(stream.kind)
+
     @torch.no_grad()
     def predict(x: torch.Tensor) -> torch.Tensor:
-        rows = _token_batch(strategy, x.shape[1], batch_size)
+        rows = kind.rows_per_batch(x, batch_size, stream)
         return torch.cat([strategy.predict(x[s:s + rows].to(device), task).argmax(-1).cpu()
                           for s in range(0, x.shape[0], rows)])
 
@@ -232,11 +244,17 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
     stream = build_stream(cfg)
     if cfg.get("smoke"):
         stream = smoke.shrink_stream(stream, seed)
+    check_compatible(cfg, stream)
+    kind = task_kind(stream.kind)
+    primary, extra_keys = kind.metric.key, [m.key for m in kind.extra_metrics]
     model = build_model(cfg, stream)
     strategy = build_strategy(cfg)
     probe = probes.build_probe(cfg)
+    trainer = cfg.get("trainer") or {}
+    precision, grad_clip = trainer.get("precision", "fp32"), trainer.get("grad_clip")
+    check_settings(precision, grad_clip, device)
     ctx = RunContext(device=device, seed=seed, generator=torch.Generator().manual_seed(seed),
-                     progress=progress)
+                     progress=progress, precision=precision, grad_clip=grad_clip)
     if hooks is not None:
         ctx.hooks = hooks
     probes.attach(probe, stream, ctx)
@@ -261,12 +279,12 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
                       "with this code.", flush=True)
             state["code"].append(code_version())
     else:
-        before = [evaluate_scores(strategy, t, eval_bs, device) for t in stream]
-        state = {"before": [s["accuracy"] for s in before], "matrix": [], "train_s": [],
+        before = [evaluate_scores(strategy, t, eval_bs, device, kind) for t in stream]
+        state = {"before": [s[primary] for s in before], "matrix": [], "train_s": [],
                  "eval_s": [], "memory": [], "code": [code_version()]}
-        if stream.is_tokens:
-            state["extras"] = {"exact_match": {"before": [s["exact_match"] for s in before],
-                                               "matrix": []}}
+        if extra_keys:
+            state["extras"] = {k: {"before": [s[k] for s in before], "matrix": []}
+                               for k in extra_keys}
 
     if progress is not None:
         progress.start(stream, strategy, start=len(state["matrix"]))
@@ -277,11 +295,13 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
         t0 = time.perf_counter()
         _guard_plugin(strategy, f"learn (task {task.index})", lambda: strategy.learn(task))
         t1 = time.perf_counter()
-        scores = [evaluate_scores(strategy, other, eval_bs, device) for other in stream]
-        row = [s["accuracy"] for s in scores]
-        if stream.is_tokens:
-            state["extras"]["exact_match"]["matrix"].append([s["exact_match"] for s in scores])
-            state["extras"].update(run_analyses(strategy, stream, task, eval_bs, device))
+        scores = [evaluate_scores(strategy, other, eval_bs, device, kind) for other in stream]
+        row = [s[primary] for s in scores]
+        for k in extra_keys:
+            state["extras"][k]["matrix"].append([s[k] for s in scores])
+        if stream.analyses:
+            state.setdefault("extras", {}).update(
+                run_analyses(strategy, stream, task, eval_bs, device))
         t2 = time.perf_counter()
         ctx.hooks.call("after_task", strategy=strategy, task=task)
         state["matrix"].append(row)
@@ -318,9 +338,11 @@ def _results(cfg, stream, strategy, model, state, T) -> dict:
         "stream": stream.describe(),
         "strategy": cfg["strategy"]["name"],
         "model_params": sum(p.numel() for p in model.parameters()),
+        "metric": task_kind(stream.kind).metric.describe(),
         "before": state["before"],
         "matrix": state["matrix"],
-        "metrics": metrics.summary(square, state["before"][:k], skip),
+        "metrics": metrics.summary(square, state["before"][:k], skip,
+                                   task_kind(stream.kind).metric.higher_is_better),
         "not_applicable": skip,
         "memory_bytes": state["memory"],
         "reference": strategy.reference_accuracy(),

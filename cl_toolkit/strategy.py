@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .errors import NonFiniteLossError
-from .stream import IGNORE_INDEX, Task, TaskStream, TensorData
+from .stream import SCENARIOS, Task, TaskStream, TensorData
+from .trainer import Trainer, aux_loss  # noqa: F401  (aux_loss: re-exported for plugins)
 
 Hook = Callable[..., None]
 HOOK_EVENTS = ("before_task", "after_task", "before_epoch", "after_epoch", "after_batch")
@@ -49,6 +48,11 @@ class RunContext:
     generator: torch.Generator = field(default_factory=torch.Generator)
     hooks: Hooks = field(default_factory=Hooks)
     progress: Any = None  # cl_toolkit.progress.Progress-like; None = silent
+    precision: str = "fp32"  # trainer.precision: fp32 | bf16 | fp16 (autocast on a GPU)
+    grad_clip: float | None = None  # trainer.grad_clip: max global gradient L2 norm
+
+    def __post_init__(self):
+        self.trainer = Trainer(self, self.precision, self.grad_clip)
 
     def advance(self, what: str, total: int | None = None) -> None:
         if self.progress is not None:
@@ -64,6 +68,12 @@ class Strategy:
     """
 
     name: str = ""
+    # What the strategy supports, checked before anything runs: scenarios and task kinds
+    # (`cl_toolkit.task_kinds`), and the capabilities a probe may require ("train_step": the
+    # strategy takes one step of its own objective on given data, see `train_step`).
+    scenarios: tuple[str, ...] = SCENARIOS
+    task_kinds: tuple[str, ...] = ("classification",)
+    capabilities: frozenset[str] = frozenset()
 
     def setup(self, stream: TaskStream, model: nn.Module, ctx: RunContext) -> None:
         self.stream, self.model, self.ctx = stream, model.to(ctx.device), ctx
@@ -87,6 +97,13 @@ class Strategy:
         """Training-time task ids, handed to the model exactly when `predict` hands them (a
         model must not learn to rely on an id it will not get at test time)."""
         return t if self.stream.task_il and getattr(self.model, "uses_task_id", False) else None
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+                   task: Task) -> torch.Tensor:
+        """One step of the strategy's own objective on ``(x, y, t)`` (on the run's device),
+        through the run's trainer; returns the loss. Strategies that declare the capability
+        ``"train_step"`` implement it (a probe's study steps use it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not train by gradient steps.")
 
     def state_dict(self) -> dict:
         """Everything needed to continue after the last finished task."""
@@ -112,10 +129,10 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
 def supervised_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of class logits ``[B, C]`` against labels ``[B]``, or of token logits
     ``[B, L, V]`` against per-position targets ``[B, L]`` averaged over the positions that have
-    one (``IGNORE_INDEX`` = no loss)."""
-    if logits.dim() == 3:
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
-    return F.cross_entropy(logits, y)
+    one (``IGNORE_INDEX`` = no loss): the classification and token kinds' loss."""
+    from .task_kinds import Classification, Tokens
+
+    return (Tokens() if logits.dim() == 3 else Classification()).loss(logits, y)
 
 
 def make_optimizer(name: str, params, lr: float, momentum: float = 0.0,
@@ -131,19 +148,15 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.0,
     raise unknown_name("optimizer", name, ["sgd", "adam", "adamw"])
 
 
-def aux_loss(model: nn.Module) -> torch.Tensor | float:
-    """The model's auxiliary loss from its last forward (already weighted), or 0."""
-    aux = getattr(model, "aux_loss", None)
-    return 0.0 if aux is None else aux
-
-
 class SupervisedStrategy(Strategy):
-    """Mini-batch training with cross-entropy; subclasses change the data or add loss terms.
-
-    The loop indexes in-memory tensors, moves a batch to the device once and checks the loss for
-    NaN/Inf at every step (a scalar compare; it stops a run at the step that diverged, naming
-    task, epoch and step, while every finished task's results stay on disk).
+    """Mini-batch training on the task kind's loss; subclasses change the data or add loss
+    terms. Data are in-memory tensors indexed per batch and moved to the device once per batch;
+    the trainer adds the model's auxiliary loss and checks every loss for NaN/Inf (a run stops
+    at the step that diverged, naming task, epoch and step, with every finished task saved).
     """
+
+    task_kinds = ("classification", "tokens", "cross_section", "segmentation")
+    capabilities = frozenset({"train_step"})
 
     def __init__(self, epochs: int = 1, batch_size: int = 32, lr: float = 0.01,
                  optimizer: str = "sgd", momentum: float = 0.0, weight_decay: float = 0.0,
@@ -154,11 +167,17 @@ class SupervisedStrategy(Strategy):
         self.optimizer: torch.optim.Optimizer | None = None
         self.tasks_seen = 0
 
+    def setup(self, stream: TaskStream, model: nn.Module, ctx: RunContext) -> None:
+        super().setup(stream, model, ctx)
+        from .task_kinds import task_kind
+
+        self.kind = task_kind(stream.kind)
+
     def train_data(self, task: Task) -> TensorData:
         return task.train
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, task: Task) -> torch.Tensor:
-        return supervised_loss(self.model(x, self.train_task_ids(t)), y)
+        return self.kind.loss(self.model(x, self.train_task_ids(t)), y)
 
     def after_task(self, task: Task) -> None:
         """Update buffers etc. once the task has been learned."""
@@ -166,44 +185,36 @@ class SupervisedStrategy(Strategy):
     def current_lr(self) -> float:
         return self.lr * self.lr_decay ** self.tasks_seen
 
-    def learn(self, task: Task) -> None:
-        ctx, model = self.ctx, self.model
+    def _prepare_optimizer(self) -> torch.optim.Optimizer:
         if self.optimizer is None or self.reset_optimizer:
-            self.optimizer = make_optimizer(self.optimizer_name, model.parameters(),
+            self.optimizer = make_optimizer(self.optimizer_name, self.model.parameters(),
                                             self.current_lr(), self.momentum, self.weight_decay)
         else:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.current_lr()
-        opt, data, dev = self.optimizer, self.train_data(task), ctx.device
-        hooks = ctx.hooks
-        steps = -(-len(data) // self.batch_size)  # per epoch, for progress within an epoch
-        model.train()
-        for epoch in range(self.epochs):
-            hooks.call("before_epoch", strategy=self, task=task, epoch=epoch)
-            for step, (x, y, t) in enumerate(data.batches(self.batch_size, ctx.generator, True)):
-                if x.device != dev:
-                    x, y, t = x.to(dev, non_blocking=True), y.to(dev), t.to(dev)
-                loss = self.loss(x, y, t, task)
-                loss = loss + aux_loss(model)  # e.g. MoM load balancing, for every strategy
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"Loss became {loss.item()} in task {task.index} ({task.name!r}), epoch "
-                        f"{epoch}, step {step}. Results of the tasks finished before it are "
-                        "saved. Lower the learning rate (strategy.lr), check the inputs for "
-                        "NaN/Inf, or add gradient clipping."
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                ctx.advance("step", steps)
-                if hooks.after_batch:
-                    hooks.call("after_batch", strategy=self, task=task, epoch=epoch, step=step,
-                               loss=loss)
-            hooks.call("after_epoch", strategy=self, task=task, epoch=epoch)
-            ctx.advance("epoch", self.epochs)
-        model.eval()
+        return self.optimizer
+
+    def learn(self, task: Task) -> None:
+        opt, data = self._prepare_optimizer(), self.train_data(task)
+        self.ctx.trainer.fit(
+            optimizer=opt, epochs=self.epochs, model=self.model, strategy=self, task=task,
+            batches=lambda epoch: data.batches(self.batch_size, self.ctx.generator, True),
+            loss=lambda b: self.loss(*b, task), what=f"task {task.index} ({task.name!r})",
+            steps_per_epoch=-(-len(data) // self.batch_size))
         self.after_task(task)
         self.tasks_seen += 1
+
+    def train_step(self, x, y, t, task):
+        if self.optimizer is None:
+            self._prepare_optimizer()
+        was_training = self.model.training
+        self.model.train()
+        try:
+            return self.ctx.trainer.step(lambda: self.loss(x, y, t, task), self.optimizer,
+                                         model=self.model,
+                                         where=f"a probe's step in task {task.index}")
+        finally:
+            self.model.train(was_training)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "tasks_seen": self.tasks_seen,

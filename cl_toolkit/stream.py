@@ -16,6 +16,10 @@ and ``y`` are token ids ``[N, L]`` (int64), ``y`` holds the target of every posi
 stream then carries its ``vocab_size`` and may carry ``analyses``: functions that score a model
 on extra held-out sets (accuracy against the number of pairs, error classes, ...) and whose
 JSON goes into ``results["extras"]``.
+
+Every stream names the kind of its tasks (``kind``, see `cl_toolkit.task_kinds`): the shape of
+their data, the loss and the score. Left unset it is ``tokens`` for a stream with a vocabulary
+and ``classification`` otherwise.
 """
 from __future__ import annotations
 
@@ -34,8 +38,9 @@ Analysis = Callable[[TokenPredictor], dict]
 
 @dataclass
 class TensorData:
-    """Inputs ``x`` ``[N, ...]`` (float), global integer labels ``y`` ``[N]`` and the task id of
-    every sample ``t`` ``[N]`` (replay buffers and joint training mix tasks in one batch, and
+    """Inputs ``x`` ``[N, ...]``, targets ``y`` ``[N, ...]`` (global integer labels ``[N]`` for
+    classification; see `cl_toolkit.task_kinds` for the other kinds) and the task id of every
+    sample ``t`` ``[N]`` (replay buffers and joint training mix tasks in one batch, and
     multi-head models need to know which head each sample belongs to)."""
 
     x: torch.Tensor
@@ -50,18 +55,23 @@ class TensorData:
                 f"{None if self.t is None else self.t.shape[0]} task ids; all must have the "
                 "same first dimension."
             )
-        if self.y.dtype != torch.long:
+        if self.y.dtype != torch.long and not self.y.is_floating_point():
             self.y = self.y.long()
         if self.t is None:
             self.t = torch.zeros(n, dtype=torch.long)
-        if self.y.dim() == 2 and self.x.shape != self.y.shape:
+        if self.x.dtype == torch.long and self.y.dim() == 2 and self.x.shape != self.y.shape:
             raise ValueError(f"Token data needs x and y of the same shape [N, L]; got x "
                              f"{tuple(self.x.shape)} and y {tuple(self.y.shape)}.")
 
     @property
     def is_tokens(self) -> bool:
-        """Per-position targets ``y [N, L]`` (token data) rather than one label per sample."""
-        return self.y.dim() == 2
+        """Token ids ``x`` with per-position targets ``y [N, L]``."""
+        return self.x.dtype == torch.long and self.y.dim() == 2
+
+    @property
+    def has_labels(self) -> bool:
+        """One integer class label per sample (what class-balanced buffers balance over)."""
+        return self.y.dim() == 1 and not self.y.is_floating_point()
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -71,6 +81,11 @@ class TensorData:
 
     @staticmethod
     def cat(parts: Sequence["TensorData"]) -> "TensorData":
+        """The samples of ``parts`` in order; token data of different lengths are padded on the
+        right to the longest (see `pad_tokens`)."""
+        if all(p.is_tokens for p in parts):
+            xs, ys = pad_tokens([p.x for p in parts], [p.y for p in parts])
+            return TensorData(torch.cat(xs), torch.cat(ys), torch.cat([p.t for p in parts]))
         return TensorData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]),
                           torch.cat([p.t for p in parts]))
 
@@ -121,8 +136,11 @@ class TaskStream:
     info: dict = field(default_factory=dict)
     vocab_size: int | None = None
     analyses: dict[str, Analysis] = field(default_factory=dict)
+    kind: str | None = None
 
     def __post_init__(self):
+        if self.kind is None:
+            self.kind = "tokens" if self.vocab_size is not None else "classification"
         if self.scenario not in SCENARIOS:
             raise ValueError(
                 f"Unknown scenario {self.scenario!r}; choose one of {', '.join(SCENARIOS)}."
@@ -134,6 +152,12 @@ class TaskStream:
                 raise ValueError(f"Task {t.name!r} has index {t.index} but sits at position {i}.")
             t.train.t = torch.full((len(t.train),), i, dtype=torch.long)
             t.test.t = torch.full((len(t.test),), i, dtype=torch.long)
+        from .task_kinds import task_kind
+
+        kind = task_kind(self.kind)
+        for t in self.tasks:
+            kind.check(t.train, f"{self.name} task {t.name!r} train")
+            kind.check(t.test, f"{self.name} task {t.name!r} test")
         if self.vocab_size is not None:
             for t in self.tasks:
                 check_tokens(t.train, self.vocab_size, f"{self.name} task {t.name!r} train")
@@ -172,6 +196,7 @@ class TaskStream:
         """JSON-friendly description stored with every result."""
         return {
             "name": self.name,
+            "kind": self.kind,
             "scenario": self.scenario,
             "num_tasks": len(self.tasks),
             "num_classes": self.num_classes,
@@ -186,6 +211,19 @@ class TaskStream:
             **({"vocab_size": self.vocab_size, "seq_len": int(self.input_shape[0])}
                if self.is_tokens else {}),
         }
+
+
+def pad_tokens(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Token ids ``[N_i, L_i]`` and their targets padded on the right to the longest ``L``:
+    inputs with token 0, targets with ``IGNORE_INDEX``. A causal model's outputs at the real
+    positions do not see the padding, and the padding carries no loss, so sequences of several
+    lengths train together (replay and joint training over tasks of different lengths)."""
+    L = max(x.shape[1] for x in xs)
+    pad = torch.nn.functional.pad
+    return ([x if x.shape[1] == L else pad(x, (0, L - x.shape[1])) for x in xs],
+            [y if y.shape[1] == L else pad(y, (0, L - y.shape[1]), value=IGNORE_INDEX)
+             for y in ys])
 
 
 def check_tokens(data: TensorData, vocab_size: int, where: str) -> None:

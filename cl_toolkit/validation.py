@@ -170,6 +170,18 @@ def check_output_root(root: Any) -> None:
                           "writable directory, e.g. output_root=$HOME/runs.")
 
 
+def check_trainer(node: Any, device: Any) -> None:
+    import torch
+
+    from .trainer import check_settings
+
+    if not isinstance(node, dict) or set(node) - {"precision", "grad_clip"}:
+        raise ConfigError(f"trainer must be a mapping with keys precision and grad_clip; got "
+                          f"{node!r}. Set e.g. trainer.precision=fp32 trainer.grad_clip=1.0.")
+    check_value("trainer", "grad_clip", node.get("grad_clip"), 1.0)
+    check_settings(node.get("precision", "fp32"), node.get("grad_clip"), torch.device(device))
+
+
 def check_config(cfg: dict) -> None:
     """Raise `ConfigError` for the first value of ``cfg`` that cannot run."""
     for key, example in TOP_TYPES.items():
@@ -180,5 +192,7 @@ def check_config(cfg: dict) -> None:
             check_node(kind, group, cfg[group])
     if "device" in cfg:
         check_device(cfg["device"])
+    if "trainer" in cfg:
+        check_trainer(cfg["trainer"], cfg.get("device", "cpu"))
     if "output_root" in cfg:
         check_output_root(cfg["output_root"])

@@ -170,25 +170,21 @@ class GKCL(KCL):
         old = copy.deepcopy(gen).eval() if n_old > 0 and self.generator_replay else None
         w_new = len(task.classes) / (len(task.classes) + n_old)
         opt = torch.optim.Adam(gen.parameters(), lr=self.generator_lr)
-        gen.train()
-        for epoch in range(self.generator_epochs):
-            for step, (xb, cb, _) in enumerate(data.batches(self.generator_batch_size,
-                                                            ctx.generator, True)):
-                loss = gen.loss(xb, cb)
-                if old is not None:
-                    cr = torch.randint(n_old, (len(cb),), generator=ctx.generator).to(dev)
-                    loss = w_new * loss + (1 - w_new) * gen.loss(old.sample(cr, ctx.generator), cr)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"gkcl: generator loss became {loss.item()} in task {task.index} "
-                        f"({task.name!r}), generator epoch {epoch}, step {step}. Results of the "
-                        "tasks finished before it are saved. Lower strategy.generator_lr or "
-                        "check the inputs for NaN/Inf."
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        gen.eval()
+
+        def loss(batch):
+            xb, cb, _ = batch
+            value = gen.loss(xb, cb)
+            if old is not None:
+                cr = torch.randint(n_old, (len(cb),), generator=ctx.generator).to(dev)
+                value = w_new * value + (1 - w_new) * gen.loss(old.sample(cr, ctx.generator), cr)
+            return value
+
+        # The generator's own steps: no model aux loss, no hooks (they watch the extractor).
+        ctx.trainer.fit(optimizer=opt, epochs=self.generator_epochs, loss=loss, modules=(gen,),
+                        batches=lambda epoch: data.batches(self.generator_batch_size,
+                                                           ctx.generator, True),
+                        what=f"gkcl generator training, task {task.index} ({task.name!r})",
+                        lr_key="strategy.generator_lr", hooks=False)
 
     def _inherit_conditions(self, task: Task) -> None:
         """New conditions of ``task`` start from the latest earlier condition of their class."""

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl_toolkit.errors import ConfigError, NonFiniteLossError
+from cl_toolkit.errors import ConfigError
 from cl_toolkit.strategy import RunContext, Strategy, make_optimizer, tensor_bytes
 from cl_toolkit.stream import Task, TaskStream, TensorData
 
@@ -164,52 +164,41 @@ class KCL(Strategy):
                              self.momentum, self.weight_decay)
         local, n_cls, ti = self.local_labels(task), len(task.classes), task.index
         vrf = self.kernel == "vrf"
-        model.train()
-        machine.train()
-        for epoch in range(self.epochs):
-            ctx.hooks.call("before_epoch", strategy=self, task=task, epoch=epoch)
+
+        def batches(epoch: int):
             order = torch.randperm(len(train), generator=ctx.generator)
             for step, idx in enumerate(order.split(self.batch_size)):
                 x, y = train.x[idx], train.y[idx]
                 xs, ys, xq, yq = self.support_query(task, x, y, idx)
-                if xq.shape[0] == 0:  # a last batch of one sample leaves no query to score
-                    continue
-                # Two passes, as the reference: BatchNorm sees the support and the query apart.
-                hs, hq = (normalise_features(model.features(
-                    v, torch.full((len(v),), ti, dtype=torch.long, device=dev)), self.feature_norm)
-                    for v in (xs, xq))
-                h = torch.cat([hs, hq])
-                # Fresh VRF noise on the device from the global RNG (as dropout; the runner
-                # saves and restores that RNG with each checkpoint).
-                eps = torch.randn_like(machine.omega_eps) if vrf else None
-                try:
-                    # The VRF prior sees the whole batch's mean feature (support + query when
-                    # the batch is split, the query alone when it is the whole batch).
-                    h_batch = h if self.support == "batch" else hq
-                    logits, kl = machine(ti, hs, local[ys], hq, n_cls, h_batch=h_batch, eps=eps)
-                except KernelSolveError as exc:
-                    raise KernelSolveError(f"{self.name}: task {ti} ({task.name!r}), epoch "
-                                           f"{epoch}, step {step}: {exc}") from exc
-                loss = (F.cross_entropy(logits, local[yq]) + self.tau * kl
-                        + self.extra_loss(h, torch.cat([ys, yq])))
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"{self.name}: loss became {loss.item()} in task {ti} ({task.name!r}), "
-                        f"epoch {epoch}, step {step}. Results of the tasks finished before it "
-                        "are saved. Lower the learning rate (strategy.lr), raise lambda_min, or "
-                        "check the inputs for NaN/Inf."
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                self._solutions.clear()  # a hook may predict: solve with the new extractor
-                if ctx.hooks.after_batch:
-                    ctx.hooks.call("after_batch", strategy=self, task=task, epoch=epoch,
-                                   step=step, loss=loss)
-            ctx.hooks.call("after_epoch", strategy=self, task=task, epoch=epoch)
-            ctx.advance("epoch", self.epochs)
-        model.eval()
-        machine.eval()
+                if xq.shape[0]:  # a last batch of one sample leaves no query to score
+                    yield xs, ys, xq, yq, epoch, step
+
+        def loss(batch):
+            xs, ys, xq, yq, epoch, step = batch
+            # Two passes, as the reference: BatchNorm sees the support and the query apart.
+            hs, hq = (normalise_features(model.features(
+                v, torch.full((len(v),), ti, dtype=torch.long, device=dev)), self.feature_norm)
+                for v in (xs, xq))
+            h = torch.cat([hs, hq])
+            # Fresh VRF noise on the device from the global RNG (as dropout; the runner saves
+            # and restores that RNG with each checkpoint).
+            eps = torch.randn_like(machine.omega_eps) if vrf else None
+            try:
+                # The VRF prior sees the whole batch's mean feature (support + query when the
+                # batch is split, the query alone when it is the whole batch).
+                h_batch = h if self.support == "batch" else hq
+                logits, kl = machine(ti, hs, local[ys], hq, n_cls, h_batch=h_batch, eps=eps)
+            except KernelSolveError as exc:
+                raise KernelSolveError(f"{self.name}: task {ti} ({task.name!r}), epoch "
+                                       f"{epoch}, step {step}: {exc}") from exc
+            return (F.cross_entropy(logits, local[yq]) + self.tau * kl
+                    + self.extra_loss(h, torch.cat([ys, yq])))
+
+        # A hook may predict after a step: solve with the new extractor then.
+        ctx.trainer.fit(optimizer=opt, epochs=self.epochs, batches=batches, loss=loss,
+                        model=model, modules=(model, machine), strategy=self, task=task,
+                        what=f"{self.name} task {ti} ({task.name!r})",
+                        after_step=self._solutions.clear)
         self.end_task(task, train)
         self.tasks_seen += 1
         self._solutions.clear()

@@ -3,20 +3,21 @@
 Each training step adds a batch drawn from the buffer to the current batch. After a task the
 buffer is rebuilt so every class seen so far gets an equal share of the budget; within a class
 the kept samples are a uniform random subset (reservoir sampling, done in one draw since the
-whole task is in memory). On token streams (targets ``[N, L]``, no class per sample) the
-budget is shared over the tasks seen so far instead.
+whole task is in memory). Where samples have no single class label (token sequences, a day's
+cross-section, a segmentation mask) the budget is shared over the tasks seen so far instead.
+Token sequences of different lengths are padded to a common one (`pad_tokens`).
 """
 from __future__ import annotations
 
 import torch
 
-from cl_toolkit.stream import Task, TensorData
-from cl_toolkit.strategy import SupervisedStrategy, supervised_loss, tensor_bytes
+from cl_toolkit.stream import Task, TensorData, pad_tokens
+from cl_toolkit.strategy import SupervisedStrategy, tensor_bytes
 
 
 class ClassBalancedBuffer:
     """A fixed budget in samples, split evenly over classes (the remainder goes to the first
-    classes in id order); over tasks for token data, whose samples have no single class."""
+    classes in id order); over tasks for data whose samples have no single class."""
 
     def __init__(self, size: int):
         if size < 0:
@@ -29,7 +30,7 @@ class ClassBalancedBuffer:
 
     def update(self, new: TensorData, generator: torch.Generator) -> None:
         pool = new if self.data is None else TensorData.cat([self.data, new])
-        labels = pool.t if pool.is_tokens else pool.y  # what the budget is balanced over
+        labels = pool.y if pool.has_labels else pool.t  # what the budget is balanced over
         groups = labels.unique(sorted=True)
         quota = [self.size // len(groups) + (i < self.size % len(groups))
                  for i in range(len(groups))]
@@ -59,10 +60,11 @@ class Replay(SupervisedStrategy):
         if len(self.buffer):
             mem = self.buffer.sample(self.replay_batch_size or x.shape[0], self.ctx.generator)
             dev = x.device
-            x = torch.cat([x, mem.x.to(dev)])
-            y = torch.cat([y, mem.y.to(dev)])
-            t = torch.cat([t, mem.t.to(dev)])
-        return supervised_loss(self.model(x, self.train_task_ids(t)), y)
+            xs, ys = [x, mem.x.to(dev)], [y, mem.y.to(dev)]
+            if mem.is_tokens:
+                xs, ys = pad_tokens(xs, ys)
+            x, y, t = torch.cat(xs), torch.cat(ys), torch.cat([t, mem.t.to(dev)])
+        return self.kind.loss(self.model(x, self.train_task_ids(t)), y)
 
     def after_task(self, task: Task) -> None:
         self.buffer.update(task.train, self.ctx.generator)

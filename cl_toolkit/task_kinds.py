@@ -1,0 +1,268 @@
+"""Task kinds: what a task's data look like, the loss a model trains on, and the score the
+runner writes into the matrix.
+
+The runner, the metrics (ACC, BWT, FWT, forgetting), the store and the report are the same for
+every kind; only these three things differ. A stream names its kind (``TaskStream.kind``); a
+plugin adds a kind through the registry (kind ``task_kind``, entry-point group
+``cl_toolkit.task_kinds``) by subclassing `TaskKind`.
+
+Built-in kinds, each ``score`` returning its primary metric first:
+
+- ``classification``: ``x [N, ...]``, labels ``y [N]``; accuracy.
+- ``tokens``: token ids ``x, y [N, L]``, ``IGNORE_INDEX`` where no answer is due; accuracy over
+  answer positions and exact match (every answer of a sequence right).
+- ``cross_section``: one time step's cross-section of entities per sample (a trading day of
+  stocks): features ``x [D, S, F]``, targets ``y [D, S]`` float (NaN: entity absent that day);
+  the model predicts ``[D, S]``. Score: the Pearson information coefficient per day between
+  prediction and target, averaged over days (IC); beside it the rank IC (Spearman per day) and
+  ICIR (mean IC / its std over days).
+- ``segmentation``: images ``[N, C, H, W]`` or clips ``[N, T, C, H, W]``, integer masks
+  ``[N, H, W]`` / ``[N, T, H, W]`` (0 = background, ``IGNORE_INDEX`` = unlabelled); the model
+  gives class logits ``[N, K, H, W]`` / ``[N, T, K, H, W]``. Score: Dice per frame and
+  foreground class, averaged (a class absent from both prediction and truth in a frame is
+  skipped); IoU beside it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .stream import IGNORE_INDEX, TensorData, answer_scores
+
+# Logit elements [B, L, V] one evaluation batch of a token task may hold (128 MiB of float32).
+EVAL_LOGITS = 2 ** 25
+# predict(x, t) -> the model's output for one batch (inputs and task ids on the CPU)
+Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a score is named and shown: ``percent`` scores are shown x100 with a % sign."""
+
+    key: str
+    label: str
+    higher_is_better: bool = True
+    percent: bool = True
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+class TaskKind:
+    """Base class of task kinds; ``metric`` is the score of the matrix, ``extra_metrics`` are
+    recorded beside it (``results["extras"][key]``)."""
+
+    name: str = ""
+    metric: Metric
+    extra_metrics: tuple[Metric, ...] = ()
+
+    def check(self, data: TensorData, where: str) -> None:
+        """Raise ``ValueError`` naming ``where`` if ``data`` do not have this kind's shape."""
+
+    def loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, predict: Predictor, data: TensorData, batch_size: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def rows_per_batch(self, x: torch.Tensor, batch_size: int, stream) -> int:
+        """Rows of inputs like ``x`` per evaluation batch (token tasks cap it so that the
+        logits fit in memory)."""
+        return batch_size
+
+    def keys(self) -> list[str]:
+        return [self.metric.key] + [m.key for m in self.extra_metrics]
+
+
+class Classification(TaskKind):
+    name = "classification"
+    metric = Metric("accuracy", "accuracy")
+
+    def check(self, data, where):
+        if data.y.dim() != 1 or data.y.is_floating_point():
+            raise ValueError(f"{where}: a classification task needs integer labels y [N]; got "
+                             f"{data.y.dtype} {tuple(data.y.shape)}.")
+
+    def loss(self, output, y):
+        return F.cross_entropy(output, y)
+
+    @torch.no_grad()
+    def score(self, predict, data, batch_size):
+        correct = 0
+        for x, y, t in data.batches(batch_size):
+            correct += int((predict(x, t).argmax(1).cpu() == y).sum())
+        return {"accuracy": correct / max(len(data), 1)}
+
+
+class Tokens(TaskKind):
+    name = "tokens"
+    metric = Metric("accuracy", "accuracy")
+    extra_metrics = (Metric("exact_match", "exact match"),)
+
+    def check(self, data, where):
+        if not data.is_tokens or data.x.dtype != torch.long:
+            raise ValueError(f"{where}: token tasks need x and y as int64 [N, L]; got x "
+                             f"{data.x.dtype} {tuple(data.x.shape)}, y {tuple(data.y.shape)}.")
+
+    def loss(self, output, y):
+        return F.cross_entropy(output.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+
+    def rows_per_batch(self, x, batch_size, stream):
+        """So that one batch's logits ``[B, L, V]`` stay under ``EVAL_LOGITS`` elements."""
+        vocab = getattr(stream, "vocab_size", None) or 1
+        return max(1, min(batch_size, EVAL_LOGITS // (x.shape[1] * vocab)))
+
+    @torch.no_grad()
+    def score(self, predict, data, batch_size):
+        correct = answers = exact = 0
+        for x, y, t in data.batches(batch_size):
+            c, n = answer_scores(predict(x, t).argmax(-1).cpu(), y)
+            correct, answers = correct + int(c.sum()), answers + int(n.sum())
+            exact += int((c == n).sum())
+        return {"accuracy": correct / max(answers, 1), "exact_match": exact / max(len(data), 1)}
+
+
+def rank_normalise(y: torch.Tensor) -> torch.Tensor:
+    """Per row of ``y [D, S]``: ranks of the present (non-NaN) entries scaled to [-1, 1]
+    (ties get their mean rank), NaN kept; a row with one entry gets 0."""
+    out = torch.full_like(y, float("nan"))
+    for d in range(y.shape[0]):
+        present = ~torch.isnan(y[d])
+        n = int(present.sum())
+        if n:
+            out[d, present] = 2 * (_ranks(y[d, present]) - 1) / max(n - 1, 1) - 1 if n > 1 \
+                else 0.0
+    return out
+
+
+def _ranks(v: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``v [n]``, ties averaged."""
+    order = torch.argsort(v, stable=True)
+    ranks = torch.empty_like(v, dtype=torch.float64)
+    ranks[order] = torch.arange(1, len(v) + 1, dtype=torch.float64)
+    values, inverse = torch.unique(v, return_inverse=True)
+    sums = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(values), dtype=torch.float64).index_add_(
+        0, inverse, torch.ones_like(ranks))
+    return (sums / counts)[inverse].to(v.dtype)
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two vectors; NaN when either is constant or has < 2 entries."""
+    a, b = a.double(), b.double()
+    if a.numel() < 2:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    den = float(a.norm() * b.norm())
+    return float((a * b).sum()) / den if den > 0 else float("nan")
+
+
+def daily_ic(pred: torch.Tensor, y: torch.Tensor, rank: bool = False) -> list[float]:
+    """IC of every day of ``pred, y [D, S]`` over the entities present that day (``y`` not
+    NaN): Pearson, or Spearman (Pearson of ranks) with ``rank``. Days where it is undefined
+    (fewer than 2 entities, a constant prediction or target) are left out."""
+    out = []
+    for d in range(y.shape[0]):
+        present = ~torch.isnan(y[d])
+        p, t = pred[d, present], y[d, present]
+        if rank and p.numel() > 1:
+            p, t = _ranks(p.double()), _ranks(t.double())
+        ic = pearson(p, t)
+        if ic == ic:
+            out.append(ic)
+    return out
+
+
+class CrossSection(TaskKind):
+    name = "cross_section"
+    metric = Metric("ic", "IC", percent=False)
+    extra_metrics = (Metric("rank_ic", "rank IC", percent=False),
+                     Metric("icir", "ICIR", percent=False))
+
+    def check(self, data, where):
+        if data.x.dim() != 3 or data.y.shape != data.x.shape[:2] or \
+                not data.y.is_floating_point():
+            raise ValueError(f"{where}: a cross-section task needs features x [D, S, F] and "
+                             f"float targets y [D, S]; got x {tuple(data.x.shape)}, y "
+                             f"{data.y.dtype} {tuple(data.y.shape)}.")
+
+    def loss(self, output, y):
+        """MSE against the day's rank-normalised targets, over present entities."""
+        target = rank_normalise(y)
+        present = ~torch.isnan(target)
+        return F.mse_loss(output[present], target[present])
+
+    @torch.no_grad()
+    def score(self, predict, data, batch_size):
+        preds = torch.cat([predict(x, t).float().cpu() for x, _, t in data.batches(batch_size)])
+        ic, ric = daily_ic(preds, data.y.float()), daily_ic(preds, data.y.float(), rank=True)
+        mean = sum(ic) / len(ic) if ic else float("nan")
+        std = torch.tensor(ic, dtype=torch.float64).std().item() if len(ic) > 1 else float("nan")
+        return {"ic": mean, "rank_ic": sum(ric) / len(ric) if ric else float("nan"),
+                "icir": mean / std if std > 0 else float("nan")}
+
+
+def dice_iou(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[list, list]:
+    """Dice and IoU of every (frame, foreground class) of ``pred, y [M, H, W]`` (class ids;
+    ``IGNORE_INDEX`` pixels of ``y`` count for neither); a class absent from both prediction
+    and truth in a frame is skipped."""
+    valid = y != IGNORE_INDEX
+    dice, iou = [], []
+    for c in range(1, num_classes):
+        p, g = (pred == c) & valid, (y == c) & valid
+        inter = (p & g).flatten(1).sum(1).double()
+        sp, sg = p.flatten(1).sum(1).double(), g.flatten(1).sum(1).double()
+        seen = (sp + sg) > 0
+        dice += (2 * inter / (sp + sg))[seen].tolist()
+        iou += (inter / (sp + sg - inter))[seen].tolist()
+    return dice, iou
+
+
+class Segmentation(TaskKind):
+    name = "segmentation"
+    metric = Metric("dice", "Dice")
+    extra_metrics = (Metric("iou", "IoU"),)
+
+    def check(self, data, where):
+        if data.y.is_floating_point() or data.y.dim() not in (3, 4) or \
+                tuple(data.x.shape[:data.y.dim() - 2]) != tuple(data.y.shape[:-2]) or \
+                data.x.shape[-2:] != data.y.shape[-2:]:
+            raise ValueError(f"{where}: a segmentation task needs images x [N, C, H, W] with "
+                             f"masks y [N, H, W] (clips: x [N, T, C, H, W], y [N, T, H, W]) of "
+                             f"integer class ids; got x {tuple(data.x.shape)}, y {data.y.dtype} "
+                             f"{tuple(data.y.shape)}.")
+
+    def loss(self, output, y):
+        """Per-pixel cross-entropy; class logits on dim 1 (images) or 2 (clips)."""
+        if y.dim() == 4:
+            output, y = output.flatten(0, 1), y.flatten(0, 1)
+        return F.cross_entropy(output, y, ignore_index=IGNORE_INDEX)
+
+    @torch.no_grad()
+    def score(self, predict, data, batch_size):
+        dice, iou = [], []
+        for x, y, t in data.batches(batch_size):
+            out = predict(x, t).cpu()
+            k = out.shape[-3]
+            pred = out.argmax(-3)
+            d, i = dice_iou(pred.reshape(-1, *y.shape[-2:]), y.reshape(-1, *y.shape[-2:]), k)
+            dice, iou = dice + d, iou + i
+        return {"dice": sum(dice) / len(dice) if dice else float("nan"),
+                "iou": sum(iou) / len(iou) if iou else float("nan")}
+
+
+def task_kind(name: str) -> TaskKind:
+    """The task kind registered as ``name`` (built-ins and plugins)."""
+    from . import registry
+
+    kind = registry.resolve("task_kind", name)
+    kind = kind() if isinstance(kind, type) else kind
+    if not isinstance(kind, TaskKind):
+        from .errors import PluginError
+
+        raise PluginError(f"Task kind {name!r} is a {type(kind).__name__}, which does not "
+                          "subclass cl_toolkit.task_kinds.TaskKind; derive it from that class.")
+    return kind
