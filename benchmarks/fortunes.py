@@ -126,3 +126,6 @@ def probe_sequences(length: int, path: str | Path = DEFAULT_PATH,
         raise ConfigError(f"No held-out fortunes of {length} bytes in {path} ({files}); lower "
                           "probe.length or add files.")
     return torch.stack(rows)
+
+
+fortunes.task_kind = "tokens"  # what the stream holds, known before it is built (see validation)

@@ -196,3 +196,6 @@ def kv_interference_stream(vocab_size: int = 512, key_tokens: int = 32, num_keys
                       info={"split": split, "num_keys": K}, vocab_size=vocab_size,
                       analyses={"kv_interference": analyse}
                       if list(probe_updates) or list(probe_keys) else {})
+
+
+kv_interference_stream.task_kind = "tokens"  # what the stream holds, known before it is built (see validation)

@@ -133,3 +133,6 @@ def mqar_stream(vocab_size: int = 256, seq_len: int = 64, num_pairs: Sequence[in
     return TaskStream("mqar", tasks, scenario, vocab_size, (seq_len,), seed,
                       info={"split": split, "power_a": power_a}, vocab_size=vocab_size,
                       analyses={"mqar": analyse} if probe_pairs else {})
+
+
+mqar_stream.task_kind = "tokens"  # what the stream holds, known before it is built (see validation)

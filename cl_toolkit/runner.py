@@ -29,6 +29,7 @@ from .strategy import RunContext, Strategy
 from .stream import Task, TaskStream
 from .task_kinds import TaskKind, task_kind
 from .trainer import check_settings
+from .validation import check_compatible
 
 FORMAT = 1
 # Keys that do not change what a run computes: a resumed run may differ in them.
@@ -127,35 +128,10 @@ def build_strategy(cfg: dict) -> Strategy:
     return strategy
 
 
-def check_compatible(cfg: dict, stream: TaskStream) -> None:
-    """Refuse, before a model is built, a strategy that does not support the stream's scenario
-    or task kind, and a probe whose required capabilities the strategy lacks (both read from
-    the classes' declarations: nothing is constructed)."""
-    name = cfg["strategy"]["name"]
-    strategy = registry.resolve("strategy", name)
-    if stream.kind not in strategy.task_kinds:
-        raise ConfigError(
-            f"strategy={name} cannot learn {stream.kind} tasks (benchmark={stream.name}); it "
-            f"supports {', '.join(strategy.task_kinds)}. Strategies for {stream.kind} tasks: "
-            f"{', '.join(_strategies_for('task_kinds', stream.kind)) or 'none built in'}.")
-    if stream.scenario not in strategy.scenarios:
-        raise ConfigError(
-            f"strategy={name} does not support the {stream.scenario} scenario (benchmark="
-            f"{stream.name}); it supports {', '.join(strategy.scenarios)}.")
-    probe = cfg.get("probe")
-    if isinstance(probe, dict) and "name" in probe:
-        probes.check_compatible(registry.resolve("probe", probe["name"]), strategy, name)
-
-
-def _strategies_for(attribute: str, value: str) -> list[str]:
-    out = []
-    for n in registry.names("strategy"):
-        try:
-            if value in getattr(registry.resolve("strategy", n), attribute, ()):
-                out.append(n)
-        except ClToolkitError:
-            continue
-    return out
+def evaluate(strategy: Strategy, task: Task, batch_size: int, device: torch.device) -> float:
+    """The primary score (the stream's metric) of ``strategy`` on ``task.test``."""
+    kind = task_kind(strategy.stream.kind)
+    return evaluate_scores(strategy, task, batch_size, device, kind)[kind.metric.key]
 
 
 @torch.no_grad()
@@ -244,7 +220,7 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
     stream = build_stream(cfg)
     if cfg.get("smoke"):
         stream = smoke.shrink_stream(stream, seed)
-    check_compatible(cfg, stream)
+    check_compatible(cfg, stream.kind, stream.scenario)
     kind = task_kind(stream.kind)
     primary, extra_keys = kind.metric.key, [m.key for m in kind.extra_metrics]
     model = build_model(cfg, stream)

@@ -182,6 +182,42 @@ def check_trainer(node: Any, device: Any) -> None:
     check_settings(node.get("precision", "fp32"), node.get("grad_clip"), torch.device(device))
 
 
+def check_compatible(cfg: dict, kind: str | None = None, scenario: str | None = None) -> None:
+    """Refuse a strategy that does not support the stream's task kind or scenario, and a probe
+    whose required capabilities the strategy lacks; read from the classes' declarations, so
+    nothing is built. ``kind`` defaults to what the stream builder declares (its attribute
+    ``task_kind``; a builder that declares none is checked by the runner once built)."""
+    from . import probes
+
+    name = cfg["strategy"]["name"]
+    strategy = registry.resolve("strategy", name)
+    if kind is None:
+        kind = getattr(registry.resolve("stream", cfg["benchmark"]["name"]), "task_kind", None)
+    if kind is not None and kind not in strategy.task_kinds:
+        raise ConfigError(
+            f"strategy={name} cannot learn {kind} tasks (benchmark={cfg['benchmark']['name']}); "
+            f"it supports {', '.join(strategy.task_kinds)}. Strategies for {kind} tasks: "
+            f"{', '.join(_strategies_for('task_kinds', kind)) or 'none built in'}.")
+    if scenario is not None and scenario not in strategy.scenarios:
+        raise ConfigError(
+            f"strategy={name} does not support the {scenario} scenario (benchmark="
+            f"{cfg['benchmark']['name']}); it supports {', '.join(strategy.scenarios)}.")
+    probe = cfg.get("probe")
+    if isinstance(probe, dict) and "name" in probe:
+        probes.check_compatible(registry.resolve("probe", probe["name"]), strategy, name)
+
+
+def _strategies_for(attribute: str, value: str) -> list[str]:
+    out = []
+    for n in registry.names("strategy"):
+        try:
+            if value in getattr(registry.resolve("strategy", n), attribute, ()):
+                out.append(n)
+        except Exception:  # a plugin that fails to import is reported where it is selected
+            continue
+    return out
+
+
 def check_config(cfg: dict) -> None:
     """Raise `ConfigError` for the first value of ``cfg`` that cannot run."""
     for key, example in TOP_TYPES.items():
@@ -196,3 +232,5 @@ def check_config(cfg: dict) -> None:
         check_trainer(cfg["trainer"], cfg.get("device", "cpu"))
     if "output_root" in cfg:
         check_output_root(cfg["output_root"])
+    if "strategy" in cfg and "benchmark" in cfg:
+        check_compatible(cfg)

@@ -17,6 +17,14 @@ from cltk_subprocess import cltk
 
 # (id, arguments after `cltk`, words the message must contain: the problem and the fix)
 CASES = [
+    ("kcl_on_tokens", ["run", "strategy=kcl", "benchmark=mqar", "model=gdn_lm", "smoke=true"],
+     ["strategy=kcl", "tokens", "classification", "naive"]),
+    ("merge_ta_on_tokens", ["run", "strategy=merge_ta", "benchmark=mqar", "model=gdn_lm",
+                            "smoke=true"], ["strategy=merge_ta", "tokens", "replay"]),
+    ("avalanche_on_tokens", ["run", "strategy=avalanche", "benchmark=fortunes", "model=gdn_lm",
+                             "smoke=true"], ["strategy=avalanche", "tokens", "joint"]),
+    ("retention_with_merging", ["run", "strategy=merge_average", "probe=retention"],
+     ["probe=retention", "train_step", "strategy=merge_average", "naive"]),
     ("buffer_size<0", ["run", "strategy=replay", "strategy.buffer_size=-5"],
      ["strategy.buffer_size", ">= 0", "-5"]),
     ("scenario_typo", ["run", "benchmark.scenario=class_il"],
