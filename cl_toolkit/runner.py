@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import metrics, probes, registry, smoke, tracking
+from .config import NON_RUN_KEYS
 from .errors import ClToolkitError, ConfigError, PluginError, ResumeError
 from .models import Classifier, task_mask
 from .store import RunStore, code_version, describe_code, remove_partial_files, same_code
@@ -32,14 +33,8 @@ from .trainer import check_settings
 from .validation import check_compatible
 
 FORMAT = 1
-# Keys that do not change what a run computes: a resumed run may differ in them.
-NON_SEMANTIC_KEYS = ("resume", "quiet", "output_root", "tensorboard", "overwrite", "threads",
-                     "mlflow", "mlflow_uri", "csv", "wandb", "wandb_project", "wandb_mode",
-                     "log_every")
-
-
 def semantic_config(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
+    return {k: v for k, v in cfg.items() if k not in NON_RUN_KEYS}
 
 
 def _split_name(node: Any, kind: str) -> tuple[str, dict]:

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .stream import SCENARIOS, Task, TaskStream, TensorData
+from .config import SCENARIOS
+from .stream import Task, TaskStream, TensorData
 from .trainer import Trainer, aux_loss  # noqa: F401  (aux_loss: re-exported for plugins)
 
 Hook = Callable[..., None]

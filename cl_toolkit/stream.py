@@ -28,7 +28,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-SCENARIOS = ("task-il", "class-il", "domain-il")
+from .config import SCENARIOS
+
 IGNORE_INDEX = -100
 
 # predict(x [N, L]) -> predicted token ids [N, L] (the argmax of the next-token logits)

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
+from .config import SCENARIOS
 from .errors import ConfigError, suggest
 
-SCENARIOS = ("task-il", "class-il", "domain-il")
 # key -> (low, low inclusive, high, high inclusive); None values always pass (they mean "default").
 RANGES: dict[str, tuple] = {
     "lr": (0, False, None, False), "pretrain_lr": (0, False, None, False),
