@@ -15,6 +15,10 @@ Lopez-Paz & Ranzato, GEM (https://arxiv.org/abs/1706.08840) and Chaudhry et al.,
 - FWT  = mean_{j>0} (R[j-1, j] - b[j])
 - forgetting (max-based) = mean_{j<T-1} (max_{j<=l<T-1} R[l, j] - R[T-1, j])
 - learning accuracy = mean_j R[j, j]
+- transient forgetting = mean_{j<T-1} of task j's largest drop after it was learned,
+  max_{j<=m<=l<T} (R[m, j] - R[l, j]); beside it, per task, the worst score after it was
+  learned, min_{j<=l<T} R[l, j]. A final-row average can hide an old task that fell to chance
+  mid-stream and came back; these cannot.
 
 Forgetting is Chaudhry et al.'s (2018), as most code computes it: the max runs over the rows
 from the one where task j was learned, so accuracy on task j from forward transfer before it was
@@ -33,7 +37,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-SCALARS = ("acc", "bwt", "fwt", "forgetting", "learning_acc")
+SCALARS = ("acc", "bwt", "fwt", "forgetting", "learning_acc", "transient_forgetting")
 CLASS_IL_FWT = ("class-il: a model never trained on task j's classes does not predict them "
                 "(R[j-1, j] is about 0 whatever was learned), so R[j-1, j] - b[j] measures the "
                 "untrained model, not transfer")
@@ -95,6 +99,30 @@ def forgetting_per_task(R) -> list[float]:
     return [float(R[j: T - 1, j].max() - R[T - 1, j]) for j in range(T - 1)]
 
 
+def worst_after_learning(R) -> list[float]:
+    """``min_{j<=l<T} R[l, j]`` for every task j: its lowest score once it was learned (for a
+    lower-is-better score, `summary` makes this the highest: the worst either way)."""
+    R = _matrix(R)
+    return [float(R[j:, j].min()) for j in range(R.shape[0])]
+
+
+def largest_drop_per_task(R) -> list[float]:
+    """``max_{j<=m<=l<T} (R[m, j] - R[l, j])`` for every task j: the deepest fall of its score
+    from an earlier peak after it was learned (0 if it never fell)."""
+    R = _matrix(R)
+    out = []
+    for j in range(R.shape[0]):
+        col = R[j:, j]
+        out.append(float((np.maximum.accumulate(col) - col).max()))
+    return out
+
+
+def transient_forgetting(R) -> float | None:
+    """Mean over the tasks learned before the last of their largest drop (None with T=1)."""
+    drops = largest_drop_per_task(R)[:-1]
+    return None if not drops else float(np.mean(drops))
+
+
 def not_applicable(scenario: str, declared: Mapping[str, str] | None = None) -> dict[str, str]:
     """``{metric: reason}`` for the metrics a run cannot measure: class-il FWT, then what the
     strategy declares (its reason wins: it is the more specific one)."""
@@ -113,6 +141,7 @@ def summary(R, b: Sequence[float] | None = None,
         for key in ("acc", "learning_acc"):
             out[key] = None if out[key] is None else -out[key]
         out["running_acc"] = [-v for v in out["running_acc"]]
+        out["worst_after_learning"] = [-v for v in out["worst_after_learning"]]
         return out
     unknown = set(not_applicable or {}) - set(SCALARS)
     if unknown:
@@ -125,6 +154,9 @@ def summary(R, b: Sequence[float] | None = None,
         "learning_acc": learning_accuracy(R),
         "running_acc": running_accuracy(R),
         "forgetting_per_task": forgetting_per_task(R),
+        "transient_forgetting": transient_forgetting(R),
+        "largest_drop_per_task": largest_drop_per_task(R),
+        "worst_after_learning": worst_after_learning(R),
     }
     if b is not None:
         out["fwt"] = forward_transfer(R, b)

@@ -86,3 +86,25 @@ def test_class_il_fwt_is_not_applicable_task_and_domain_il_fwt_is():
     declared = {"fwt": "a kernel machine exists only for learned tasks"}
     assert metrics.not_applicable("task-il", declared) == declared
     assert metrics.not_applicable("class-il", declared)["fwt"] == declared["fwt"]
+
+
+def test_transient_forgetting_sees_a_fall_that_the_final_row_hides():
+    # Task 0 falls from 1.0 to chance (0.5) after task 2, then comes back to 0.9.
+    R = [[1.0, 0.1, 0.1, 0.1],
+         [0.95, 0.9, 0.1, 0.1],
+         [0.5, 0.8, 0.9, 0.1],
+         [0.9, 0.85, 0.6, 0.8]]
+    s = metrics.summary(R)
+    assert s["worst_after_learning"] == [0.5, 0.8, 0.6, 0.8]
+    # largest fall from an earlier peak: task 0 1.0 -> 0.5; task 1 0.9 -> 0.8; task 2 0.9 -> 0.6
+    assert s["largest_drop_per_task"] == pytest.approx([0.5, 0.1, 0.3, 0.0])
+    assert s["transient_forgetting"] == pytest.approx((0.5 + 0.1 + 0.3) / 3)
+    assert s["forgetting"] == pytest.approx((0.1 + 0.05 + 0.3) / 3)  # the final row's view
+    assert metrics.summary([[0.7]])["transient_forgetting"] is None
+
+
+def test_transient_forgetting_of_a_lower_is_better_score():
+    E = [[0.0, 0.9], [0.4, 0.1]]  # an error rate: task 0 rose from 0.0 to 0.4
+    s = metrics.summary(E, higher_is_better=False)
+    assert s["transient_forgetting"] == pytest.approx(0.4)
+    assert s["worst_after_learning"] == [0.4, 0.1]
