@@ -18,7 +18,7 @@ import torch
 from cl_toolkit.errors import DatasetNotFoundError
 from cl_toolkit.stream import TaskStream, TensorData
 
-from .common import class_order, split_by_classes
+from .common import SPLIT_RANGES, SPLIT_SMOKE, class_order, split_by_classes
 
 FOLDER = "cifar-100-python"
 # Per-channel statistics of the CIFAR-100 training set.
@@ -89,3 +89,6 @@ def split_cifar100(n_tasks: int = 20, scenario: str = "task-il",
     train, test, names = load_cifar100(root, download, normalize)
     return split_by_classes("split_cifar100", train, test, 100, n_tasks, scenario,
                             class_order(100, class_order_seed), names, seed)
+
+
+split_cifar100.ranges, split_cifar100.smoke = SPLIT_RANGES, SPLIT_SMOKE

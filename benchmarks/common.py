@@ -1,5 +1,6 @@
 """Helpers shared by the stream builders: splitting a labelled set into class-incremental tasks
-and the domain-il transforms (permutation, rotation), applied once to whole tensors."""
+and the domain-il transforms (permutation, rotation), applied once to whole tensors; the
+declarations of the keys several builders share (cl_toolkit/validation.py, smoke.py)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -9,6 +10,16 @@ import torch.nn.functional as F
 
 from cl_toolkit.errors import ConfigError
 from cl_toolkit.stream import Task, TaskStream, TensorData
+from cl_toolkit.validation import at_least, one_of
+
+# n_tasks of the split and domain streams; the per-task sample limits of Fashion-MNIST's.
+SPLIT_RANGES = {"n_tasks": at_least(1)}
+SPLIT_SMOKE = {"n_tasks": 2}
+LIMIT_RANGES = {"max_train_per_task": at_least(1), "max_test_per_task": at_least(1)}
+LIMIT_SMOKE = {"max_train_per_task": 64, "max_test_per_task": 32}
+# A token stream shares one vocabulary across its tasks: there are no classes to add up.
+TOKEN_SCENARIO = one_of("domain-il", "task-il", note="a token stream shares one vocabulary, "
+                        "so it has no classes to add up in class-il; task-il gives the task id")
 
 
 def class_order(num_classes: int, seed: int | None) -> list[int]:

@@ -6,7 +6,7 @@ import torch
 
 from cl_toolkit.stream import TaskStream, TensorData
 
-from .common import class_order, split_by_classes
+from .common import SPLIT_RANGES, SPLIT_SMOKE, class_order, split_by_classes
 
 
 def load_digits_tensors(test_fraction: float = 0.25) -> tuple[TensorData, TensorData]:
@@ -29,3 +29,6 @@ def split_digits(n_tasks: int = 5, scenario: str = "task-il", class_order_seed: 
     train, test = load_digits_tensors()
     return split_by_classes("split_digits", train, test, 10, n_tasks, scenario,
                             class_order(10, class_order_seed), [str(i) for i in range(10)], seed)
+
+
+split_digits.ranges, split_digits.smoke = SPLIT_RANGES, SPLIT_SMOKE

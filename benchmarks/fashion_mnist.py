@@ -17,7 +17,8 @@ import torch
 from cl_toolkit.errors import DatasetNotFoundError
 from cl_toolkit.stream import TaskStream, TensorData
 
-from .common import class_order, domain_stream, permute_pixels, rotate, split_by_classes
+from .common import (LIMIT_RANGES, LIMIT_SMOKE, SPLIT_RANGES, SPLIT_SMOKE, class_order,
+                     domain_stream, permute_pixels, rotate, split_by_classes)
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 FILES = {
@@ -137,3 +138,8 @@ def rotated_fashion_mnist(n_tasks: int = 8, scenario: str = "domain-il",
     return domain_stream("rotated_fashion_mnist", train, test, 10, n_tasks, scenario,
                          transforms, [f"rotated/{a:.1f}" for a in angles], CLASS_NAMES, seed,
                          info={"angles": angles})
+
+
+for _builder in (split_fashion_mnist, permuted_fashion_mnist, rotated_fashion_mnist):
+    _builder.ranges = {**SPLIT_RANGES, **LIMIT_RANGES}
+    _builder.smoke = {**SPLIT_SMOKE, **LIMIT_SMOKE}

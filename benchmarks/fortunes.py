@@ -6,7 +6,7 @@ vocabulary is 256 ids and encoding is deterministic with nothing to train or dow
 
 Every quotation falls in one of 20 buckets by the CRC32 of its text, a split that depends neither
 on the seed nor on which files a stream reads: bucket 0 is held out for memory probes (study
-sentences and foils that no stream trains on, see cl_toolkit/retention.py), bucket 1 is the test
+sentences and foils that no stream trains on, see cl_toolkit/probes/retention.py), bucket 1 is the test
 split and the rest is training text.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from cl_toolkit.errors import ConfigError, DatasetNotFoundError
 from cl_toolkit.stream import Task, TaskStream, TensorData
+from cl_toolkit.validation import at_least
 
 DEFAULT_PATH = "/usr/share/games/fortunes"
 DEFAULT_FILES = ("wisdom", "science", "people")
@@ -129,3 +130,5 @@ def probe_sequences(length: int, path: str | Path = DEFAULT_PATH,
 
 
 fortunes.task_kind = "tokens"  # what the stream holds, known before it is built (see validation)
+fortunes.ranges = {"seq_len": at_least(2), "max_train": at_least(1), "max_test": at_least(1)}
+fortunes.smoke = {"max_train": 16, "max_test": 8}

@@ -28,6 +28,9 @@ import torch
 
 from cl_toolkit.errors import ConfigError
 from cl_toolkit.stream import IGNORE_INDEX, Task, TaskStream, TensorData
+from cl_toolkit.validation import at_least
+
+from .common import TOKEN_SCENARIO
 
 SPLITS = ("mixture", "updates", "keys")
 PAD = 0
@@ -199,3 +202,9 @@ def kv_interference_stream(vocab_size: int = 512, key_tokens: int = 32, num_keys
 
 
 kv_interference_stream.task_kind = "tokens"  # what the stream holds, known before it is built (see validation)
+kv_interference_stream.ranges = {
+    "vocab_size": at_least(1), "key_tokens": at_least(1), "num_keys": at_least(1),
+    "train_updates": at_least(1, min_items=1), "train_keys": at_least(1, min_items=1),
+    "total_updates": at_least(1), "train_size": at_least(1), "test_size": at_least(1),
+    "probe_updates": at_least(1), "probe_keys": at_least(1), "probe_size": at_least(1),
+    "scenario": TOKEN_SCENARIO}

@@ -25,6 +25,9 @@ import torch
 
 from cl_toolkit.errors import ConfigError
 from cl_toolkit.stream import IGNORE_INDEX, Task, TaskStream, TensorData, answer_scores
+from cl_toolkit.validation import at_least
+
+from .common import SPLIT_SMOKE, TOKEN_SCENARIO
 
 SPLITS = ("pairs", "keys", "mixture")
 
@@ -136,3 +139,9 @@ def mqar_stream(vocab_size: int = 256, seq_len: int = 64, num_pairs: Sequence[in
 
 
 mqar_stream.task_kind = "tokens"  # what the stream holds, known before it is built (see validation)
+mqar_stream.ranges = {
+    "vocab_size": at_least(1), "seq_len": at_least(1), "num_pairs": at_least(1, min_items=1),
+    "n_tasks": at_least(1), "train_size": at_least(1), "test_size": at_least(1),
+    "probe_pairs": at_least(1), "probe_size": at_least(1),
+    "scenario": TOKEN_SCENARIO}
+mqar_stream.smoke = SPLIT_SMOKE

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .errors import ClToolkitError, ConfigError, suggest
+from .errors import ClToolkitError, ConfigError, UsageError, suggest
 
 _failures: list[str] = []
 MAX_CHECKED_JOBS = 256
@@ -107,7 +107,7 @@ def _register_configs() -> None:
     if registry.config_packages():
         Plugins.instance().register(_search_path_plugin())
     cs = ConfigStore.instance()
-    for kind in registry.BUILTINS:
+    for kind in registry.config_kinds():
         group = registry.config_group(kind)
         have = yaml_names(group)
         for name in registry.names(kind):
@@ -158,7 +158,9 @@ def _job(cfg) -> dict | None:
             print(_summary(results, hc.runtime.output_dir), flush=True)
             return results
         from . import sweep
+        from .runner import warm_up
 
+        warm_up()  # once per worker: the forked child of each job inherits it
         overrides = list(hc.overrides.task)
         exclude = list(hc.job.config.override_dirname.exclude_keys)
 
@@ -302,6 +304,39 @@ def _flags_first(argv: list[str]) -> list[str]:
     return flags + overrides
 
 
+# Overrides that name a directory. cltk names run and sweep directories by their overrides
+# (``seed=1,strategy=replay``), which Hydra's override grammar cannot take unquoted.
+DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "output_root")
+
+
+def _quote_dirs(argv: list[str]) -> list[str]:
+    """Quote the value of a directory override that Hydra's grammar would refuse (``=`` in it)
+    or split (``,``), so ``hydra.run.dir=runs/split_digits/replay/seed=1,strategy=replay``
+    names that directory as typed. ``output_root=a,b`` stays a sweep over two roots."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    parser, out = None, []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if (not eq or arg.startswith("-") or key.lstrip("+~") not in DIR_KEYS or not value
+                or value[0] in "'\""):
+            out.append(arg)
+            continue
+        parser = parser or OverridesParser.create()
+        try:
+            parsed = parser.parse_overrides([arg])[0]
+            plain = parsed.value_type == ValueType.ELEMENT and isinstance(parsed.value(), str)
+            quote = not plain and key.lstrip("+~").startswith("hydra.")
+        except Exception:  # noqa: BLE001 - Hydra's parse error: quoting is the fix
+            quote = True
+        if quote and ('"' not in value or "'" not in value):
+            mark = '"' if '"' not in value else "'"
+            arg = f"{key}={mark}{value}{mark}"
+        out.append(arg)
+    return out
+
+
 def _run(argv: list[str]) -> int:
     import hydra
 
@@ -310,7 +345,7 @@ def _run(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(run_help())
         return 0
-    argv = _flags_first(argv)
+    argv = _quote_dirs(_flags_first(argv))
     _register_configs()
     ray_launcher.register()
     precheck(argv)
@@ -330,6 +365,7 @@ def _run(argv: list[str]) -> int:
         return abort.error.exit_code
     finally:
         sys.argv = saved
+        sweep.release_run()
     if sweep.current_sweep:
         # Jobs may have run in other processes (joblib, submitit, Ray): the index knows them all.
         failed = sweep.failures(sweep.current_sweep["dir"], sweep.current_sweep["invocation"])
@@ -360,15 +396,56 @@ def _report(argv: list[str]) -> int:
     p.add_argument("-o", "--out", default=None,
                    help="output directory (default: the first path if it is a directory)")
     args = p.parse_args(argv)
-    written = write_report(args.paths, args.out)
+    first = Path(args.paths[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent)
+    if args.out or first.exists():
+        _check_writable(out, args.paths)
+    try:
+        written = write_report(args.paths, args.out)
+    except PermissionError as exc:  # e.g. a report.md of another user in a writable directory
+        if not exc.filename or Path(exc.filename).resolve().parent != out.resolve():
+            raise
+        raise _unwritable(out, args.paths, exc) from exc
     print("\n".join(f"wrote {path}" for path in written))
     return 0
+
+
+def _unwritable(out: Path, paths: list[str], exc: OSError) -> UsageError:
+    return UsageError(
+        f"Cannot write the report into {out} ({exc.strerror or exc}). Write it into a "
+        f"directory you can write with -o DIR, e.g. cltk report {' '.join(paths)} -o "
+        "/tmp/cltk_report (the runs are only read).")
+
+
+def _check_writable(out: Path, paths: list[str]) -> None:
+    """Refuse, before reading any run, an output directory the report cannot be written into
+    (tried, not guessed from permission bits: root, read-only mounts and ACLs all answer
+    differently). Leaves nothing behind: a missing directory is tried as a scratch directory
+    in its nearest existing parent."""
+    import tempfile
+
+    probe, scratch = out, None
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(20, f"{probe} is not a directory")
+        if probe == out:
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        else:
+            scratch = tempfile.mkdtemp(prefix=".cltk_report_", dir=probe)
+    except OSError as exc:
+        raise _unwritable(out, paths, exc) from None
+    finally:
+        if scratch is not None:
+            os.rmdir(scratch)
 
 
 def _list(argv: list[str]) -> int:
     from . import registry
 
-    for kind in registry.BUILTINS:
+    for kind in registry.config_kinds():
         group = registry.config_group(kind)
         print(f"{kind} ({group}=NAME): {', '.join(registry.names(kind))}")
         presets = {n: t for n, t in yaml_names(group).items() if n not in registry.names(kind)}
@@ -386,7 +463,7 @@ def config_groups() -> dict[str, list[str]]:
     from . import registry
 
     groups = {}
-    for kind in registry.BUILTINS:
+    for kind in registry.config_kinds():
         group = registry.config_group(kind)
         groups[group] = sorted(set(registry.names(kind)) | set(yaml_names(group)))
     groups["experiment"] = sorted(yaml_names("experiment"))

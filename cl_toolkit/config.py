@@ -12,3 +12,8 @@ SCENARIOS = ("task-il", "class-il", "domain-il")
 NON_RUN_KEYS = ("resume", "overwrite", "quiet", "output_root", "tensorboard", "threads",
                 "mlflow", "mlflow_uri", "csv", "wandb", "wandb_project", "wandb_mode",
                 "log_every")
+
+
+def semantic_config(cfg: dict) -> dict:
+    """``cfg`` without the keys that do not change what a run computes."""
+    return {k: v for k, v in cfg.items() if k not in NON_RUN_KEYS}

@@ -95,8 +95,49 @@ class RayLauncher(Launcher):
                 ray.shutdown()
 
 
+JOBLIB_PLUGIN_NAME = "hydra_plugins.cltk_joblib_launcher"
+
+
+def _register_joblib() -> None:
+    """``hydra/launcher=joblib`` runs hydra-joblib-launcher's launcher with our ``launch``
+    (`cl_toolkit.sweep.launch_joblib`): the death of a worker process ends its own job, not the
+    sweep. Same options; ``--cfg hydra`` shows the target
+    ``hydra_plugins.cltk_joblib_launcher.JoblibLauncher``. Without the plugin: nothing."""
+    import sys
+    import types
+
+    from hydra.core.plugins import Plugins
+
+    try:
+        from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
+        from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+    except ImportError:
+        return
+    module = sys.modules.get(JOBLIB_PLUGIN_NAME)
+    if module is None:
+        class Resilient(JoblibLauncher):
+            __doc__ = JoblibLauncher.__doc__
+
+            def launch(self, job_overrides, initial_job_idx):
+                from .sweep import launch_joblib
+
+                return launch_joblib(self, job_overrides, initial_job_idx)
+
+        Resilient.__name__ = Resilient.__qualname__ = "JoblibLauncher"
+        Resilient.__module__ = JOBLIB_PLUGIN_NAME
+        module = types.ModuleType(JOBLIB_PLUGIN_NAME)
+        module.JoblibLauncher = Resilient
+        sys.modules[JOBLIB_PLUGIN_NAME] = module
+        Plugins.instance().register(Resilient)
+    node = OmegaConf.structured(JobLibLauncherConf)
+    node._target_ = f"{JOBLIB_PLUGIN_NAME}.JoblibLauncher"
+    ConfigStore.instance().store(group="hydra/launcher", name="joblib", node=node,
+                                 provider="cl_toolkit")
+
+
 def register() -> None:
-    """Make ``hydra/launcher=cltk_ray`` available (called by ``cltk run`` before Hydra)."""
+    """Make ``hydra/launcher=cltk_ray`` available and ``hydra/launcher=joblib`` survive a dead
+    worker (called by ``cltk run`` before Hydra)."""
     import sys
     import types
 
@@ -114,3 +155,4 @@ def register() -> None:
     ConfigStore.instance().store(group="hydra/launcher", name="cltk_ray", node=OmegaConf.create({
         "_target_": f"{PLUGIN_NAME}.RayLauncher", "address": None, "num_cpus": None,
         "cpus_per_job": 1, "timeout_s": None, "init_kwargs": {}}), provider="cl_toolkit")
+    _register_joblib()

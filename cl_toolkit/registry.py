@@ -32,12 +32,12 @@ BUILTINS: dict[str, dict[str, str]] = {
         "avalanche": "cl_toolkit.strategies.avalanche:AvalancheStrategy",
         "kcl": "cl_toolkit.strategies.kcl:KCL",
         "gkcl": "cl_toolkit.strategies.gkcl:GKCL",
-        "merge_average": "cl_toolkit.merging.strategies:MergeAverage",
-        "merge_ta": "cl_toolkit.merging.strategies:MergeTA",
-        "merge_ties": "cl_toolkit.merging.strategies:MergeTIES",
-        "merge_ties_fusionbench": "cl_toolkit.merging.strategies:MergeTIESFusionBench",
-        "opcm": "cl_toolkit.merging.strategies:OPCM",
-        "atlas": "cl_toolkit.merging.strategies:ATLAS",
+        "merge_average": "cl_toolkit.merging.average:MergeAverage",
+        "merge_ta": "cl_toolkit.merging.task_arithmetic:MergeTA",
+        "merge_ties": "cl_toolkit.merging.ties:MergeTIES",
+        "merge_ties_fusionbench": "cl_toolkit.merging.ties:MergeTIESFusionBench",
+        "opcm": "cl_toolkit.merging.opcm:OPCM",
+        "atlas": "cl_toolkit.merging.atlas:ATLAS",
     },
     "stream": {
         "split_digits": "cl_toolkit.benchmarks.digits:split_digits",
@@ -52,22 +52,35 @@ BUILTINS: dict[str, dict[str, str]] = {
         "fortunes": "cl_toolkit.benchmarks.fortunes:fortunes",
     },
     "model": {
-        "mlp": "cl_toolkit.models:MLP",
-        "cnn": "cl_toolkit.models:SmallCNN",
-        "resnet18_reduced": "cl_toolkit.models:ReducedResNet18",
-        "resnet18_reduced_kcl": "cl_toolkit.models:KCLReducedResNet18",
-        "mom": "cl_toolkit.kernels.backbones:mom_backbone",
-        "gdn": "cl_toolkit.kernels.backbones:gdn_backbone",
-        "gla": "cl_toolkit.kernels.backbones:gla_backbone",
-        "transformer": "cl_toolkit.kernels.backbones:transformer_backbone",
-        "clip": "cl_toolkit.benchmarks.clip_tasks:clip_classifier",
-        "mom_lm": "cl_toolkit.lm:mom_lm",
-        "gdn_lm": "cl_toolkit.lm:gdn_lm",
-        "gla_lm": "cl_toolkit.lm:gla_lm",
-        "transformer_lm": "cl_toolkit.lm:transformer_lm",
+        "mlp": "cl_toolkit.models.image:MLP",
+        "cnn": "cl_toolkit.models.image:SmallCNN",
+        "resnet18_reduced": "cl_toolkit.models.image:ReducedResNet18",
+        "resnet18_reduced_kcl": "cl_toolkit.models.image:KCLReducedResNet18",
+        "mom": "cl_toolkit.models.sequence:mom_backbone",
+        "gdn": "cl_toolkit.models.sequence:gdn_backbone",
+        "gla": "cl_toolkit.models.sequence:gla_backbone",
+        "transformer": "cl_toolkit.models.sequence:transformer_backbone",
+        "clip": "cl_toolkit.models.clip:clip_classifier",
+        "mom_lm": "cl_toolkit.models.language:mom_lm",
+        "gdn_lm": "cl_toolkit.models.language:gdn_lm",
+        "gla_lm": "cl_toolkit.models.language:gla_lm",
+        "transformer_lm": "cl_toolkit.models.language:transformer_lm",
+    },
+    "task_kind": {
+        "classification": "cl_toolkit.task_kinds:Classification",
+        "tokens": "cl_toolkit.task_kinds:Tokens",
+        "cross_section": "cl_toolkit.task_kinds:CrossSection",
+        "segmentation": "cl_toolkit.task_kinds:Segmentation",
     },
     "probe": {
-        "retention": "cl_toolkit.retention:RetentionProbe",
+        "retention": "cl_toolkit.probes.retention:RetentionProbe",
+    },
+    # Keyed by the results["extras"] key each draws in the report (see cl_toolkit.renderers).
+    "renderer": {
+        "exact_match": "cl_toolkit.renderers.tokens:render_exact_match",
+        "mqar": "cl_toolkit.renderers.tokens:render_mqar",
+        "kv_interference": "cl_toolkit.renderers.tokens:render_kv_interference",
+        "retention": "cl_toolkit.renderers.retention:render",
     },
 }
 
@@ -76,8 +89,13 @@ GROUPS = {
     "stream": "cl_toolkit.streams",
     "model": "cl_toolkit.models",
     "probe": "cl_toolkit.probes",
+    "renderer": "cl_toolkit.renderers",
+    "task_kind": "cl_toolkit.task_kinds",
 }
 
+# Kinds that no config group selects (no conf/<group>/, no ``<group>=NAME``): a renderer is
+# chosen by the results["extras"] key it draws, a task kind by the stream.
+NO_CONFIG_GROUP = frozenset({"renderer", "task_kind"})
 # The Hydra config group of each kind (a kind missing here uses its own name as its group).
 CONFIG_GROUPS = {"strategy": "strategy", "stream": "benchmark", "model": "model"}
 # Entry-point group whose values name packages of YAML config groups shipped by plugins, e.g.
@@ -116,6 +134,12 @@ def resolve(kind: str, name: str) -> Any:
                 "uninstall the package that provides it."
             ) from exc
     raise unknown_name(kind, name, names(kind))
+
+
+def config_kinds() -> list[str]:
+    """The kinds a run selects through a Hydra config group (every kind but
+    `NO_CONFIG_GROUP`): what ``cltk list`` shows and what has ``conf/<group>/<name>.yaml``."""
+    return [k for k in BUILTINS if k not in NO_CONFIG_GROUP]
 
 
 def config_group(kind: str) -> str:

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from . import metrics, probes, registry, smoke, tracking
-from .config import NON_RUN_KEYS
+from .config import semantic_config
 from .errors import ClToolkitError, ConfigError, PluginError, ResumeError
 from .models import Classifier, task_mask
-from .store import RunStore, code_version, describe_code, remove_partial_files, same_code
+from .store import (RunStore, code_version, describe_code, remove_partial_files, run_dir_locked,
+                    same_code)
 from .strategy import RunContext, Strategy
 from .stream import Task, TaskStream
 from .task_kinds import TaskKind, task_kind
@@ -33,10 +34,6 @@ from .trainer import check_settings
 from .validation import check_compatible
 
 FORMAT = 1
-def semantic_config(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in NON_RUN_KEYS}
-
-
 def _split_name(node: Any, kind: str) -> tuple[str, dict]:
     if not isinstance(node, dict) or "name" not in node:
         raise ConfigError(f"The {kind} config needs a 'name' key (one of "
@@ -183,8 +180,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# What results["timings"] measures (recorded with it).
+TIMINGS = ("train_s[t]: wall seconds of strategy.learn on task t, the training alone; eval_s[t]: "
+           "scoring every task after task t; warmup_s: the one-time start-up of the process "
+           "(torch's lazy import of torch._dynamo on the first optimizer, a first optimizer step "
+           "on a throw-away tensor), timed before task 0 and counted in no train_s (summed over "
+           "the starts of a resumed run)")
+
+
+def warm_up() -> float:
+    """Pay the one-time costs of a process's first training step before any task is timed, and
+    return the seconds they took. The first ``torch.optim.Optimizer`` imports ``torch._dynamo``
+    (1.5-4 s on 2 cores), which used to land in the first task's ``train_s``. It touches no
+    random number generator and no parameter of the run (a zero tensor of its own), so no
+    number a run computes changes; a second call costs microseconds."""
+    t0 = time.perf_counter()
+    import torch._dynamo  # what torch.optim imports lazily
+
+    scratch = torch.zeros(2, requires_grad=True)
+    for make in (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                 lambda p: torch.optim.AdamW(p, lr=0.1)):
+        optimizer = make([scratch])
+        (scratch * scratch).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
 def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dict:
-    """Run (or resume) one experiment described by the plain-dict config ``cfg``."""
+    """Run (or resume) one experiment described by the plain-dict config ``cfg``, holding the
+    run directory's lock (``run.lock``): a second run into the same directory is refused with
+    `cl_toolkit.store.RunLockedError` naming the holder."""
+    with run_dir_locked(run_dir):
+        return _run(cfg, run_dir, progress, hooks)
+
+
+def _run(cfg: dict, run_dir: str | Path, progress: Any, hooks) -> dict:
     cfg = copy.deepcopy(cfg)
     if cfg.get("smoke"):
         cfg = smoke.shrink_config(cfg)
@@ -209,6 +240,7 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
+    warmup_s = warm_up()  # before seeding: whatever it did could not reach the run's numbers
     seed = int(cfg.get("seed", 0))
     seed_everything(seed)
     device = torch.device(cfg.get("device", "cpu"))
@@ -257,6 +289,7 @@ def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dic
             state["extras"] = {k: {"before": [s[k] for s in before], "matrix": []}
                                for k in extra_keys}
 
+    state["warmup_s"] = state.get("warmup_s", 0.0) + warmup_s
     if progress is not None:
         progress.start(stream, strategy, start=len(state["matrix"]))
     for task in stream.tasks[len(state["matrix"]):]:
@@ -310,6 +343,7 @@ def _results(cfg, stream, strategy, model, state, T) -> dict:
         "strategy": cfg["strategy"]["name"],
         "model_params": sum(p.numel() for p in model.parameters()),
         "metric": task_kind(stream.kind).metric.describe(),
+        "extra_metrics": [m.describe() for m in task_kind(stream.kind).extra_metrics],
         "before": state["before"],
         "matrix": state["matrix"],
         "metrics": metrics.summary(square, state["before"][:k], skip,
@@ -317,7 +351,8 @@ def _results(cfg, stream, strategy, model, state, T) -> dict:
         "not_applicable": skip,
         "memory_bytes": state["memory"],
         "reference": strategy.reference_accuracy(),
-        "timings": {"train_s": state["train_s"], "eval_s": state["eval_s"]},
+        "timings": {"train_s": state["train_s"], "eval_s": state["eval_s"],
+                    "warmup_s": state.get("warmup_s", 0.0), "measures": TIMINGS},
         **({"hyperparameters": strategy.hyperparameters()}
            if hasattr(strategy, "hyperparameters") else {}),
         "code": state.get("code", [code_version()])[-1],

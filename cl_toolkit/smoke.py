@@ -1,9 +1,14 @@
 """``smoke=true``: run any command end to end in seconds, to check that it works as written.
 
-Every size key a config has is made tiny (`TINY`), and the stream keeps its first two tasks with
-a few samples each. The run is real (the same code paths, results.json, report), only small;
-its config records the sizes it ran with. The README's examples are tested this way
-(tests/test_readme_examples.py), as is every registered name (tests/test_every_name_runs.py).
+Every size key of the selected strategy, model and stream is made tiny, and the stream keeps
+its first two tasks with a few samples each. The tiny sizes are declared by each key's owner next
+to its signature (``smoke = {"buffer_size": 8}`` on the strategy class, or as an attribute of a
+builder function; a value may be a function of the config node, for a size that must fit
+another key), plus `SHARED` for the keys every strategy has. The user's own values are checked
+first (`cl_toolkit.validation`), so a bad size is refused, never hidden by the tiny one. The run
+is real (the same code paths, results.json, report), only small; its config records the sizes
+it ran with. The README's examples are tested this way (tests/test_readme_examples.py), as is
+every registered name (tests/test_every_name_runs.py).
 """
 from __future__ import annotations
 
@@ -12,27 +17,36 @@ import dataclasses
 
 import torch
 
+from . import registry, validation
 from .stream import TaskStream
 
-# Size keys made tiny wherever a config node has them.
-TINY = {"epochs": 1, "pretrain_epochs": 1, "generator_epochs": 1, "coef_steps": 2,
-        "num_features": 32, "vrf_hidden": 16, "z_dim": 4, "generator_hidden": [16],
-        "coreset_per_class": 2, "support_per_class": 2, "generated_per_class": 2,
-        "buffer_size": 8, "k_shot": 2, "unlabeled_per_task": 4, "batch_size": 16,
-        "hidden": [16], "channels": [4, 4, 4], "nf": 4, "hidden_size": 16, "num_layers": 1,
-        "n_tasks": 2, "max_train_per_task": 64, "max_test_per_task": 32, "max_train": 16,
-        "max_test": 8, "image_size": 32}
-GROUPS = ("benchmark", "model", "strategy")
+# Sizes of the keys every strategy shares; an owner's declaration of the same key wins.
+SHARED = {"epochs": 1, "batch_size": 16}
 TASKS, TRAIN, TEST = 2, 24, 12
 
 
+def sizes_of(target) -> dict:
+    """The smoke sizes that apply to a node of ``target``: the shared ones, then its own."""
+    return {**SHARED, **validation.declared(target, "smoke")}
+
+
 def shrink_config(cfg: dict) -> dict:
+    """``cfg`` with every declared size key of its stream, model and strategy made tiny; each
+    value replaced is checked first, so an invalid one is an error here too."""
     cfg = copy.deepcopy(cfg)
-    for group in GROUPS:
-        node = cfg.get(group) or {}
-        for key, value in TINY.items():
+    for kind, group in validation.NODES:
+        node = cfg.get(group)
+        if not isinstance(node, dict) or "name" not in node:
+            continue
+        target = registry.resolve(kind, node["name"])
+        defaults = registry.signature_defaults(kind, target)
+        ranges = validation.ranges_of(target)
+        tiny = {}
+        for key, size in sizes_of(target).items():
             if key in node and not isinstance(node[key], dict):
-                node[key] = copy.deepcopy(value)
+                validation.check_value(group, key, node[key], defaults.get(key), ranges.get(key))
+                tiny[key] = size(node) if callable(size) else copy.deepcopy(size)
+        node.update(tiny)
     return cfg
 
 

@@ -8,6 +8,8 @@ so the two files cannot disagree about which task finished last.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import io
 import json
@@ -15,10 +17,11 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -27,6 +30,7 @@ from .errors import ClToolkitError, ResumeError
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint.pt"
 TMP_SUFFIX = ".tmp"
+RUN_LOCK = "run.lock"
 
 
 def _umask() -> int:
@@ -196,3 +200,99 @@ class RunStore:
                 f"({type(exc).__name__}: {exc}). Delete it and results.json to start this run "
                 "over (resume=false), or restore the file from a backup."
             ) from exc
+
+
+class DirectoryLockedError(ClToolkitError):
+    """Another process is writing into a run or sweep directory (it holds the directory's lock).
+    Exit code 2: nothing ran, and the message says how to proceed."""
+
+    exit_code = 2
+
+
+class RunLockedError(DirectoryLockedError):
+    """Another run is writing into the same run directory."""
+
+
+# The directory locks this process holds: lock file -> (file descriptor, pid of the holder). The
+# pid tells a forked child (which inherits the dict, but not the right to the lock) from its
+# parent.
+_locks: dict[str, tuple[int, int]] = {}
+
+
+def holder_line() -> str:
+    """Who holds a lock, as written into the lock file and quoted by the refusal."""
+    return (f"pid {os.getpid()} on {socket.gethostname()}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}")
+
+
+def acquire_dir_lock(directory: str | os.PathLike, name: str,
+                     refuse: Callable[[Path, str], ClToolkitError],
+                     reentrant: bool = False) -> bool:
+    """Take the exclusive ``flock`` on ``directory/name`` (made if missing) without waiting, or
+    raise ``refuse(directory, holder)`` where holder is what the holding process wrote into the
+    file. The kernel drops an ``flock`` when its holder dies, so a killed process never leaves a
+    stale lock on a local file system. ``reentrant``: a lock this process already holds is
+    taken again for free; returns whether this call took it (and so must release it)."""
+    directory = Path(directory).resolve()
+    path = directory / name
+    held = _locks.get(str(path))
+    if held is not None and held[1] == os.getpid():
+        if reentrant:
+            return False
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
+        os.close(fd)
+        raise refuse(directory, holder) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, (holder_line() + "\n").encode())
+    _locks[str(path)] = (fd, os.getpid())
+    return True
+
+
+def release_dir_lock(directory: str | os.PathLike, name: str) -> None:
+    """Let go of a lock this process took with `acquire_dir_lock` (the file stays, emptied)."""
+    path = str(Path(directory).resolve() / name)
+    held = _locks.get(path)
+    if held is None or held[1] != os.getpid():
+        return
+    del _locks[path]
+    fd = held[0]
+    try:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _refuse_run(directory: Path, holder: str) -> RunLockedError:
+    return RunLockedError(
+        f"Another run is already writing into {directory} ({holder}). Two runs in one "
+        "directory would train twice into the same files: wait for that one to finish (then "
+        "rerunning the command with resume=true finds its results), stop it and rerun with "
+        "resume=true to continue it, or send this run elsewhere with output_root=... (or "
+        "hydra.run.dir=...). A run that was killed holds no lock: the kernel drops it.")
+
+
+def lock_run_dir(run_dir: str | os.PathLike) -> bool:
+    """Take the lock of a run directory (``run.lock``) or raise :class:`RunLockedError` naming
+    its holder. Re-entrant within one process; returns whether this call took it."""
+    return acquire_dir_lock(run_dir, RUN_LOCK, _refuse_run, reentrant=True)
+
+
+def unlock_run_dir(run_dir: str | os.PathLike) -> None:
+    release_dir_lock(run_dir, RUN_LOCK)
+
+
+@contextlib.contextmanager
+def run_dir_locked(run_dir: str | os.PathLike):
+    """Hold the run directory's lock for the block (unless this process holds it already)."""
+    taken = lock_run_dir(run_dir)
+    try:
+        yield
+    finally:
+        if taken:
+            unlock_run_dir(run_dir)

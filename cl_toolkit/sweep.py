@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
+import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -32,21 +33,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ClToolkitError
-from .store import RESULTS, atomic_write_json
+from .runs import INDEX, read_index
+from .store import (RESULTS, DirectoryLockedError, acquire_dir_lock, atomic_write_json,
+                    release_dir_lock)
 
-INDEX = "sweep_index.json"
 LOCK = "sweep.lock"
 INDEX_LOCK = ".sweep_index.lock"
 STATUSES = ("pending", "running", "done", "failed")
 
-# File descriptors of the sweep locks this process holds, by sweep directory. Kept out of the
-# callback object because Hydra pickles callbacks to send them to the workers.
-_held: dict[str, int] = {}
 # The sweep directory the launching process works on, for the summary printed at the end.
 current_sweep: dict[str, Any] = {}
+# The run directory a single run (cltk run without -m) locked before Hydra wrote into it.
+current_run: dict[str, Any] = {}
 
 
-class SweepLockedError(ClToolkitError):
+class SweepLockedError(DirectoryLockedError):
     """Another sweep is writing into the same sweep directory."""
 
 
@@ -59,35 +60,23 @@ class SweepAbort(BaseException):
         self.error = error
 
 
+def _refuse_sweep(sweep_dir: Path, holder: str) -> SweepLockedError:
+    return SweepLockedError(
+        f"Another sweep is already writing into {sweep_dir} ({holder}). Two sweeps in one "
+        "directory would overwrite each other's runs: wait for it to finish, or send this "
+        "one elsewhere with output_root=... (or hydra.sweep.dir=...). Re-invoking the same "
+        "sweep later is safe: finished runs are skipped and interrupted ones resumed."
+    )
+
+
 def acquire_lock(sweep_dir: str | os.PathLike) -> None:
-    """Take the sweep lock or raise :class:`SweepLockedError` naming its holder."""
-    sweep_dir = Path(sweep_dir).resolve()
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    path = sweep_dir / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
-        os.close(fd)
-        raise SweepLockedError(
-            f"Another sweep is already writing into {sweep_dir} ({holder}). Two sweeps in one "
-            "directory would overwrite each other's runs: wait for it to finish, or send this "
-            "one elsewhere with output_root=... (or hydra.sweep.dir=...). Re-invoking the same "
-            "sweep later is safe: finished runs are skipped and interrupted ones resumed."
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()}, started "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n").encode())
-    _held[str(sweep_dir)] = fd
+    """Take the sweep lock or raise :class:`SweepLockedError` naming its holder (also when this
+    process holds it: one process runs one sweep into a directory)."""
+    acquire_dir_lock(sweep_dir, LOCK, _refuse_sweep)
 
 
 def release_lock(sweep_dir: str | os.PathLike) -> None:
-    fd = _held.pop(str(Path(sweep_dir).resolve()), None)
-    if fd is not None:
-        os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    release_dir_lock(sweep_dir, LOCK)
 
 
 @contextlib.contextmanager
@@ -100,13 +89,6 @@ def _index_locked(sweep_dir: Path):
         yield
     finally:
         os.close(fd)  # closing drops the flock
-
-
-def read_index(sweep_dir: str | os.PathLike) -> dict:
-    path = Path(sweep_dir) / INDEX
-    if not path.exists():
-        return {"format": 1, "runs": {}}
-    return json.loads(path.read_text())
 
 
 def update_index(sweep_dir: str | os.PathLike, edit: Callable[[dict], None]) -> dict:
@@ -258,8 +240,10 @@ def run_isolated(sweep_dir, overrides, exclude_keys, run_dir, fn: Callable[[], A
         return fn()
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)
+    parent = os.getpid()
 
     def child():
+        _die_with_parent(parent)
         receive.close()
         try:
             outcome = ("ok", fn())
@@ -301,6 +285,150 @@ class WorkerDied(ClToolkitError):
     """The process running a sweep job died without reporting (signal, OOM kill)."""
 
 
+def _die_with_parent(parent: int) -> None:
+    """In a job's forked child (Linux): have the kernel SIGKILL it when the process that forked
+    it dies, so a launcher's worker that dies (killed, out of memory) leaves no orphan training
+    on, holding the run's lock and writing into the run its resubmission resumes."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call
+        os._exit(1)
+
+
+# --- hydra/launcher=joblib: a worker that dies ends its own job, not the sweep ---------------
+#
+# hydra-joblib-launcher runs the jobs through joblib's loky executor. When one of its worker
+# processes dies (the OOM killer, a crash in an extension, a job that kills its own worker),
+# loky kills every other worker with their jobs, fails the whole batch with a
+# TerminatedWorkerError, and Hydra aborts the sweep with that traceback: the pending runs never
+# start. `launch_joblib` runs the same jobs through the same executor, but catches that error:
+# runs that finished keep their results, runs that had not started are launched again, and the
+# runs that were running (one of which may have killed its worker) run again one at a time,
+# resuming from their last finished task: one whose worker dies again while it runs alone is
+# marked failed (WorkerDied) in the index, the others finish. The sweep ends with the usual
+# summary of the failed runs.
+
+
+def _execute_indexed(idx, overrides, hydra_context, config, task_function, singleton_state):
+    """A joblib worker's call: hydra-joblib-launcher's own job body, tagged with its index."""
+    from hydra_plugins.hydra_joblib_launcher._core import execute_job
+
+    return idx, execute_job(idx, overrides, hydra_context, config, task_function,
+                            singleton_state)
+
+
+def _exit_codes(error: BaseException) -> str:
+    found = re.search(r"exit codes of the workers are (\{[^}]*\})", str(error))
+    return f"exit codes {found.group(1)}" if found else "no exit code reported"
+
+
+def launch_joblib(launcher, job_overrides, initial_job_idx: int) -> list:
+    """``JoblibLauncher.launch`` of hydra-joblib-launcher, surviving the death of a worker (see
+    above). Returns one ``JobReturn`` per job, in order; a job lost with its worker returns
+    None (the index and the end-of-sweep summary hold its error)."""
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, \
+        setup_globals
+    from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+    from joblib import Parallel, delayed
+    from joblib.externals.loky import get_reusable_executor
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    setup_globals()
+    config = launcher.config
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    options = dict(launcher.joblib)
+    options["backend"] = "loky"  # as hydra-joblib-launcher: threads cannot run Hydra jobs
+    process_joblib_cfg(options)
+    log = logging.getLogger("hydra")
+    log.info("Joblib.Parallel(%s) is launching %d jobs",
+             ",".join(f"{k}={v}" for k, v in options.items()), len(job_overrides))
+    log.info("Launching jobs, sweep output dir : %s", sweep_dir)
+    jobs = {initial_job_idx + i: list(o) for i, o in enumerate(job_overrides)}
+    for idx, overrides in jobs.items():
+        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+    state = Singleton.get_state()
+    exclude = list(config.hydra.job.config.override_dirname.exclude_keys)
+    returns: dict[int, Any] = {}
+
+    def args(i):
+        return i, jobs[i], launcher.hydra_context, config, launcher.task_function, state
+
+    def dispatch(idxs):
+        """Run jobs ``idxs``; the TerminatedWorkerError that stopped them, or None."""
+        calls = (delayed(_execute_indexed)(*args(i)) for i in idxs)
+        try:
+            try:
+                outputs = Parallel(**options, return_as="generator_unordered")(calls)
+            except ValueError:  # joblib < 1.4
+                outputs = Parallel(**options, return_as="generator")(calls)
+            for i, ret in outputs:
+                returns[i] = ret
+        except TerminatedWorkerError as exc:
+            return exc
+        return None
+
+    def alone(i):
+        """Run job ``i`` by itself in one loky worker (joblib would run ``n_jobs=1`` in this
+        process, which the job's death would take down); as `dispatch`."""
+        future = get_reusable_executor(max_workers=1).submit(_execute_indexed, *args(i))
+        try:
+            returns[i] = future.result()[1]
+        except TerminatedWorkerError as exc:
+            return exc
+        return None
+
+    def entry(i) -> dict:
+        found = read_index(sweep_dir)["runs"].get(job_key(jobs[i], exclude), {})
+        return found if found.get("invocation") == current_sweep.get("invocation") else {}
+
+    def lost(i, cause: str) -> None:
+        where = entry(i).get("dir", "its run directory")
+        message = (f"WorkerDied: the joblib worker process running it died ({cause}): out of "
+                   "memory (the kernel's OOM killer sends SIGKILL), a crash in an extension, or "
+                   f"the job killed its worker. Its finished tasks are saved in {where}; the "
+                   "next invocation of the same sweep resumes it.")
+        _set(sweep_dir, job_key(jobs[i], exclude), status="failed", error=message,
+             overrides=jobs[i])
+        print(f"[job {i}] {message}", file=sys.stderr, flush=True)
+        returns[i] = JobReturn(overrides=jobs[i], status=JobStatus.COMPLETED,
+                               _return_value=None)
+
+    queue, strikes = sorted(jobs), {i: 0 for i in jobs}
+    while queue:
+        broken = dispatch(queue)
+        if broken is None:
+            break
+        missing = [i for i in queue if i not in returns]
+        running = [i for i in missing if entry(i).get("status") == "running"]
+        codes = _exit_codes(broken)
+        print(f"A joblib worker died ({codes}); joblib stopped the jobs in flight. The sweep "
+              f"goes on: {len(running)} job(s) that were running "
+              f"({', '.join(f'#{i}' for i in running) or 'none'}) run again one at a time (a job "
+              "whose worker dies while it runs alone is marked failed), then the "
+              f"{len(missing) - len(running)} job(s) not finished or started.",
+              file=sys.stderr, flush=True)
+        for i in running:
+            again = alone(i)
+            if again is not None:
+                lost(i, f"{_exit_codes(again)}, twice: the second time it ran alone")
+        if not running:  # a worker died before its job started: again, but not forever
+            for i in missing:
+                strikes[i] += 1
+                if strikes[i] >= 3:
+                    lost(i, f"{codes}, three times before the job started")
+        queue = [i for i in missing if i not in returns]
+    return [returns[i] for i in sorted(jobs)]
+
+
 def _planned_jobs(config) -> list[list[str]]:
     """The override lists Hydra's basic sweeper will launch (empty for other sweepers, whose
     jobs appear in the index when they start)."""
@@ -319,6 +447,16 @@ def _planned_jobs(config) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
+def release_run() -> None:
+    """Let go of the lock `SweepCallback.on_run_start` took (also after a run that ended in
+    SystemExit, which skips Hydra's ``on_run_end``)."""
+    from .store import unlock_run_dir
+
+    run_dir = current_run.pop("dir", None)
+    if run_dir is not None:
+        unlock_run_dir(run_dir)
+
+
 try:
     from hydra.experimental.callback import Callback as _HydraCallback
 except ImportError:  # pragma: no cover - hydra is a dependency; keeps the module importable
@@ -328,7 +466,25 @@ except ImportError:  # pragma: no cover - hydra is a dependency; keeps the modul
 class SweepCallback(_HydraCallback):
     """Hydra callback (``hydra.callbacks`` in conf/config.yaml) run by the launching process:
     takes the sweep lock and lists the planned runs before any job starts, and lets go of the
-    lock at the end. Holds no state itself because Hydra pickles it to the workers."""
+    lock at the end; for a single run, takes the run directory's lock (``run.lock``, see
+    `cl_toolkit.store.lock_run_dir`) before Hydra writes its ``.hydra`` files there, so a second
+    start of the same run is refused before it touches anything. Holds no state itself because
+    Hydra pickles it to the workers."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        from .store import lock_run_dir
+
+        run_dir = Path(str(config.hydra.run.dir)).resolve()
+        try:
+            lock_run_dir(run_dir)
+        except DirectoryLockedError as exc:
+            raise SweepAbort(exc) from None
+        except OSError:  # an unwritable directory: Hydra and the runner say so themselves
+            return
+        current_run["dir"] = run_dir
+
+    def on_run_end(self, config, **kwargs) -> None:
+        release_run()
 
     def on_multirun_start(self, config, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()

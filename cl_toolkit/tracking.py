@@ -15,7 +15,9 @@ import json
 import os
 from pathlib import Path
 
+from .config import semantic_config
 from .errors import ConfigError
+from .runs import flatten_config
 
 
 def _final_metrics(results: dict) -> dict:
@@ -51,8 +53,6 @@ class TensorBoardSink:
         self.writer.flush()
 
     def close(self, results: dict) -> None:
-        from .report import flatten_config
-        from .runner import semantic_config
 
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                    for k, v in flatten_config(semantic_config(self.cfg)).items()}
@@ -104,7 +104,6 @@ class WandbSink:
         except ImportError as exc:
             raise ConfigError("wandb=true needs Weights & Biases: pip install wandb, or set "
                               "wandb=false.") from exc
-        from .runner import semantic_config
 
         name = f"{cfg['strategy']['name']}@{cfg['benchmark']['name']}/seed{cfg.get('seed', 0)}"
         self.run = wandb.init(project=cfg.get("wandb_project") or "cl_toolkit", name=name,
@@ -137,8 +136,6 @@ class MLflowSink:
         except ImportError as exc:
             raise ConfigError("mlflow=true needs MLflow: pip install 'cl_toolkit[mlflow]', or "
                               "set mlflow=false.") from exc
-        from .report import flatten_config
-        from .runner import semantic_config
 
         self.mlflow, self.root = mlflow, Path(root)
         uri = cfg.get("mlflow_uri") or (Path(cfg.get("output_root", "runs")).resolve()

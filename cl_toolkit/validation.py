@@ -2,14 +2,24 @@
 
 Types come from the one source of truth, the signature of each name's target
 (`registry.signature_defaults`): a parameter whose default is an int takes an int, a list takes a
-list, and so on. Ranges are by key name, shared by every strategy, model and stream that uses the
-key (``lr`` > 0 wherever it appears). Each failure is a `ConfigError` naming the key, the value
-and a valid example, so ``cltk`` prints it as one paragraph with exit code 2.
+list, and so on. Ranges are declared by the parameter's owner, next to its signature: a
+strategy, model or stream builder (class or function) may carry
+
+    ranges = {"buffer_size": at_least(0), "momentum": between(0, 1)}   # checked here
+    smoke = {"buffer_size": 8}                                        # cl_toolkit/smoke.py
+
+(a class inherits its bases' entries and overrides them; a function sets them as attributes,
+``mqar_stream.ranges = {...}``), plus, for relations between its keys that no single range can
+say, a ``check_config(node, cfg)`` that raises `ConfigError`. `SHARED_RANGES` covers the few
+keys every strategy and stream shares (``lr`` > 0 wherever it appears); an owner's entry wins.
+Each failure is a `ConfigError` naming the key, the value and a valid example, so ``cltk``
+prints it as one paragraph with exit code 2.
 """
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +27,111 @@ from . import registry
 from .config import SCENARIOS
 from .errors import ConfigError, suggest
 
-# key -> (low, low inclusive, high, high inclusive); None values always pass (they mean "default").
-RANGES: dict[str, tuple] = {
-    "lr": (0, False, None, False), "pretrain_lr": (0, False, None, False),
-    "generator_lr": (0, False, None, False), "coef_lr": (0, False, None, False),
-    "batch_size": (1, True, None, False), "eval_batch_size": (1, True, None, False),
-    "replay_batch_size": (1, True, None, False), "generator_batch_size": (1, True, None, False),
-    "coef_batch_size": (1, True, None, False),
-    "epochs": (0, True, None, False), "pretrain_epochs": (0, True, None, False),
-    "generator_epochs": (0, True, None, False), "coef_steps": (0, True, None, False),
-    "buffer_size": (0, True, None, False), "n_tasks": (1, True, None, False),
-    "momentum": (0, True, 1, True), "dropout": (0, True, 1, False),
-    "weight_decay": (0, True, None, False), "lr_decay": (0, False, None, False),
-    "lr_min": (0, True, None, False), "density": (0, False, 1, True),
-    "max_train_per_task": (1, True, None, False), "max_test_per_task": (1, True, None, False),
-    "threads": (1, True, None, False),
+
+@dataclass(frozen=True)
+class Range:
+    """The values one parameter takes: numbers within bounds (every item of a list, which must
+    hold at least ``min_items``), or one of ``choices``. ``None`` always passes (it means "the
+    default"). ``note`` says why, at the end of the error. Made by `at_least`, `above`,
+    `between` and `one_of`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    min_items: int = 0
+    note: str = ""
+
+    def span(self) -> str:
+        low = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low}"
+        high = "" if self.high is None else f"{'<' if self.high_open else '<='} {self.high}"
+        return " and ".join(s for s in (low, high) if s)
+
+    def outside(self, v: float) -> bool:
+        return (isinstance(v, float) and not math.isfinite(v)) or (
+            self.low is not None and (v <= self.low if self.low_open else v < self.low)) or (
+            self.high is not None and (v >= self.high if self.high_open else v > self.high))
+
+    def check(self, full: str, value: Any, example: Any = None) -> None:
+        why = f" ({self.note})" if self.note else ""
+        if self.choices:
+            if value not in self.choices:
+                names = [str(c) for c in self.choices]
+                close = suggest(value, names) if isinstance(value, str) else ""
+                good = example if example in self.choices else self.choices[0]
+                raise ConfigError(f"{full}={value!r} is not one of {', '.join(names)}{why}."
+                                  f"{close} Set {full}={good}, for example.")
+            return
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if isinstance(value, (list, tuple)) and len(values) < self.min_items:
+            many = "one value" if self.min_items == 1 else f"{self.min_items} values"
+            raise ConfigError(f"{full} must hold at least {many}; got {list(value)}{why}. Set "
+                              f"it like {_example(full, example)}.")
+        usable = example if example not in (None, "???") else 1
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{full} must be a number; got {value!r}. Set it like "
+                                  f"{_example(full, usable)}.")
+            if self.outside(v):
+                finite = "a finite number " if isinstance(v, float) and not math.isfinite(v) \
+                    else ""
+                hint = f", e.g. {_example(full, example)}" if example not in (None, "???") \
+                    and not isinstance(example, (list, tuple)) else ""
+                raise ConfigError(f"{full} must be {finite}{self.span()}; got {value!r}{why}. "
+                                  f"Choose a value in range{hint}.")
+
+
+def at_least(low: float, *, min_items: int = 0, note: str = "") -> Range:
+    """``value >= low`` (each item of a list)."""
+    return Range(low=low, min_items=min_items, note=note)
+
+
+def above(low: float, *, note: str = "") -> Range:
+    """``value > low``."""
+    return Range(low=low, low_open=True, note=note)
+
+
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+            note: str = "") -> Range:
+    """``low <= value <= high``; ``low_open`` / ``high_open`` exclude the bound."""
+    return Range(low=low, high=high, low_open=low_open, high_open=high_open, note=note)
+
+
+def one_of(*choices: Any, note: str = "") -> Range:
+    """One of ``choices`` (a misspelt value gets a "did you mean")."""
+    return Range(choices=tuple(choices), note=note)
+
+
+# Keys every strategy (the optimiser of `SupervisedStrategy`, KCL, merging, Avalanche) or every
+# stream shares; an owner's declaration of the same key wins.
+SHARED_RANGES = {
+    "lr": above(0), "batch_size": at_least(1), "epochs": at_least(0),
+    "momentum": between(0, 1), "weight_decay": at_least(0), "lr_decay": above(0),
+    "optimizer": one_of("sgd", "adam", "adamw"), "scenario": one_of(*SCENARIOS),
+    "heads": one_of("single", "multi"),  # the runner's own key of every model node
 }
-CHOICES = {"scenario": SCENARIOS, "optimizer": ("sgd", "adam", "adamw"),
-           "heads": ("single", "multi")}
+# The top-level keys: their types (the default) and ranges.
 TOP_TYPES = {"seed": 0, "threads": None, "eval_batch_size": 1024, "device": "cpu",
              "resume": False, "overwrite": False, "quiet": False, "output_root": "runs",
              "smoke": False, "tensorboard": False, "csv": False, "wandb": False,
              "mlflow": False, "log_every": 10}
+TOP_RANGES = {"threads": at_least(1), "eval_batch_size": at_least(1)}
 NODES = (("stream", "benchmark"), ("model", "model"), ("strategy", "strategy"))
+
+
+def declared(target: Any, attribute: str) -> dict:
+    """The owner's declaration ``attribute`` (``"ranges"`` or ``"smoke"``): a class merges those
+    of its bases (the subclass's entry wins), a function carries its own."""
+    out: dict = {}
+    for owner in (reversed(target.__mro__) if isinstance(target, type) else [target]):
+        out.update(getattr(owner, "__dict__", {}).get(attribute) or {})
+    return out
+
+
+def ranges_of(target: Any) -> dict[str, Range]:
+    """Every range that applies to a node of ``target``: the shared ones, then its own."""
+    return {**SHARED_RANGES, **declared(target, "ranges")}
 
 
 def _type_name(example: Any) -> str:
@@ -71,8 +163,9 @@ def _example(key: str, example: Any) -> str:
     return f"{key}={text}"
 
 
-def check_value(where: str, key: str, value: Any, example: Any = None) -> None:
-    """Type against ``example`` (the signature's default), then range and choices by key."""
+def check_value(where: str, key: str, value: Any, example: Any = None,
+                rule: Range | None = None) -> None:
+    """Type against ``example`` (the signature's default), then ``rule`` (the key's range)."""
     full = f"{where}.{key}" if where else key
     if value is None:
         return
@@ -81,32 +174,14 @@ def check_value(where: str, key: str, value: Any, example: Any = None) -> None:
             f"{full} must be {_type_name(example)}; got {value!r} ({type(value).__name__}). "
             f"Set it like {_example(full, example)}."
         )
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(
-            f"{full}={value!r} is not one of {', '.join(CHOICES[key])}.{suggest(value, CHOICES[key])}"
-            f" Set {full}={CHOICES[key][0]}, for example."
-        )
-    if key in RANGES:
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"{full} must be a number; got {value!r}. Set it like "
-                                  f"{_example(full, example if example not in (None, '???') else 1)}.")
-            lo, lo_in, hi, hi_in = RANGES[key]
-            bad = (lo is not None and (v < lo if lo_in else v <= lo)) or \
-                (hi is not None and (v > hi if hi_in else v >= hi)) or \
-                (isinstance(v, float) and not math.isfinite(v))
-            if bad:
-                low = "" if lo is None else f"{'>=' if lo_in else '>'} {lo}"
-                high = "" if hi is None else f"{'<=' if hi_in else '<'} {hi}"
-                span = " and ".join(s for s in (low, high) if s)
-                hint = f", e.g. {_example(full, example)}" if example not in (None, "???") \
-                    and not isinstance(example, (list, tuple)) else ""
-                raise ConfigError(f"{full} must be {span}; got {value!r}. Choose a value in "
-                                  f"range{hint}.")
+    if rule is not None:
+        rule.check(full, value, example)
 
 
-def check_node(kind: str, group: str, node: Any) -> None:
+def check_node(kind: str, group: str, node: Any, cfg: dict | None = None) -> None:
+    """Keys, types and ranges of one config node, then its owner's ``check_config(node, cfg)``
+    (relations between keys, e.g. a width its heads divide; ``node`` has every default filled
+    in, ``cfg`` is the whole config)."""
     if not isinstance(node, dict) or "name" not in node:
         raise ConfigError(f"The {group} config needs a 'name' key (one of "
                           f"{', '.join(registry.names(kind))}); got {node!r}. Select one with "
@@ -121,9 +196,10 @@ def check_node(kind: str, group: str, node: Any) -> None:
                 raise ConfigError(
                     f"Unknown config key {group}.{key}.{suggest(key, sorted(allowed))} Valid keys "
                     f"of {group} {node['name']!r}: {', '.join(sorted(allowed))}.")
+    ranges = ranges_of(target)
     for key, value in node.items():
         if key != "name":
-            check_value(group, key, value, defaults.get(key))
+            check_value(group, key, value, defaults.get(key), ranges.get(key))
     if kind == "strategy" and node.get("epochs") == 0 and not getattr(target, "zero_epochs_ok",
                                                                          False):
         from .strategy import SupervisedStrategy
@@ -134,6 +210,9 @@ def check_node(kind: str, group: str, node: Any) -> None:
             raise ConfigError(f"strategy.epochs=0 trains nothing, so the run would report "
                               f"untrained accuracy as a result. Set strategy.epochs to 1 or more "
                               f"(its default is {defaults.get('epochs')}).")
+    check = getattr(target, "check_config", None)
+    if callable(check):
+        check({**defaults, **node}, cfg or {})
 
 
 def check_device(device: Any) -> None:
@@ -222,12 +301,12 @@ def check_config(cfg: dict) -> None:
     """Raise `ConfigError` for the first value of ``cfg`` that cannot run."""
     for key, example in TOP_TYPES.items():
         if key in cfg:
-            check_value("", key, cfg[key], example)
+            check_value("", key, cfg[key], example, TOP_RANGES.get(key))
+    if "device" in cfg:  # before the nodes: a model checks its backend against the device
+        check_device(cfg["device"])
     for kind, group in NODES:
         if group in cfg:
-            check_node(kind, group, cfg[group])
-    if "device" in cfg:
-        check_device(cfg["device"])
+            check_node(kind, group, cfg[group], cfg)
     if "trainer" in cfg:
         check_trainer(cfg["trainer"], cfg.get("device", "cpu"))
     if "output_root" in cfg:

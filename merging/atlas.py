@@ -27,6 +27,13 @@ Objectives:
 
 For the unlabelled objectives the validation score is minus the objective on the held-out
 inputs (no labels exist to count accuracy).
+
+Every coefficient step goes through the run's `Trainer.step` (finite check, precision), with
+aTLAS's own gradient clipping. The objective is the paper's alone: a model's auxiliary loss
+(MoM's router balance) is not added, since the coefficients only rescale directions the
+fine-tuning already found and balancing the router is that fine-tuning's concern.
+
+`ATLAS` is the continual strategy.
 """
 from __future__ import annotations
 
@@ -35,10 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from cl_toolkit.errors import NonFiniteLossError
-from cl_toolkit.stream import TensorData
+from cl_toolkit.errors import ConfigError
+from cl_toolkit.strategy import RunContext
+from cl_toolkit.stream import Task, TensorData
+from cl_toolkit.trainer import Trainer
+from cl_toolkit.validation import above, at_least
 
-from .task_vectors import StateDict
+from .base import MergeStrategy
+from .task_vectors import StateDict, assign_
 
 OBJECTIVES = ("supervised", "entropy", "pseudo_label")
 
@@ -93,13 +104,15 @@ def fit_coefficients(model: nn.Module, base: StateDict, task_vectors: list[State
                      batch_size: int = 128, use_task_ids: bool = False,
                      generator: torch.Generator | None = None, threshold: float = 0.9,
                      weight_decay: float = 0.1, grad_clip: float | None = 1.0,
-                     val_data: TensorData | None = None, eval_every: int = 10) -> torch.Tensor:
+                     val_data: TensorData | None = None, eval_every: int = 10,
+                     trainer: Trainer | None = None) -> torch.Tensor:
     """Learn ``coefs [n_vectors, n_keys]`` (start: ``coefs`` or zeros) with AdamW on ``data``.
 
     ``task_vectors`` must hold parameters only (`parameter_keys`). With ``val_data``, returns
     the coefficients that scored best on it (strictly better than every earlier check; the
     start is checked first); without, the last ones. The model runs in eval mode (BatchNorm uses
     its stored statistics, dropout is off), so the coefficients are the only thing that changes.
+    ``trainer``: the run's (default: a plain fp32 one on the base's device).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"Unknown aTLAS objective {objective!r}; use one of {OBJECTIVES}.")
@@ -113,6 +126,7 @@ def fit_coefficients(model: nn.Module, base: StateDict, task_vectors: list[State
     device = next(iter(base.values())).device
     if coefs is None:
         coefs = torch.zeros(len(task_vectors), n_keys, device=device)
+    trainer = trainer or RunContext(device=device).trainer
     coefs = coefs.detach().clone().to(device).requires_grad_(True)
     opt = torch.optim.AdamW([coefs], lr=lr, weight_decay=weight_decay)
     was_training = model.training
@@ -143,17 +157,9 @@ def fit_coefficients(model: nn.Module, base: StateDict, task_vectors: list[State
         for step in range(steps):
             idx = torch.randint(n, (min(batch_size, n),), generator=generator)
             x, y, t = data.x[idx].to(device), data.y[idx].to(device), data.t[idx].to(device)
-            loss = objective_loss(logits_of(x, t), y, objective, threshold)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"aTLAS coefficient fit: the {objective} loss became {loss.item()} at step "
-                    f"{step}. Lower strategy.coef_lr or check the task vectors for NaN/Inf."
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_([coefs], grad_clip)
-            opt.step()
+            trainer.step(lambda: objective_loss(logits_of(x, t), y, objective, threshold), opt,
+                         model=None, where=f"the aTLAS coefficient fit ({objective}), step {step}",
+                         lr_key="strategy.coef_lr", grad_clip=grad_clip, params=[coefs])
             if (step + 1) % eval_every == 0 or step + 1 == steps:
                 check()
     finally:
@@ -175,3 +181,112 @@ def validation_score(logits_of, data: TensorData, objective: str, threshold: flo
         else:
             total -= float(objective_loss(logits, None, objective, threshold)) * len(x)
     return total / max(1, len(data))
+
+
+class ATLAS(MergeStrategy):
+    """aTLAS (https://arxiv.org/abs/2407.02880) as a continual strategy: after each task,
+    re-learn one coefficient per (task vector, parameter tensor) for all task vectors so far,
+    from 0 as in the paper (``warm_start=True``: earlier ones start at their last values), with
+    the authors' recipe (AdamW, ``coef_lr`` 1e-3, ``coef_weight_decay`` 0.1, gradient norm
+    clipped to ``coef_grad_clip`` 1.0) and the coefficients that score best on a validation
+    split, checked every ``coef_eval_every`` steps (see `fit_coefficients`).
+
+    The buffer keeps ``k_shot`` labelled training samples per class of every seen task;
+    ``val_fraction`` of each class's shots (at least one, at most ``k_shot - 1``) are held out
+    as the validation split, the rest train the coefficients. (The paper selects on each
+    dataset's validation set; a continual run keeps only what its buffer holds.) ``k_shot = 0``
+    keeps ``unlabeled_per_task`` unlabelled inputs per task instead, split the same way, and
+    uses the ``unsupervised`` objective: ``"entropy"`` (AdaMerging's) or ``"pseudo_label"``
+    (plain self-training, not the paper's UFM). ``val_fraction = 0``: no validation split, the
+    last coefficients are kept.
+
+    Floating-point buffers among the merged entries (BatchNorm running statistics) get no
+    coefficient: the merged model keeps theta_0's, as the authors' code runs the composed
+    parameters with the pretrained model's buffers."""
+
+    name = "atlas"
+    state_attrs = ("task_vectors", "coefs", "buffer", "val_buffer")
+    ranges = {"coef_lr": above(0), "coef_batch_size": at_least(1), "coef_steps": at_least(0)}
+    smoke = {"coef_steps": 2, "k_shot": 2, "unlabeled_per_task": 4}
+
+    def __init__(self, k_shot: int = 16, unlabeled_per_task: int = 64,
+                 unsupervised: str = "entropy", coef_steps: int = 200, coef_lr: float = 1e-3,
+                 coef_weight_decay: float = 0.1, coef_grad_clip: float | None = 1.0,
+                 coef_batch_size: int = 128, val_fraction: float = 0.25,
+                 coef_eval_every: int = 10, warm_start: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.warm_start = warm_start
+        if unsupervised not in ("entropy", "pseudo_label"):
+            raise ConfigError(f"Unknown aTLAS unsupervised objective {unsupervised!r}; use "
+                              "'entropy' or 'pseudo_label'.")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"aTLAS val_fraction must be in [0, 1), got {val_fraction}; the "
+                              "default 0.25 holds out a quarter of each class's shots.")
+        if coef_eval_every < 1:
+            raise ConfigError(f"aTLAS coef_eval_every must be >= 1, got {coef_eval_every}.")
+        self.k_shot, self.unlabeled_per_task = k_shot, unlabeled_per_task
+        self.unsupervised, self.coef_steps = unsupervised, coef_steps
+        self.coef_lr, self.coef_batch_size = coef_lr, coef_batch_size
+        self.coef_weight_decay, self.coef_grad_clip = coef_weight_decay, coef_grad_clip
+        self.val_fraction, self.coef_eval_every = val_fraction, coef_eval_every
+        self.task_vectors: list[dict[str, torch.Tensor]] = []
+        self.coefs: torch.Tensor | None = None
+        self.buffer: list[TensorData] = []
+        self.val_buffer: list[TensorData] = []
+
+    def setup(self, stream, model, ctx):
+        super().setup(stream, model, ctx)
+        self.coef_keys = parameter_keys(self.model, self.keys)
+        if not self.coef_keys:
+            raise ConfigError(f"aTLAS needs parameters to scale; finetune_params "
+                              f"{self.finetune_params!r} matches buffers only.")
+
+    def _n_val(self, n: int) -> int:
+        if self.val_fraction == 0.0 or n < 2:
+            return 0
+        return min(n - 1, max(1, round(self.val_fraction * n)))
+
+    def _shots(self, task: Task) -> tuple[TensorData, TensorData]:
+        """``(train, validation)`` samples of ``task`` for the buffer."""
+        g, data = self.ctx.generator, task.train
+        if self.k_shot == 0:
+            picks = [torch.randperm(len(data), generator=g)[:self.unlabeled_per_task]]
+        else:
+            picks = []
+            for c in torch.unique(data.y):
+                idx = (data.y == c).nonzero().flatten()
+                picks.append(idx[torch.randperm(len(idx), generator=g)[:self.k_shot]])
+        val = [p[:self._n_val(len(p))] for p in picks]
+        train = [p[self._n_val(len(p)):] for p in picks]
+        return data.subset(torch.cat(train)), data.subset(torch.cat(val))
+
+    def merge_(self, tau, task):
+        self.task_vectors.append({k: tau[k].clone() for k in self.coef_keys})
+        train, val = self._shots(task)
+        self.buffer.append(train)
+        self.val_buffer.append(val)
+        start = torch.zeros(len(self.task_vectors), len(self.coef_keys), device=self.ctx.device)
+        if self.warm_start and self.coefs is not None:
+            start[:len(self.coefs)] = self.coefs
+        assign_(self._entries(), self.base)
+        val_data = TensorData.cat(self.val_buffer)
+        self.coefs = fit_coefficients(
+            self.model, {k: self.base[k] for k in self.coef_keys}, self.task_vectors,
+            TensorData.cat(self.buffer), "supervised" if self.k_shot > 0 else self.unsupervised,
+            start, steps=self.coef_steps, lr=self.coef_lr, batch_size=self.coef_batch_size,
+            use_task_ids=getattr(self.model, "uses_task_id", False),
+            generator=self.ctx.generator, weight_decay=self.coef_weight_decay,
+            grad_clip=self.coef_grad_clip, val_data=val_data if len(val_data) else None,
+            eval_every=self.coef_eval_every, trainer=self.ctx.trainer)
+
+    @torch.no_grad()
+    def merged_update(self):
+        update = {k: torch.zeros_like(v) for k, v in self.base.items()}
+        composed = compose({k: update[k] for k in self.coef_keys}, self.task_vectors,
+                           self.coefs)
+        return {**update, **composed}, 1.0
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)  # the buffers come back as (x, y, t) tuples
+        self.buffer = [TensorData(*b) for b in self.buffer]
+        self.val_buffer = [TensorData(*b) for b in self.val_buffer]

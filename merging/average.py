@@ -3,13 +3,14 @@
 The average of models fine-tuned from one base equals the base plus the average of their task
 vectors, so it is kept as a running mean of task vectors:
 ``mean_t = (t * mean_{t-1} + tau_t) / (t + 1)`` with ``t`` models merged before, and
-``theta_t = theta_0 + mean_t``.
+``theta_t = theta_0 + mean_t``. `MergeAverage` is the continual strategy.
 """
 from __future__ import annotations
 
 import torch
 
-from .task_vectors import StateDict
+from .base import MergeStrategy
+from .task_vectors import StateDict, clone
 
 
 def average(task_vectors: list[StateDict]) -> dict[str, torch.Tensor]:
@@ -28,3 +29,19 @@ def average_step_(mean: dict[str, torch.Tensor], tau: StateDict, count: int
     for k, m in mean.items():
         m.mul_(count / (count + 1)).add_(tau[k], alpha=1.0 / (count + 1))
     return mean
+
+
+class MergeAverage(MergeStrategy):
+    """Weight averaging (https://arxiv.org/abs/2203.05482): running mean of task vectors."""
+
+    name = "merge_average"
+    state_attrs = ("mean",)
+
+    def merge_(self, tau, task):
+        if self.tasks_seen == 0:
+            self.mean = clone(tau)
+        else:
+            average_step_(self.mean, tau, self.tasks_seen)
+
+    def merged_update(self):
+        return self.mean, 1.0

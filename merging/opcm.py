@@ -18,7 +18,7 @@ takes full SVDs, which is wasted work. `project_exact` is the executable spec (f
 `project_` (in place; `project` returns a new tensor) is the fast path used by the strategy
 (see its docstring and ``perf/merge_speed.py``). Singular values below
 ``RTOL * sigma_max`` are treated as zero by both: in a float32 matrix they are rounding noise
-and their vectors are arbitrary.
+and their vectors are arbitrary. `OPCM` is the continual strategy.
 """
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
+from cl_toolkit.errors import ConfigError
+
+from .base import MergeStrategy
 from .task_vectors import StateDict, norm
 
 RTOL = 1e-6
@@ -201,3 +204,36 @@ def merge_scale(update: StateDict, tau_norms: list[float]) -> float:
     mean = sum(tau_norms) / len(tau_norms)
     n = norm(update)
     return n / mean if mean > 0 else 1.0
+
+
+class OPCM(MergeStrategy):
+    """OPCM (https://arxiv.org/abs/2501.09522): each Linear's update projected orthogonally to
+    the merged update, rescaled to the mean task-vector norm (`opcm_step_`). The state is ``S``
+    and the task-vector norms; ``lambda`` follows from them (`merge_scale`)."""
+
+    name = "opcm"
+    state_attrs = ("update", "tau_norms")
+
+    def __init__(self, alpha: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        if alpha < 0:
+            raise ConfigError(f"OPCM alpha must be >= 0, got {alpha}; the paper uses 0.5.")
+        self.alpha = alpha
+        self.update: dict[str, torch.Tensor] = {}
+        self.tau_norms: list[float] = []
+        self.lam = 1.0
+
+    def setup(self, stream, model, ctx):
+        super().setup(stream, model, ctx)
+        self.linear = {k: c for k, c in linear_weights(self.model).items() if k in self.keys}
+
+    def merge_(self, tau, task):
+        self.lam = opcm_step_(self.update, tau, self.tau_norms, self.alpha, self.linear)
+
+    def merged_update(self):
+        return self.update, 1.0 / self.lam
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.tau_norms = list(self.tau_norms)
+        self.lam = merge_scale(self.update, self.tau_norms) if self.tau_norms else 1.0

@@ -21,6 +21,10 @@ kept, so ties can keep more than ``k``.
 (The official ``topk_values_mask`` takes the ``(n - int(density * n))``-th smallest, which keeps
 one entry more than ``int(density * n)``.) Where the elected signs cancel over the whole
 vector too, no majority exists and such entries merge to 0.
+
+As continual strategies (one family, `MergeTIES`): the sound default keeps
+``S_t = TIES_mean(S_{t-1}, tau_t)``; `MergeTIESFusionBench` is the OPCM paper's baseline, which
+accumulates ``U_t = U_{t-1} + lam * TIES_sum(U_{t-1}, tau_t)``.
 """
 from __future__ import annotations
 
@@ -28,6 +32,10 @@ from functools import reduce as fold
 
 import torch
 
+from cl_toolkit.errors import ConfigError
+from cl_toolkit.validation import between
+
+from .base import MergeStrategy
 from .task_vectors import StateDict
 
 REDUCTIONS = ("mean", "sum")
@@ -113,3 +121,66 @@ def ties(task_vectors: list[StateDict], density: float = 0.2, reduce: str = "mea
     majority = majority_sign(task_vectors, thresholds)
     return {k: ties_tensor([tv[k] for tv in task_vectors], thresholds, majority, reduce)
             for k in task_vectors[0]}
+
+
+class MergeTIES(MergeStrategy):
+    """Continual TIES (https://arxiv.org/abs/2306.01708), the sound default:
+    ``S_t = TIES(S_{t-1}, tau_t)``, ``theta_t = theta_0 + lam * S_t`` (``S_0 = 0``): every step
+    is one TIES merge of two vectors, so the merged update stays on the scale of one task vector.
+    With the disjoint mean, ``lam = 1`` is the TIES paper's default.
+
+    ``accumulate`` (a class attribute) selects the other member of the family,
+    `MergeTIESFusionBench`: ``U_1 = lam * tau_1``, ``U_t = U_{t-1} + lam * TIES(U_{t-1}, tau_t)``,
+    ``theta_t = theta_0 + U_t``."""
+
+    name = "merge_ties"
+    state_attrs = ("merged",)
+    ranges = {"density": between(0, 1, low_open=True)}
+    accumulate = False
+
+    def __init__(self, lam: float = 1.0, density: float = 0.2, reduce: str = "mean",
+                 **kwargs):
+        super().__init__(**kwargs)
+        if reduce not in REDUCTIONS:
+            raise ConfigError(f"Unknown TIES reduce {reduce!r}; use one of {REDUCTIONS}.")
+        if not 0.0 < density <= 1.0:
+            raise ConfigError(f"TIES density must be in (0, 1], got {density}.")
+        self.lam, self.density, self.reduce = lam, density, reduce
+
+    def merge_(self, tau, task):
+        if self.tasks_seen == 0:
+            if self.accumulate:  # untrimmed, as FusionBench starts
+                self.merged = {k: v.mul(self.lam) for k, v in tau.items()}
+                return
+            self.merged = {k: torch.zeros_like(v) for k, v in tau.items()}
+        # Per-vector thresholds of [merged, tau] and their majority sign are fixed before any
+        # tensor is updated: each tensor's TIES reads only that tensor of the previous merge.
+        vectors = [self.merged, tau]
+        thresholds = [trim_threshold(v.values(), self.density) for v in vectors]
+        majority = majority_sign(vectors, thresholds)
+        for k, s in self.merged.items():
+            step = ties_tensor([s, tau[k]], thresholds, majority, self.reduce)
+            if self.accumulate:
+                s.add_(step, alpha=self.lam)
+            else:
+                self.merged[k] = step
+
+    def merged_update(self):
+        return self.merged, 1.0 if self.accumulate else self.lam
+
+
+class MergeTIESFusionBench(MergeTIES):
+    """The continual TIES baseline of the OPCM paper (https://arxiv.org/abs/2501.09522), as
+    FusionBench runs it (``ContinualTiesMergingForCLIP``, fusion_bench/method/opcm/
+    ties_merging.py, https://github.com/tanganke/fusion_bench):
+    ``theta_1 = theta_0 + s * tau_1`` (untrimmed), then
+    ``theta_t = theta_{t-1} + s * TIES_sum(theta_{t-1} - theta_0, tau_t)``, ``s = lam`` = 0.3
+    for 8 tasks and 0.1 for 14/20. Kept for comparability with the paper's C-TIES numbers: the
+    previous merge is added again at every step (where it agrees with tau_t), so the merged
+    update grows with the number of tasks instead of staying on one task vector's scale."""
+
+    name = "merge_ties_fusionbench"
+    accumulate = True
+
+    def __init__(self, lam: float = 0.3, density: float = 0.2, reduce: str = "sum", **kwargs):
+        super().__init__(lam=lam, density=density, reduce=reduce, **kwargs)

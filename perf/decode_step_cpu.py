@@ -4,7 +4,7 @@ of the four language-model presets: the retention probe's recall decodes this wa
     python -m perf.decode_step_cpu [--batch 48] [--steps 16] [--repeats 5]
 
 The recurrent memories decode through the fused recurrent functions. On the CPU these run the
-token loop batched over all packed sequences (kernels/recurrent_torch.py, backend 'torch');
+token loop batched over all packed sequences (kernels/common/recurrent_torch.py, backend 'torch');
 the per-sequence reference loop (backend 'naive'), which a MoM layer pays once per (memory,
 sample) state, is timed on the same model for comparison. Best of ``repeats``, process CPU
 time, one thread.

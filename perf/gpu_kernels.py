@@ -15,8 +15,8 @@ Times are queued (CUDA events around each call, calls back to back, one sync at 
 time as in a training loop) with the synchronised per-call time alongside. fla 0.6.0 refuses
 its gated backward on Hopper under Triton < 3.7.1 (its issue #640); the guard is switched off
 so the backward is timed, and fla's gradients are checked in the same table.
-``--variant NAME`` times another version of one kernel part (kernel_variants.py) instead of
-the current one, on the same machine; gpu_kernels.sh runs the variants after the main run.
+``--ours-only --fla-ref FILE`` times only our gdr kernels and takes fla's rows from an earlier
+run on the same machine.
 ``--profile`` writes per-kernel times of our gdr and of the MoM layer to gpu_profile.txt.
 
 Prints a markdown table and writes gpu_kernels.md / gpu_kernels.json under --out ($OUT).
@@ -47,19 +47,22 @@ T_START = time.time()
 
 
 def _import_kernels():
-    """cl_toolkit.kernels from an install, else straight from this checkout via a shim package
-    (the GPU machine has the checkout but not the install)."""
+    """cl_toolkit.kernels and cl_toolkit.layers from an install, else straight from this
+    checkout via a shim package (the GPU machine has the checkout but not the install)."""
     try:
         import cl_toolkit.kernels as K  # noqa: F401
-        import cl_toolkit.kernels.chunk_triton  # noqa: F401
+        import cl_toolkit.kernels.common.chunk_triton  # noqa: F401
+        import cl_toolkit.layers  # noqa: F401
         return K
     except ImportError:
         pass
-    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
     shim = tempfile.mkdtemp(prefix="cltk_shim_")
     os.makedirs(os.path.join(shim, "cl_toolkit"))
     open(os.path.join(shim, "cl_toolkit", "__init__.py"), "w").close()
     os.symlink(os.path.join(root, "kernels"), os.path.join(shim, "cl_toolkit", "kernels"))
+    os.symlink(os.path.join(root, "cl_toolkit", "layers"),
+               os.path.join(shim, "cl_toolkit", "layers"))
     sys.path.insert(0, shim)
     for name in [m for m in sys.modules if m == "cl_toolkit" or m.startswith("cl_toolkit.")]:
         del sys.modules[name]
@@ -71,7 +74,7 @@ K = _import_kernels()
 from cl_toolkit.kernels.gated_delta_rule import (chunk_gated_delta_rule,  # noqa: E402
                                                  naive_gated_delta_rule)
 from cl_toolkit.kernels.linear_attn import chunk_linear_attn, naive_linear_attn  # noqa: E402
-from cl_toolkit.kernels.mom import MoMLayer  # noqa: E402
+from cl_toolkit.layers.mom import MoMLayer  # noqa: E402
 
 try:
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk_gdr
@@ -403,8 +406,8 @@ def timed_pair(fn, x: dict, do: torch.Tensor):
     return fwd, fwdbwd
 
 
-def timings(dev, smoke, budget_s, ours_only=False, variant="", mom_only=False,
-            mom_baseline="", fla_mom=False):
+def timings(dev, smoke, budget_s, ours_only=False, mom_only=False, mom_baseline="",
+            fla_mom=False):
     sizes = [] if mom_only else timing_sizes(smoke)
     dtype = torch.float32 if smoke else torch.bfloat16
     results, notes = [], []
@@ -441,8 +444,7 @@ def timings(dev, smoke, budget_s, ours_only=False, variant="", mom_only=False,
         do = torch.randn(B, T, H, D, device=dev, dtype=dtype)
 
         ours = lambda **a: chunk_gated_delta_rule(**a, backend="triton")[0]
-        label = f"ours gdr (triton{', ' + variant if variant else ''})"
-        run(label, size, lambda: timed_pair(ours, x, do))
+        run("ours gdr (triton)", size, lambda: timed_pair(ours, x, do))
         if ours_only:
             continue
         if fla_chunk_gdr is not None and dev.type == "cuda":
@@ -480,8 +482,7 @@ def timings(dev, smoke, budget_s, ours_only=False, variant="", mom_only=False,
             call(layer, leaves).float().sum().backward()
         return fwd, fwdbwd
     layer = our_mom(smoke).to(dev, dtype)
-    run("ours MoMLayer" + (f" ({variant})" if variant else ""), (B, T, hidden),
-        lambda: mom_factory(layer, lambda m, x: m(x)[0]))
+    run("ours MoMLayer", (B, T, hidden), lambda: mom_factory(layer, lambda m, x: m(x)[0]))
     if mom_baseline:
         old = load_mom_baseline(mom_baseline, smoke).to(dev, dtype)
         old.load_state_dict(layer.state_dict())
@@ -531,11 +532,12 @@ def our_mom(smoke: bool, cls=MoMLayer) -> MoMLayer:
 
 
 def load_mom_baseline(path: str, smoke: bool) -> MoMLayer:
-    """Our MoM layer as an earlier version of kernels/mom.py defines it (a file written by
-    ``git show COMMIT:kernels/mom.py``), so before/after is timed on one machine. Loaded as a
-    module of the kernels package, so its relative imports use today's kernels."""
+    """Our MoM layer as an earlier version of cl_toolkit/layers/mom.py defines it (a file
+    written by ``git show COMMIT:cl_toolkit/layers/mom.py``), so before/after is timed on one
+    machine. Loaded as a module of the layers package, so its relative imports use today's
+    kernels."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("cl_toolkit.kernels._mom_baseline", path)
+    spec = importlib.util.spec_from_file_location("cl_toolkit.layers._mom_baseline", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return our_mom(smoke, module.MoMLayer)
@@ -638,7 +640,7 @@ def autotune_choices() -> dict:
     """The config each autotuned kernel picked, per autotune key, after the runs above, so a
     later session can see which warps / stages won (and prune the losers)."""
     from triton.runtime.autotuner import Autotuner
-    from cl_toolkit.kernels import chunk_triton as ct
+    from cl_toolkit.kernels.common import chunk_triton as ct
 
     out = {}
     for name in dir(ct):
@@ -678,7 +680,8 @@ def compile_check(head_dim: int, dtype: str, arch: int = 90, only: str = "") -> 
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
     import triton
-    from cl_toolkit.kernels import chunk_triton as ct, recurrent_triton as rt, short_conv as sc
+    from cl_toolkit.kernels.common import chunk_triton as ct, recurrent_triton as rt
+    from cl_toolkit.kernels.short_conv import conv as sc
 
     def jit_fn(k):
         while not isinstance(k, JITFunction):
@@ -763,10 +766,8 @@ def main():
                     help="no GPU needed: compile the kernels for sm_90 and print shared memory")
     ap.add_argument("--head-dim", type=int, default=128, help="with --compile-check")
     ap.add_argument("--only", default="", help="with --compile-check: kernel names, comma list")
-    ap.add_argument("--variant", default="",
-                    help="time another version of a kernel part (kernel_variants.py)")
     ap.add_argument("--ours-only", action="store_true",
-                    help="time only our gdr kernels (for --variant runs)")
+                    help="time only our gdr kernels (with --fla-ref for the speedups)")
     ap.add_argument("--fla-ref", default="",
                     help="gpu_kernels.json of an earlier run on this machine: its fla rows "
                          "give the speedup columns when fla is not timed here")
@@ -776,22 +777,14 @@ def main():
                     help="also time fla's MomAttention: its varlen backward compiles and tunes "
                     "for minutes, so gpu_kernels.sh runs it last, on its own, under a timeout")
     ap.add_argument("--mom-baseline", default=os.environ.get("MOM_BASELINE", ""),
-                    metavar="FILE", help="also time the MoMLayer of this earlier kernels/mom.py "
-                    "(git show COMMIT:kernels/mom.py > FILE)")
+                    metavar="FILE", help="also time the MoMLayer of this earlier "
+                    "cl_toolkit/layers/mom.py (git show COMMIT:cl_toolkit/layers/mom.py > FILE)")
     ap.add_argument("--warm", metavar="PARTS", default="",
                     help="only build and tune the kernels of these parts (comma list of "
                     f"{', '.join(WARM_PARTS)}); gpu_kernels.sh runs them in parallel first")
     ap.add_argument("--keep-fla-guard", action="store_true",
                     help="leave fla's #640 guard on (no fla backward on Triton < 3.7.1, Hopper)")
     args = ap.parse_args()
-    if args.variant:
-        try:
-            from perf import kernel_variants
-        except ImportError:  # the GPU machine runs this file from the checkout
-            import kernel_variants
-        kernel_variants.apply(args.variant)
-        if kernel_variants.VARIANTS[args.variant][0].__name__.endswith("short_conv"):
-            args.mom_only = True  # the convolution only changes the MoM layer's times
     if args.compile_check:
         return compile_check(args.head_dim, args.compile_check, only=args.only)
     dev = torch.device("cpu" if args.smoke else "cuda")
@@ -821,7 +814,7 @@ def main():
     results, notes, ceiling = [], [], 0.0
     if not failed or args.time_on_fail:
         ceiling = copy_ceiling(dev)
-        results, notes = timings(dev, args.smoke, args.budget_s, args.ours_only, args.variant,
+        results, notes = timings(dev, args.smoke, args.budget_s, args.ours_only,
                                  args.mom_only, args.mom_baseline, args.fla_mom)
     if failed:
         notes.insert(0, "CORRECTNESS FAILED: " + ("timings are NOT VALID results. "
@@ -848,8 +841,7 @@ def main():
             f"- {name} {key}: {cfg}" for name, choices in tuned.items()
             for key, cfg in choices.items()) + "\n"
     print(text, flush=True)
-    stem = ("gpu_kernels" + (f"_{args.variant}" if args.variant else "")
-            + ("_mom" if args.mom_only else ""))
+    stem = "gpu_kernels" + ("_mom" if args.mom_only else "")
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, stem + ".json"), "w") as f:

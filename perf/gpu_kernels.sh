@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: correctness + timings of cl_toolkit.kernels (see gpu_kernels.py),
-# then other kernel versions (kernel_variants.py) and fla's MoM layer on the same machine.
+# then fla's MoM layer on the same machine.
 # Usage, from anywhere:  bash perf/gpu_kernels.sh [--quick] [--profile] ...
-#   VARIANTS="dv-in-scan" also times that other version of a kernel part after the main run.
-#   MOM_BASELINE=FILE (git show COMMIT:kernels/mom.py > FILE) times that earlier MoM layer too.
+#   MOM_BASELINE=FILE (git show COMMIT:cl_toolkit/layers/mom.py > FILE) times that earlier MoM
+#   layer too.
 #   FLA_MOM_S=240: seconds for fla's MomAttention, timed last in a process of its own (its
 #   varlen backward compiles and tunes for minutes); 0 skips it.
 #   DEADLINE_S=470: the whole call's seconds (the issue asks for under 8 minutes). Each phase
@@ -18,7 +18,7 @@
 # Wheels of flash-linear-attention (fla-core, flash-linear-attention 0.6.0; pure Python) found
 # in .whl/ are installed into /tmp/site first so fla's kernels are timed alongside ours.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_kernels_out}"
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -49,12 +49,6 @@ echo "main run: ${budget} s of timing budget ($(left) s left of DEADLINE_S=${DEA
 python3 perf/gpu_kernels.py --out "$OUT" --time-on-fail --budget-s "$budget" "$@" 2>&1 \
   | tee "$OUT/gpu_kernels.log"
 status="${PIPESTATUS[0]}"
-for variant in ${VARIANTS:-}; do
-  python3 perf/gpu_kernels.py --out "$OUT" --variant "$variant" --ours-only \
-    "${smoke[@]}" --skip-correctness --fla-ref "$OUT/gpu_kernels.json" \
-    --budget-s "$(( $(left) - 30 < 120 ? $(left) - 30 : 120 ))" 2>&1 \
-    | tee -a "$OUT/gpu_kernels.log"
-done
 fla_s=$(( ${FLA_MOM_S:-240} < $(left) ? ${FLA_MOM_S:-240} : $(left) ))
 if [[ "${FLA_MOM_S:-240}" == 0 ]]; then
   :

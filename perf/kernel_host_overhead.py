@@ -28,7 +28,7 @@ class _NoLaunch:
 
 
 def stub_kernels() -> None:
-    from cl_toolkit.kernels import chunk_triton
+    from cl_toolkit.kernels.common import chunk_triton
 
     for name in dir(chunk_triton):
         if name.endswith("_kernel") and name.startswith("_"):

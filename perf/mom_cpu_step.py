@@ -32,7 +32,7 @@ import yaml
 from cl_toolkit import registry
 from cl_toolkit.models import Classifier
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 SIZES = {"split_digits": (1, 8, 8), "fashion_mnist": (1, 28, 28)}
 VARIANTS = {  # row name -> (preset, overrides)
     "transformer": ("transformer", {}),

@@ -3,7 +3,7 @@ forward+backward, with the naive token loop as the yardstick measured in the sam
 a MoM layer on top of it.
 
 MoM backbones train on CPU through this path, and its backward used to grow quadratically
-with T (see ``kernels/chunk_torch.py``), so the long sizes matter. Best of ``--repeats``.
+with T (see ``kernels/common/chunk_torch.py``), so the long sizes matter. Best of ``--repeats``.
 
     python -m perf.torch_chunk_cpu
 """
@@ -15,7 +15,7 @@ import torch
 
 from perf.timing import best_seconds
 from cl_toolkit.kernels.gated_delta_rule import chunk_gated_delta_rule
-from cl_toolkit.kernels.mom import MoMLayer
+from cl_toolkit.layers.mom import MoMLayer
 
 SIZES = [(4, 256, 4, 64), (2, 1024, 4, 64), (1, 4096, 2, 64)]
 

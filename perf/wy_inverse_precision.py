@@ -1,6 +1,6 @@
 """Why the WY inverse of the chunk kernels multiplies in three-pass tf32, even for bf16 inputs.
 
-``_inverse_unit_lower`` (kernels/chunk_triton.py) forms (I + A)^-1 of a 64 x 64 chunk with a
+``_inverse_unit_lower`` (kernels/common/chunk_triton.py) forms (I + A)^-1 of a 64 x 64 chunk with a
 chain of ten products. One-pass tf32 products would cost a third of the tensor-core work of the
 prep kernel's largest part, and its result is rounded to bf16 right after, so it looks precise
 enough. It is not: the chain multiplies powers of A that grow before they cancel, and with

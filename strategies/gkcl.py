@@ -46,6 +46,7 @@ from torch import nn
 from cl_toolkit.errors import ConfigError, NonFiniteLossError
 from cl_toolkit.strategy import RunContext, tensor_bytes
 from cl_toolkit.stream import Task, TaskStream, TensorData
+from cl_toolkit.validation import above, at_least
 
 from .cvae import ConditionalVAE
 from .kcl import KCL, normalise_features
@@ -55,6 +56,10 @@ from .supcon import SupConLoss
 class GKCL(KCL):
     name = "gkcl"
     support_modes = ("sample", "batch")
+    ranges = {"generator_lr": above(0), "generator_batch_size": at_least(1),
+              "generator_epochs": at_least(0)}
+    smoke = {"generator_epochs": 1, "z_dim": 4, "generator_hidden": [16],
+             "support_per_class": 2, "generated_per_class": 2}
 
     def __init__(self, kernel: str = "linear", support: str = "sample",
                  support_per_class: int = 20, generated_per_class: int = 20,

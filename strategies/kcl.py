@@ -41,6 +41,7 @@ from torch import nn
 from cl_toolkit.errors import ConfigError
 from cl_toolkit.strategy import RunContext, Strategy, make_optimizer, tensor_bytes
 from cl_toolkit.stream import Task, TaskStream, TensorData
+from cl_toolkit.validation import at_least
 
 from .kernel_machine import KernelMachine, KernelSolveError, Solution
 
@@ -69,6 +70,8 @@ class KCL(Strategy):
     # cl_toolkit.metrics.not_applicable: metrics this method cannot measure.
     not_applicable = {"fwt": "structurally zero: a task has no kernel machine before it is "
                              "learned, so R[j-1, j] and b[j] are the same constant prediction"}
+    ranges = {"lr_min": at_least(0), "eval_batch_size": at_least(1)}
+    smoke = {"num_features": 32, "vrf_hidden": 16, "coreset_per_class": 2}
 
     def __init__(self, kernel: str = "vrf", coreset_per_class: int = 20, num_features: int = 1024,
                  bandwidth: float = 1.0, tau: float = 1e-4, lambda_init: float = 0.1,

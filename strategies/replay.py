@@ -13,6 +13,7 @@ import torch
 
 from cl_toolkit.stream import Task, TensorData, pad_tokens
 from cl_toolkit.strategy import SupervisedStrategy, tensor_bytes
+from cl_toolkit.validation import at_least
 
 
 class ClassBalancedBuffer:
@@ -50,6 +51,8 @@ class ClassBalancedBuffer:
 
 class Replay(SupervisedStrategy):
     name = "replay"
+    ranges = {"buffer_size": at_least(0), "replay_batch_size": at_least(1)}
+    smoke = {"buffer_size": 8}
 
     def __init__(self, buffer_size: int = 200, replay_batch_size: int | None = None, **kwargs):
         super().__init__(**kwargs)

@@ -61,6 +61,45 @@ CASES = [
      ["run", "benchmark=avalanche", "benchmark.factory=SplitMNIST",
       "+benchmark.kwargs.dataset_root={tmp}/avalanche", "quiet=true"],
      ["Offline", "SplitMNIST", "dataset_root"]),
+    # Model sizes, checked before smoke=true shrinks them (issue 22, item 4).
+    ("hidden_size<1_under_smoke", ["run", "model=mom", "model.hidden_size=-8", "smoke=true"],
+     ["model.hidden_size", ">= 1", "-8"]),
+    ("num_layers=0", ["run", "benchmark=mqar", "model=gdn_lm", "model.num_layers=0"],
+     ["model.num_layers", ">= 1", "embedding"]),
+    ("heads_do_not_divide_hidden", ["run", "model=transformer", "model.hidden_size=50",
+                                    "model.num_heads=4"],
+     ["model.hidden_size=50", "model.num_heads=4", "model.hidden_size=52"]),
+    ("aux_loss_weight_nan", ["run", "model=mom", "model.aux_loss_weight=nan"],
+     ["model.aux_loss_weight", "finite", "nan"]),
+    ("aux_loss_weight<0", ["run", "model=mom", "model.aux_loss_weight=-1"],
+     ["model.aux_loss_weight", ">= 0", "-1"]),
+    ("memories_per_task_without_routing", ["run", "model=mom", "model.memories_per_task=4"],
+     ["model.memories_per_task=4", "model.task_routing=true"]),
+    ("backend_typo", ["run", "model=mom", "model.backend=trition"],
+     ["model.backend='trition'", "Did you mean 'triton'", "model.backend=auto"]),
+    ("backend_triton_on_cpu", ["run", "model=mom", "model.backend=triton"],
+     ["model.backend=triton", "device=cpu", "model.backend=auto"]),
+    ("chunk_size=48", ["run", "model=mom", "model.chunk_size=48"],
+     ["model.chunk_size=48", "16, 32, 64, 128"]),
+    # Token streams.
+    ("train_size=0", ["run", "benchmark=mqar", "model=gdn_lm", "benchmark.train_size=0"],
+     ["benchmark.train_size", ">= 1", "0"]),
+    ("train_updates_empty", ["run", "benchmark=kv_interference", "model=gdn_lm",
+                             "benchmark.train_updates=[]"],
+     ["benchmark.train_updates", "at least one value", "[1, 2, 4]"]),
+    ("class_il_on_tokens", ["run", "benchmark=mqar", "model=gdn_lm", "benchmark.scenario=class-il"],
+     ["benchmark.scenario='class-il'", "token stream", "benchmark.scenario=domain-il"]),
+    # Damaged results.json files (tests/report_inputs/, issue 22): refused before writing.
+    ("report_no_matrix", ["report", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                 "report_inputs", "no_matrix"), "-o", "{tmp}/out"],
+     ["no_matrix", "no 'matrix'", "never rebuilds a matrix", "leave it out"]),
+    ("report_no_config", ["report", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                 "report_inputs", "no_config"), "-o", "{tmp}/out"],
+     ["no_config", "no 'config'", "leave it out"]),
+    ("report_bad_extras", ["report", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "report_inputs", "bad_extras"), "-o",
+                           "{tmp}/out"],
+     ["bad_extras", "extras['mqar'] is malformed", "'accuracy' has 1 values for 2"]),
 ]
 
 
@@ -70,6 +109,7 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU machine as users have it
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file").write_text("not a directory")

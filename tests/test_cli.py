@@ -174,3 +174,57 @@ def test_plugin_strategy_through_entry_point(tmp_path, plugin_site):
     assert proc.returncode == 1
     assert "Strategy plugin Broken (cltk_demo_plugin) raised in learn (task 0)" in proc.stderr
     assert "plugin bug" in proc.stderr
+
+
+def _finished_run(path):
+    from cl_toolkit.runner import run
+
+    run({"seed": 0, "benchmark": {"name": "split_digits", "scenario": "class-il"},
+         "model": {"name": "mlp", "hidden": [16]}, "threads": 1, "smoke": True,
+         "strategy": {"name": "naive", "epochs": 1, "batch_size": 64}}, path)
+
+
+def test_report_into_a_directory_it_cannot_write_is_a_usage_error(tmp_path, capsys):
+    from cl_toolkit.cli import main
+
+    _finished_run(tmp_path / "run")
+    out = "/proc/cltk_report"  # nobody can make a directory there, root included
+    code = main(["report", str(tmp_path / "run"), "-o", out])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith(f"error: Cannot write the report into {out} (") and "-o DIR" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    # A writable -o that does not exist yet works, and the check leaves nothing behind.
+    assert main(["report", str(tmp_path / "run"), "-o", str(tmp_path / "new" / "deep")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "run"]
+    assert (tmp_path / "new" / "deep" / "report.md").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_report_next_to_runs_in_a_read_only_directory_says_to_use_o(tmp_path, capsys):
+    from cl_toolkit.cli import main
+
+    _finished_run(tmp_path / "runs" / "run")
+    (tmp_path / "runs").chmod(0o555)
+    try:
+        code = main(["report", str(tmp_path / "runs")])
+    finally:
+        (tmp_path / "runs").chmod(0o755)
+    err = capsys.readouterr().err
+    assert code == 2 and f"Cannot write the report into {tmp_path / 'runs'}" in err, err
+    assert "-o DIR" in err
+
+
+def test_directory_overrides_that_cltk_named_need_no_extra_quotes():
+    from cl_toolkit.cli import _quote_dirs
+
+    assert _quote_dirs(["hydra.run.dir=runs/split_digits/replay/seed=1,strategy=replay"]) == [
+        'hydra.run.dir="runs/split_digits/replay/seed=1,strategy=replay"']
+    assert _quote_dirs(["hydra.sweep.dir=/r/multirun/seed=0,1,strategy=naive,replay",
+                        "output_root=/data/exp=1"]) == [
+        'hydra.sweep.dir="/r/multirun/seed=0,1,strategy=naive,replay"',
+        'output_root="/data/exp=1"']
+    untouched = ["-m", "hydra.run.dir=runs/a/defaults", 'hydra.run.dir="runs/x=1"',
+                 "hydra.run.dir='runs/x=1'", "hydra.run.dir=out/${now:%H-%M}", "seed=0,1",
+                 "output_root=a,b", "strategy.lr=0.1"]
+    assert _quote_dirs(untouched) == untouched

@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 
 from cl_toolkit.config import NON_RUN_KEYS
-from cl_toolkit.runner import semantic_config
+from cl_toolkit.config import semantic_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "config.yaml"
 

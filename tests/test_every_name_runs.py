@@ -79,8 +79,8 @@ def token_partner(kind: str, name: str) -> list[str]:
 
 def cases():
     out = []
-    for kind, table in registry.BUILTINS.items():
-        for name in sorted(set(table) | set(registry.names(kind))):
+    for kind in registry.config_kinds():
+        for name in sorted(set(registry.BUILTINS[kind]) | set(registry.names(kind))):
             out.append(pytest.param(kind, name, id=f"{kind}={name}"))
     return out
 

@@ -188,3 +188,97 @@ def test_two_sweeps_in_one_directory_are_refused(tmp_path):
         holder.wait(timeout=30)
     acquire_lock(sweep)
     release_lock(sweep)
+
+
+def test_second_start_of_the_same_run_is_refused_and_a_killed_run_holds_no_lock(tmp_path):
+    """`cltk run` twice at once into one directory: the second exits 2 at once, naming the
+    directory and the first's pid, before Hydra writes anything there. After the first is
+    killed (SIGKILL), the lock is free: it went with its holder. The directory is named as cltk
+    names them, which hydra.run.dir takes as typed."""
+    from cl_toolkit.store import lock_run_dir, unlock_run_dir
+
+    run_dir = tmp_path / "runs" / "split_digits" / "naive" / "seed=1,strategy.epochs=5000"
+    common = ["model.hidden=[32]", "threads=1", "quiet=true", f"hydra.run.dir={run_dir}"]
+    args = ["run", "strategy.epochs=5000", *common]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cltk_cmd(*args), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None:
+            lock = run_dir / "run.lock"
+            if lock.exists() and lock.read_text().startswith(f"pid {first.pid} ") and \
+                    (run_dir / ".hydra" / "overrides.yaml").exists():
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()
+        hydra_files = {p: p.stat().st_mtime_ns for p in (run_dir / ".hydra").iterdir()}
+        started = time.time()
+        second = subprocess.run(cltk_cmd(*args), cwd=tmp_path, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 2, second.stderr
+        message = second.stderr.strip()
+        assert message.startswith(f"error: Another run is already writing into {run_dir} "
+                                  f"(pid {first.pid} on "), message
+        assert "resume=true" in message and "output_root=" in message
+        assert "Traceback" not in message and len(message.splitlines()) == 1
+        assert {p: p.stat().st_mtime_ns for p in (run_dir / ".hydra").iterdir()} == hydra_files
+        assert time.time() - started < 60
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    assert lock_run_dir(run_dir)
+    unlock_run_dir(run_dir)
+
+
+KILLER = '''
+import os, signal, time
+from cl_toolkit.strategies.naive import Naive
+
+class WorkerKiller(Naive):
+    """Test only: the run with seed 1 kills the process that runs it (the launcher's worker,
+    parent of the job's own process) at the start of its second task, as the OOM killer would."""
+
+    def learn(self, task):
+        if task.index == 1 and self.ctx.seed == 1:
+            os.kill(os.getppid(), signal.SIGKILL)
+            time.sleep(60)  # the job dies with its worker
+        super().learn(task)
+'''
+
+
+def test_dead_joblib_worker_fails_its_job_only_and_the_sweep_ends_with_a_summary(tmp_path):
+    """A job that kills its joblib worker process: joblib's TerminatedWorkerError used to abort
+    the sweep with a traceback, the pending runs never started. Now the other runs finish, the
+    job is marked failed (WorkerDied) and the sweep ends with the list of failed runs."""
+    site = tmp_path / "site"
+    info = site / "cltk_killer-0.1.dist-info"
+    info.mkdir(parents=True)
+    (site / "cltk_killer.py").write_text(KILLER)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cltk-killer\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[cl_toolkit.strategies]\nworker_killer = cltk_killer:WorkerKiller\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(cltk_cmd("run", "-m", "strategy=worker_killer", "seed=0,1,2",
+                                   "smoke=true", "threads=1", "quiet=true",
+                                   f"output_root={tmp_path}", f"hydra.sweep.dir={sweep}",
+                                   "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "TerminatedWorkerError" not in out and "Traceback" not in out, out
+    index = json.loads((sweep / "sweep_index.json").read_text())["runs"]
+    status = {key: entry["status"] for key, entry in index.items()}
+    assert status == {"seed=0 smoke=True strategy=worker_killer": "done",
+                      "seed=1 smoke=True strategy=worker_killer": "failed",
+                      "seed=2 smoke=True strategy=worker_killer": "done"}, out
+    error = index["seed=1 smoke=True strategy=worker_killer"]["error"]
+    assert error.startswith("WorkerDied: the joblib worker process running it died") and \
+        "SIGKILL" in error and "resumes it" in error
+    assert "1 run(s) failed" in proc.stderr and "seed=1 smoke=True strategy=worker_killer: " \
+        "WorkerDied" in proc.stderr
+    for seed in (0, 2):
+        done = json.loads(Path(index[f"seed={seed} smoke=True strategy=worker_killer"]["dir"],
+                               "results.json").read_text())
+        assert done["status"] == "done"

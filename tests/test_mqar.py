@@ -119,7 +119,7 @@ def test_bad_input():
 
 
 def test_report_renders_mean_and_std_over_seeds(tmp_path):
-    from cl_toolkit.token_report import render_mqar
+    from cl_toolkit.renderers.tokens import render_mqar
 
     def run(model, seed, acc):
         return {"config": {"model": {"name": model}, "strategy": {"name": "naive"},

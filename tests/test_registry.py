@@ -1,5 +1,6 @@
 """Every built-in name resolves to something importable, and every config file names a
 registered entry with keys its constructor accepts."""
+import inspect
 from pathlib import Path
 
 import pytest
@@ -47,14 +48,14 @@ def test_experiment_composes_with_valid_keys(name):
 def _yaml_configs():
     """(kind, file stem, node) of every YAML config of the registry's groups."""
     out = []
-    for kind in registry.BUILTINS:
+    for kind in registry.config_kinds():
         for path in sorted((CONF / registry.config_group(kind)).glob("*.yaml")):
             out.append((kind, path.stem, yaml.safe_load(path.read_text())))
     return out
 
 
-@pytest.mark.parametrize("kind,name", [(k, n) for k, table in registry.BUILTINS.items()
-                                       for n in table])
+@pytest.mark.parametrize("kind,name", [(k, n) for k in registry.config_kinds()
+                                       for n in registry.BUILTINS[k]])
 def test_every_registered_name_has_its_config_with_every_parameter(kind, name):
     """One source of truth: conf/<group>/<name>.yaml exists, selects this name and lists every
     parameter of its target's signature, so `--cfg job` shows each default in effect."""
@@ -81,9 +82,20 @@ def test_cltk_list_prints_every_selectable_config(capsys):
     out = capsys.readouterr().out
     for kind, stem, _ in _yaml_configs():
         assert stem in out, f"{registry.config_group(kind)}={stem} is selectable but not listed"
-    for kind in registry.BUILTINS:
+    for kind in registry.config_kinds():
         for name in registry.names(kind):
             assert name in out
+
+
+def test_kinds_without_a_config_group_have_no_configs():
+    """Renderers are chosen by the results["extras"] key they draw, not by a config group."""
+    assert "renderer" in registry.NO_CONFIG_GROUP and "renderer" in registry.GROUPS
+    assert set(registry.config_kinds()) == set(registry.BUILTINS) - registry.NO_CONFIG_GROUP
+    for kind in registry.NO_CONFIG_GROUP:
+        assert not (CONF / registry.config_group(kind)).exists(), kind
+    for name in registry.BUILTINS["renderer"]:
+        assert list(inspect.signature(registry.resolve("renderer", name)).parameters) == \
+            ["runs", "out_dir"], name
 
 
 def test_signature_defaults_follow_kwargs_chains_and_mark_required():

@@ -1,6 +1,8 @@
 """The report on hand-made results: sample std (ddof=1) against the statistics module, one
 section per (benchmark, scenario), n/a with its reason, CSV / LaTeX exports, per-cell matrix
-statistics, the EXTRA_RENDERERS extension point, and the HTML as a real browser draws it."""
+statistics, renderers from the registry (built-in table and entry-point plugins), scores other
+than accuracy (IC, Dice) named and scaled as the run says, and the HTML as a real browser draws
+it."""
 import csv
 import json
 import os
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cl_toolkit import report
+from importlib.metadata import EntryPoint
+
+from cl_toolkit import registry, report
 from cl_toolkit.metrics import summary
 from cl_toolkit.report import group_runs, summarize, write_report
 
@@ -141,19 +145,131 @@ def fragment(runs, out_dir):
     return f"probe_x total {total} over {len(runs)}", f"<p>probe_x html {total}</p>"
 
 
-def test_extra_renderers_are_called_per_section(tmp_path, monkeypatch):
+def test_renderers_from_the_registry_are_called_per_section(tmp_path, monkeypatch):
     runs = [fake("naive", 0, [[0.9, 0.1], [0.5, 0.8]], [0.1, 0.2], extras={"probe_x": {"value": 3}}),
             fake("naive", 1, [[0.9, 0.1], [0.5, 0.8]], [0.1, 0.2]),
             fake("naive", 0, [[0.9]], [0.1], bench="other", extras={"probe_x": {"value": 4}})]
     write_results(tmp_path / "runs", runs)
-    monkeypatch.setitem(report.EXTRA_RENDERERS, "probe_x", f"{__name__}:fragment")
+    monkeypatch.setitem(registry.BUILTINS["renderer"], "probe_x", f"{__name__}:fragment")
     write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
     md = (tmp_path / "out" / "report.md").read_text()
     assert "probe_x total 3 over 1" in md and "probe_x total 4 over 1" in md
     assert "<p>probe_x html 3</p>" in (tmp_path / "out" / "report.html").read_text()
 
 
+def test_a_renderer_plugin_comes_from_its_entry_point_group(tmp_path, monkeypatch):
+    plugin = EntryPoint(name="probe_x", value=f"{__name__}:fragment",
+                        group="cl_toolkit.renderers")
+    real = registry.entry_points
+    monkeypatch.setattr(registry, "entry_points", lambda group: [plugin] if
+                        group == "cl_toolkit.renderers" else real(group=group))
+    assert "probe_x" in registry.names("renderer") and registry.resolve("renderer", "probe_x") \
+        is fragment
+    write_results(tmp_path / "runs", [fake("naive", 0, [[0.9]], [0.1],
+                                           extras={"probe_x": {"value": 5}})])
+    write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    assert "probe_x total 5 over 1" in (tmp_path / "out" / "report.md").read_text()
+
+
+def scored(metric, seed, matrix, before, extras=None, bench="market"):
+    """A run whose matrix holds ``metric`` (results["metric"] as the runner writes it)."""
+    r = fake("naive", seed, matrix, before, bench=bench, scenario="domain-il")
+    r["metric"] = metric
+    if extras:
+        r["extras"] = extras
+    return r
+
+
+IC = {"key": "ic", "label": "IC", "higher_is_better": True, "percent": False}
+DICE = {"key": "dice", "label": "Dice", "higher_is_better": True, "percent": True}
+
+
+def test_ic_is_shown_as_it_is_and_named_everywhere(tmp_path):
+    runs = [scored(IC, 0, [[0.05, 0.01], [0.03, 0.06]], [0.0, 0.01],
+                   {"rank_ic": {"before": [0.0, 0.0], "matrix": [[0.04, 0.0], [0.02, 0.05]]}}),
+            scored(IC, 1, [[0.07, 0.02], [0.05, 0.04]], [0.01, 0.0],
+                   {"rank_ic": {"before": [0.0, 0.0], "matrix": [[0.06, 0.0], [0.04, 0.07]]}})]
+    runs[0]["extra_metrics"] = [{"key": "rank_ic", "label": "rank IC", "percent": False}]
+    write_results(tmp_path / "runs", runs)
+    write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    out = tmp_path / "out"
+    md = (out / "report.md").read_text()
+    assert "## market · domain-il · 2 tasks · IC" in md
+    assert "| Method | n | Avg IC | BWT | FWT | Forgetting (max) | Learning IC |" in md
+    acc = [statistics.mean(r["matrix"][-1]) for r in runs]  # 0.045, 0.045
+    assert f"| naive | 2 | {statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f} |" in md
+    assert "Score: IC, higher is better, shown as it is (not in %)" in md
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table and not any("%" in line or "4.50" in line for line in table)
+    # the extra score of the kind: its last row, mean over runs, as it is
+    assert "### Rank IC per task after the last task" in md
+    assert "| naive | 2 | 0.045 ± 0.014 | 0.030 ± 0.014 | 0.060 ± 0.014 |" in md
+    page = (out / "report.html").read_text()
+    assert "<h3>IC matrices</h3>" in page and "R[i, j] = IC, mean ± sample std over 2" in page
+    assert "0.040 ± 0.014</td>" in page  # R[1, 0]: 0.03 and 0.05
+    section = page[page.index("<section>"):]
+    assert "Accuracy" not in section and "accuracy" not in section
+    tex = (out / "report.tex").read_text()
+    assert "Avg IC" in tex and r"Metrics in \%" not in tex
+    with open(out / "report.csv") as f:
+        row = next(csv.DictReader(f))
+    assert row["metric"] == "ic" and float(row["acc"]) == pytest.approx(0.045)
+    assert (out / "market_domain-il_2_ic__running_acc.png").exists()
+
+
+def test_dice_is_in_percent_and_never_shares_a_section_with_accuracy(tmp_path):
+    runs = [scored(DICE, 0, [[0.8, 0.2], [0.7, 0.9]], [0.1, 0.1], bench="echo"),
+            fake("naive", 0, [[0.9, 0.1], [0.5, 0.8]], [0.1, 0.2], bench="echo",
+                 scenario="domain-il")]
+    write_results(tmp_path / "runs", runs)
+    write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    md = (tmp_path / "out" / "report.md").read_text()
+    cut = md.index("## echo · domain-il · 2 tasks · Dice")
+    dice, accuracy = md[cut:], md[md.index("## echo · domain-il · 2 tasks\n"):cut]
+    assert "| Method | n | Avg Dice | BWT | FWT | Forgetting (max) | Learning Dice |" in dice
+    assert "| naive | 1 | 80.00 |" in dice and "shown in %" in dice
+    assert "| Method | n | ACC | BWT |" in accuracy and "| naive | 1 | 65.00 |" in accuracy
+    assert "one per (benchmark, scenario, tasks, score)" in md
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<h3>Dice matrices</h3>" in page and "<h3>Accuracy matrices</h3>" in page
+    assert "R[i, j] = Dice in %" in page
+
+
+def test_results_without_a_metric_are_accuracy():
+    assert report.metric_of({}) == report.metric_of({"metric": {
+        "key": "accuracy", "label": "accuracy", "higher_is_better": True, "percent": True}})
+    assert report.metric_of({"metric": IC}).percent is False
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def draw_in_chromium(page_file: Path, shot: Path, size: tuple[int, int]) -> str:
+    """The page's DOM after a headless Chromium loaded it, and its screenshot at ``size``."""
+    page = page_file.resolve().as_uri()
+    profile = tempfile.mkdtemp(prefix="cltk-chromium-")
+    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--no-first-run", f"--user-data-dir={profile}"]
+    try:
+        dom = subprocess.run(common + ["--dump-dom", page], capture_output=True, text=True,
+                             timeout=120).stdout
+        subprocess.run(common + [f"--screenshot={shot}", f"--window-size={size[0]},{size[1]}",
+                                 page], capture_output=True, timeout=120)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    return dom
+
+
+def assert_drawn(shot: Path, size: tuple[int, int], keep_env: str) -> None:
+    from PIL import Image
+
+    image = Image.open(shot).convert("L")
+    assert image.size == size
+    assert len(set(image.resize((60, 100)).getdata())) > 20, "the screenshot is blank"
+    keep = os.environ.get(keep_env)
+    if keep:
+        shutil.copy(shot, keep)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
@@ -162,26 +278,36 @@ def test_html_renders_in_headless_chromium(mixed, tmp_path):
     images as decoded pictures, and the screenshot must not be blank."""
     root, _ = mixed
     write_report([str(root)], str(tmp_path / "out"))
-    page = (tmp_path / "out" / "report.html").resolve().as_uri()
-    profile = tempfile.mkdtemp(prefix="cltk-chromium-")
-    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--no-first-run", f"--user-data-dir={profile}"]
-    try:
-        dom = subprocess.run(common + ["--dump-dom", page], capture_output=True, text=True,
-                             timeout=120).stdout
-        shot = tmp_path / "report.png"
-        subprocess.run(common + [f"--screenshot={shot}", "--window-size=1200,2000", page],
-                       capture_output=True, timeout=120)
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    shot = tmp_path / "report.png"
+    dom = draw_in_chromium(tmp_path / "out" / "report.html", shot, (1200, 2000))
     assert dom.count("<section>") == 2 and dom.count('class="results"') == 2
     assert dom.count('class="matrix"') == 3 and "n/a [1]" in dom
-    from PIL import Image
+    assert_drawn(shot, (1200, 2000), "CLTK_KEEP_SCREENSHOT")
 
-    image = Image.open(shot).convert("L")
-    assert image.size == (1200, 2000)
-    assert len(set(image.resize((60, 100)).getdata())) > 20, "the screenshot is blank"
-    keep = os.environ.get("CLTK_KEEP_SCREENSHOT")
-    if keep:
-        shutil.copy(shot, keep)
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_token_stream_report_renders_in_headless_chromium(tmp_path):
+    """A model sweep over the README's two MQAR presets plus a proactive-interference run, as
+    a browser draws it: a section per preset with its own probe points, short row labels, the
+    legend table, the renderers' tables and pictures (CLTK_KEEP_TOKEN_SCREENSHOT=FILE keeps
+    the screenshot)."""
+    from test_report_sections import kv_extra, model_sweep, mqar_run, MQAR_LONG, write
+
+    runs = model_sweep() + [mqar_run(m, s, MQAR_LONG, acc) for s in (0, 1)
+                            for m, acc in (("mom_lm", [0.9, 0.7, 0.5, 0.3]),
+                                           ("gdn_lm", [0.8, 0.5, 0.3, 0.1]))]
+    for model, acc in (("gdn_lm", [1.0, 0.95, 0.9, 0.7]), ("mom_lm", [1.0, 0.9, 0.8, 0.75])):
+        r = mqar_run(model, 0, MQAR_LONG, [0.5] * 4)
+        r["config"]["benchmark"] = {"name": "kv_interference", "num_keys": 2}
+        r["stream"]["name"] = "kv_interference"
+        r["extras"] = {"kv_interference": kv_extra([1, 2, 4, 8], acc, [2, 4], acc[:2])}
+        runs.append(r)
+    write(tmp_path / "runs", runs)
+    write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    shot, size = tmp_path / "tokens.png", (1400, 4200)
+    dom = draw_in_chromium(tmp_path / "out" / "report.html", shot, size)
+    assert dom.count("<section>") == 3 and dom.count('class="results"') == 3
+    assert dom.count('class="legend"') == 3 and "gdn_lm · naive (lr=0.003)" in dom
+    assert "<th>12 pairs</th>" in dom and "<th>6 pairs</th>" in dom and "<th>U=8</th>" in dom
+    assert dom.count('alt="mqar_accuracy.png"') == 2 and 'alt="kv_interference.png"' in dom
+    assert_drawn(shot, size, "CLTK_KEEP_TOKEN_SCREENSHOT")

@@ -8,8 +8,10 @@ from torch import nn
 
 from cl_toolkit import registry
 from cl_toolkit.errors import ConfigError
-from cl_toolkit.retention import (RetentionProbe, log_spaced, on_log_schedule, recall,
-                                  recognition, sequence_loss)
+from cl_toolkit.probes import check_compatible
+from cl_toolkit.probes.retention import RetentionProbe, cached_step
+from cl_toolkit.probes.retention_metrics import (log_spaced, on_log_schedule, recall,
+                                                 recognition, sequence_loss)
 from cl_toolkit.runner import run
 from cl_toolkit.strategies.naive import Naive
 from cl_toolkit.strategy import RunContext
@@ -278,13 +280,11 @@ class RunningSumLM(nn.Module):
 
 def test_cached_decoding_gives_the_recall_of_full_forward_decoding():
     """The oracle is decoding by full forward passes over the growing prefix."""
-    from cl_toolkit.lm import TokenModel
+    from cl_toolkit.models.language import TokenModel
 
     stream = token_stream(vocab=7, length=10)
     model = TokenModel(RunningSumLM(7), 7)
-    strategy = Naive()
-    strategy.setup(stream, model, RunContext())
-    step = RetentionProbe._cached_step(strategy, stream[0])
+    step = cached_step(model, stream[0], task_il=False)
     seqs = torch.randint(7, (32, 10), generator=torch.Generator().manual_seed(1))
     full = recall(lambda ids: model(ids), seqs)
     cached = recall(lambda ids: model(ids), seqs, step=step)
@@ -292,8 +292,28 @@ def test_cached_decoding_gives_the_recall_of_full_forward_decoding():
     assert 0 < full[1].mean() < 1 and full[1].unique().numel() > 2
 
 
+def test_cached_decoding_hands_the_task_id_only_in_task_il_to_a_task_routed_model():
+    from cl_toolkit.models.language import TokenModel
+
+    seen = []
+
+    class Routed(RunningSumLM):
+        uses_task_id = True
+
+        def step(self, x, caches=None, t=None):
+            seen.append(None if t is None else t.tolist())
+            return super().step(x, caches, t)
+
+    task = Task(index=2, name="t2", train=None, test=None, classes=())
+    ids = torch.zeros(3, 4, dtype=torch.long)
+    cached_step(TokenModel(Routed(7), 7), task, task_il=True)(ids, None)
+    cached_step(TokenModel(Routed(7), 7), task, task_il=False)(ids, None)
+    assert seen == [[2, 2, 2], None]
+    assert cached_step(BigramLM(7), task, task_il=True) is None  # no language-model step
+
+
 def test_renderer_averages_runs_and_writes_a_plot(tmp_path):
-    from cl_toolkit.retention import render
+    from cl_toolkit.renderers.retention import render
 
     def point(updates, rec, gap):
         return {"stimuli": "random", "k": 3, "updates": updates, "recognition": rec,
@@ -312,10 +332,211 @@ def test_renderer_averages_runs_and_writes_a_plot(tmp_path):
     assert render([{"config": {}}], tmp_path) == ("", "")
 
 
-def test_a_strategy_without_optimizer_is_refused_at_the_study():
+def test_a_strategy_without_train_step_is_refused_before_the_run_and_at_the_study():
+    from cl_toolkit.merging.task_arithmetic import MergeTA
+
+    probe = RetentionProbe()
+    assert probe.requires == frozenset({"train_step"})
+    check_compatible(probe, Naive())
+    check_compatible(None, MergeTA())
+    check_compatible(RetentionProbe, Naive)  # the runner checks the registered classes
+    with pytest.raises(ConfigError, match="strategy=my_merge does not"):
+        check_compatible(RetentionProbe, MergeTA, "my_merge")
+    with pytest.raises(ConfigError, match=r"probe=retention needs a strategy that trains by "
+                       r"gradient steps \(capability 'train_step'\); strategy=merge_ta does "
+                       r"not\. Use .*naive"):
+        check_compatible(probe, MergeTA())
     stream = token_stream(vocab=16, length=8)
     probe = RetentionProbe(exposures=[1], stimuli=["random"], n_study=2, length=8,
                            study_after=1)
     probe.setup(stream, RunContext())
-    with pytest.raises(ConfigError, match="optimizer and loss.*naive"):
+    with pytest.raises(ConfigError, match="capability 'train_step'.*FakeStrategy"):
         probe.after_batch(strategy=FakeStrategy(BigramLM(16)), task=stream[0])
+
+
+def test_study_rounds_are_the_strategys_train_steps():
+    """Each study round is one ``train_step`` call with inputs, next-token targets and the
+    task's id; nothing else of the strategy is used."""
+    calls = []
+
+    class Recorder(FakeStrategy):
+        capabilities = frozenset({"train_step"})
+
+        def train_step(self, x, y, t, task):
+            calls.append((x, y, t, task.index))
+
+    stream = token_stream(vocab=16, length=8)
+    probe = RetentionProbe(exposures=[2], stimuli=["random"], n_study=3, length=8)
+    probe.setup(stream, RunContext())
+    probe.study(Recorder(BigramLM(16)), stream[0])
+    (_, _, s, _), = probe.sets
+    assert len(calls) == 2
+    for x, y, t, index in calls:
+        assert torch.equal(x, s[:, :-1]) and torch.equal(y, s[:, 1:])
+        assert t.tolist() == [0, 0, 0] and index == 0
+
+
+def test_retention_cli_prints_the_tables(tmp_path, capsys):
+    import json
+
+    from cl_toolkit.retention import main
+
+    point = {"stimuli": "random", "k": 1, "updates": None, "recognition": 0.5,
+             "recall_exact": 0.0, "recall_token": 0.25, "loss_studied": 2.0, "loss_foil": 2.0}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(json.dumps(
+        {"config": {"model": {"name": "gla_lm"}},
+         "extras": {"retention": {"before": [point], "points": [{**point, "updates": 0}]}}}))
+    main([str(tmp_path), "-o", str(tmp_path / "plots")])
+    assert "| gla_lm | random | 1 | 50 | 50 | 1 |" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "retention_gla_lm.png").exists()
+
+
+# Issue 22, item 3: a probe that cannot measure anything at its settings is refused before
+# training (or, under smoke=true, shrinks to fit); a bad schedule, a checkpoint without probe
+# state and `python -m cl_toolkit.retention` on nothing to show are clear errors.
+
+def test_planned_updates_count_what_the_loop_does():
+    from cl_toolkit.probes import planned_updates
+    from cl_toolkit.strategies.joint import Joint
+    from cl_toolkit.strategies.replay import Replay
+
+    stream = token_stream(vocab=16, length=8, n=64)
+    probe = RetentionProbe(exposures=[1], stimuli=["random"], n_study=2, length=8,
+                           study_after=10 ** 6)
+    counted = []
+    probe.after_batch = lambda **_: counted.append(1)  # count the updates, never study
+    strategy = train_with_probe(probe, stream)  # 64 sequences, batches of 8, 2 epochs
+    assert planned_updates(stream, strategy) == ([16], True) and len(counted) == 16
+    assert planned_updates(stream, Replay(epochs=3, batch_size=10)) == ([21], True)
+    # joint picks its own data (the union so far): the count is only a lower bound
+    assert planned_updates(stream, Joint(epochs=1, batch_size=8)) == ([8], False)
+    assert planned_updates(stream, FakeStrategy(None)) == (None, False)
+
+
+def test_a_run_with_fewer_updates_than_the_probe_needs_is_refused_before_training(
+        tmp_path, corpus):
+    cfg = lm_cfg(path=str(corpus), files=["a", "b"], study_after=100)
+    cfg["benchmark"]["path"] = str(corpus)
+    trained = []
+    from cl_toolkit.strategy import Hooks
+
+    with pytest.raises(ConfigError) as info:
+        run(cfg, tmp_path / "short", hooks=Hooks(after_batch=[lambda **_: trained.append(1)]))
+    message = str(info.value)
+    for words in ("probe.study_after=100", "only 12", "6 + 6 over 2 task(s)",
+                  "strategy.batch_size=8", "strategy.epochs=1", "at most 12"):
+        assert words in message, message
+    assert trained == [] and not (tmp_path / "short" / "results.json").exists()
+    # the first point of an explicit schedule counts too
+    cfg["probe"].update(study_after=10, schedule=[5, 10])
+    with pytest.raises(ConfigError, match="first point of probe.schedule, 5 updates after"):
+        run(cfg, tmp_path / "late")
+
+
+def test_under_smoke_the_probe_shrinks_to_the_run_and_measures(tmp_path, corpus):
+    cfg = lm_cfg(path=str(corpus), files=["a", "b"], study_after=100, schedule=[0, 1, 50])
+    cfg["benchmark"]["path"] = str(corpus)
+    curve = run({**cfg, "smoke": True}, tmp_path)["extras"]["retention"]
+    assert curve["points"] and curve["study_update"] == curve["study_after"] >= 1
+    assert curve["study_after"] <= curve["updates"] // 2 + 1
+    assert "smoke=true" in curve["note"] and "probe.study_after=100" in curve["note"]
+    assert "probe.schedule=[0, 1, 50]" in curve["note"]
+
+
+def test_a_strategy_whose_count_is_a_bound_is_not_refused_and_an_empty_curve_says_why(
+        tmp_path, corpus):
+    cfg = lm_cfg(path=str(corpus), files=["a", "b"], study_after=1000)
+    cfg["benchmark"]["path"] = str(corpus)
+    cfg["strategy"]["name"] = "joint"
+    curve = run(cfg, tmp_path)["extras"]["retention"]
+    assert curve["points"] == [] and curve["study_update"] is None
+    assert curve["note"].startswith(f"never studied: the run made {curve['updates']} training")
+    from cl_toolkit.renderers.retention import render
+
+    md, page = render([{"config": cfg, "extras": {"retention": curve}}], tmp_path)
+    assert "Note: never studied" in md and "never studied" in page
+
+
+@pytest.mark.parametrize("schedule,words", [
+    ([0, -3, 10], ["probe.schedule", ">= 0", "[-3]"]),
+    ([10, 3, 1], ["increasing order", "[1, 3, 10]", "got [10, 3, 1]"]),
+    ([0, 3, 3], ["each point once", "[0, 3]"]),
+    ([], ["probe.schedule is empty", "null"]),
+    ("often", ["list of update counts", "'often'"]),
+])
+def test_bad_schedules_are_refused(schedule, words):
+    with pytest.raises(ConfigError) as info:
+        RetentionProbe(schedule=schedule)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    assert RetentionProbe(schedule=[0, 2, 9]).schedule == [0, 2, 9]
+
+
+@pytest.mark.parametrize("state", [None, {}, {"updates": 3}])
+def test_resuming_without_probe_state_is_a_resume_error(state):
+    from cl_toolkit.errors import ResumeError
+
+    with pytest.raises(ResumeError, match="no retention probe state.*without probe=.*"
+                                          "overwrite=true"):
+        RetentionProbe().load_state_dict(state)
+
+
+def test_resume_from_a_checkpoint_without_probe_state_names_the_fix(tmp_path, corpus):
+    from cl_toolkit.errors import ResumeError
+
+    cfg = lm_cfg(path=str(corpus), files=["a", "b"])
+    cfg["benchmark"]["path"] = str(corpus)
+    run_until(cfg, tmp_path, task_index=1, at_step=2)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    checkpoint["probe"] = None  # as a checkpoint written without the probe's state
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    with pytest.raises(ResumeError, match="no retention probe state"):
+        run({**cfg, "resume": True}, tmp_path)
+
+
+def retention_point(updates):
+    return {"stimuli": "random", "k": 1, "updates": updates, "recognition": 0.5,
+            "recall_exact": 0.0, "recall_token": 0.25, "loss_studied": 2.0, "loss_foil": 2.0}
+
+
+@pytest.mark.parametrize("layout,words", [
+    ("missing", ["nowhere", "does not exist"]),
+    ("no_probe_runs", ["No retention probe results", "probe=retention"]),
+    ("measured_nothing", ["measured nothing", "never studied", "probe.study_after"]),
+    ("malformed", ["extras['retention'] is malformed", "lacks 'k'"]),
+])
+def test_retention_cli_refuses_nothing_to_show_in_one_line(tmp_path, capsys, layout, words):
+    import json
+
+    from cl_toolkit.retention import main
+
+    run_dir = tmp_path / "runs" / "r0"
+    run_dir.mkdir(parents=True)
+    extras = {"no_probe_runs": {},
+              "measured_nothing": {"retention": {
+                  "before": [], "points": [], "updates": 12, "study_after": 100,
+                  "study_update": None, "note": "never studied: the run made 12 training "
+                                                "updates, fewer than probe.study_after=100"}},
+              "malformed": {"retention": {"before": [], "points": [{"stimuli": "random"}]}}}
+    (run_dir / "results.json").write_text(json.dumps(
+        {"config": {"model": {"name": "gla_lm"}}, "extras": extras.get(layout, {})}))
+    where = tmp_path / ("nowhere" if layout == "missing" else "runs")
+    assert main([str(where)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "Traceback" not in out.err
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_retention_cli_exit_status_from_a_shell(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "cl_toolkit.retention", str(tmp_path / "no")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and \
+        "Traceback" not in proc.stderr

@@ -166,3 +166,79 @@ def test_joint_counts_the_data_it_keeps(tmp_path):
     sizes = [t["train"] for t in r["stream"]["tasks"]]
     per_sample = 8 * 8 * 4 + 8 + 8  # float32 8x8 image, int64 label, int64 task id
     assert r["memory_bytes"] == [per_sample * sum(sizes[: k + 1]) for k in range(5)]
+
+
+def test_first_task_train_s_excludes_the_one_time_warm_up(tmp_path):
+    """The first optimizer of a process imports torch._dynamo (1.5-4 s on 2 cores), which used to
+    land in the first task's train_s: a smoke run read [1.58, 0.03, ...]. The runner pays it
+    before task 0 and records it apart as warmup_s. A fresh interpreter: this one paid it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    config = {**cfg(epochs=1), "threads": 1, "smoke": True}
+    code = textwrap.dedent(f"""
+        import json, sys
+        from cl_toolkit.runner import run
+        from cl_toolkit.strategy import Hooks
+        seen = []
+        hooks = Hooks(before_task=[lambda task, **_: seen.append("torch._dynamo" in sys.modules)])
+        r = run({config!r}, {str(tmp_path / "run")!r}, hooks=hooks)
+        print(json.dumps({{"seen": seen, "timings": r["timings"]}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["seen"] == [True, True], "the lazy import must happen before task 0 is timed"
+    timings = out["timings"]
+    assert timings["warmup_s"] > 0 and "warmup_s" in timings["measures"]
+    assert timings["train_s"][0] < 1.0, timings  # a smoke task trains in about 0.01 s
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())["timings"]
+    assert saved["warmup_s"] == timings["warmup_s"] and "train_s[t]" in saved["measures"]
+
+
+def test_warm_up_changes_no_random_state_and_no_result(tmp_path, monkeypatch):
+    import random
+
+    import numpy as np
+
+    from cl_toolkit import runner
+
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    runner.warm_up()
+    assert torch.equal(before[0], torch.get_rng_state())
+    assert (before[1] == np.random.get_state()[1]).all() and before[2] == random.getstate()
+    smoke = {**cfg(epochs=1), "smoke": True, "threads": 1}
+    warm = run(smoke, tmp_path / "warm")
+    monkeypatch.setattr(runner, "warm_up", lambda: 0.0)
+    cold = run(smoke, tmp_path / "cold")
+    assert strip_timings(warm) == strip_timings(cold)
+
+
+def test_run_into_a_directory_another_process_runs_in_is_refused(tmp_path):
+    """The runner holds run.lock for the whole run (sweep jobs, programmatic runs); a lock whose
+    holder was killed does not block (the kernel drops an flock with its process)."""
+    import subprocess
+    import sys
+
+    from cl_toolkit.store import RunLockedError
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from cl_toolkit.store import lock_run_dir; "
+        f"lock_run_dir({str(out)!r}); print('locked', flush=True); time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError) as refused:
+            run({**cfg(epochs=1), "smoke": True}, out)
+        message = str(refused.value)
+        assert f"Another run is already writing into {out} (pid {holder.pid} on " in message
+        assert "resume=true" in message and "output_root=" in message
+        assert not (out / "results.json").exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert run({**cfg(epochs=1), "smoke": True}, out)["status"] == "done"
+    assert RunLockedError.exit_code == 2

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..dispatch import run_chunk
+from ..common.dispatch import run_chunk
 
 
 def chunk_gated_delta_rule(
@@ -32,11 +32,12 @@ def chunk_gated_delta_rule(
     """o_t = S_t (scale q_t), S_t = exp(g_t) S_{t-1} (I - b_t k_t k_t^T) + b_t v_t k_t^T.
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; g (log-decay <= 0) and beta: [B, T, H] (g=None: no
-    decay; beta=None: 1). A positive or non-finite g raises on CPU tensors; on a GPU its values
-    are not read (a device sync per call). scale defaults to K ** -0.5. With cu_seqlens [N+1] the inputs are
-    packed as [1, total, H, D]; zero-length sequences are allowed; cu_seqlens on the CPU saves
-    the device sync that reading it from the GPU costs. initial_state: [N, H, V, K].
-    Returns (o [B, T, H, V], final state [N, H, V, K] float32 or None).
+    decay; beta=None: 1, else in [0, 1]). A positive or non-finite g and a beta outside [0, 1]
+    raise on CPU tensors; on a GPU their values are not read (a device sync per call). scale
+    defaults to K ** -0.5. With cu_seqlens [N+1] the inputs are packed as [1, total, H, D];
+    zero-length sequences are allowed; cu_seqlens on the CPU saves the device sync that reading
+    it from the GPU costs. initial_state: [N, H, V, K]. Returns (o [B, T, H, V], final state
+    [N, H, V, K] float32 or None).
 
     use_qk_l2norm normalises q and k first; gate_logits/A_log/dt_bias ([B, T, H], [H], [H])
     compute g = -exp(A_log) softplus(gate_logits + dt_bias) instead of passing g. On the Triton

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..utils import check_inputs, split_seqs
+from ..common.utils import check_inputs, split_seqs
 
 
 def naive_gated_delta_rule(
@@ -33,7 +33,7 @@ def naive_gated_delta_rule(
     [1, total, H, D] and every sequence starts from its own state. initial_state: [N, H, V, K].
     Returns o [B, T, H, V] in v's dtype and the final state [N, H, V, K] (float32/float64) or None.
     """
-    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, scale=scale)
     B, T, H, K = q.shape
     V = v.shape[-1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..dispatch import run_recurrent
+from ..common.dispatch import run_recurrent
 
 
 def fused_recurrent_gated_delta_rule(
@@ -24,7 +24,8 @@ def fused_recurrent_gated_delta_rule(
     """Same contract as :func:`chunk_gated_delta_rule` but one launch that walks the tokens.
 
     Meant for decoding (T small); no backward. On the CPU ('auto', 'torch') the token loop runs
-    batched over sequences (kernels/recurrent_torch.py); 'naive' is the per-sequence reference.
+    batched over sequences (kernels/common/recurrent_torch.py); 'naive' is the per-sequence
+    reference.
     """
     return run_recurrent(q, k, v, g, beta, delta=True, scale=scale, initial_state=initial_state,
                          output_final_state=output_final_state, cu_seqlens=cu_seqlens,

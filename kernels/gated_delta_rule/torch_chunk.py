@@ -5,8 +5,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..chunk_torch import chunk_forward_torch
-from ..utils import check_inputs
+from ..common.chunk_torch import chunk_forward_torch
+from ..common.utils import check_inputs
 
 
 def torch_chunk_gated_delta_rule(q, k, v, g=None, beta=None, *, scale: Optional[float] = None,
@@ -14,7 +14,7 @@ def torch_chunk_gated_delta_rule(q, k, v, g=None, beta=None, *, scale: Optional[
                                  cu_seqlens=None, chunk_size: int = 64
                                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Same contract as :func:`naive_gated_delta_rule`; autograd gives the backward."""
-    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, scale=scale)
     return chunk_forward_torch(q, k, v, g, beta, delta=True,
                                scale=q.shape[-1] ** -0.5 if scale is None else scale,
                                initial_state=initial_state, output_final_state=output_final_state,

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..dispatch import run_chunk
+from ..common.dispatch import run_chunk
 
 
 def chunk_linear_attn(

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..utils import check_inputs, split_seqs
+from ..common.utils import check_inputs, split_seqs
 
 
 def naive_linear_attn(
@@ -30,7 +30,7 @@ def naive_linear_attn(
 
     Same conventions as :func:`naive_gated_delta_rule` (scale, cu_seqlens, state [N, H, V, K]).
     """
-    check_inputs(q, k, v, g, None, initial_state, cu_seqlens)
+    check_inputs(q, k, v, g, None, initial_state, cu_seqlens, scale=scale)
     B, T, H, K = q.shape
     V = v.shape[-1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32

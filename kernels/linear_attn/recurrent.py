@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..dispatch import run_recurrent
+from ..common.dispatch import run_recurrent
 
 
 def fused_recurrent_linear_attn(

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cl_toolkit.kernels.chunk_triton import _inverse_unit_lower
+from cl_toolkit.kernels.common.chunk_triton import _inverse_unit_lower
 from cl_toolkit.kernels.gated_delta_rule import (chunk_gated_delta_rule,
                                                  fused_recurrent_gated_delta_rule,
                                                  naive_gated_delta_rule)
@@ -216,7 +216,7 @@ class _Twice:
 def test_triton_kernels_are_idempotent(monkeypatch):
     # The autotuner times a kernel by launching it several times on the real buffers, so a
     # kernel that updated an output in place would be wrong on a GPU's first call only.
-    from cl_toolkit.kernels import chunk_triton
+    from cl_toolkit.kernels.common import chunk_triton
     for name in dir(chunk_triton):
         if name.startswith("_") and name.endswith("_kernel"):
             monkeypatch.setattr(chunk_triton, name, _Twice(getattr(chunk_triton, name)))

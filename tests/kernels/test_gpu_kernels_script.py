@@ -1,25 +1,25 @@
 """perf/gpu_kernels.py on CPU (--smoke: interpreter, toy sizes): the GPU script runs
-rarely and on borrowed time, so its variant and reference plumbing is checked here."""
+rarely and on borrowed time, so its reference and baseline plumbing is checked here."""
 import json
 import subprocess
 import sys
 
 
-def test_variant_run_times_ours_takes_fla_rows_from_a_reference_and_profiles(tmp_path):
+def test_ours_only_run_takes_fla_rows_from_a_reference_and_profiles(tmp_path):
     ref = tmp_path / "ref.json"
     fla_row = {"impl": "fla gdr (chunk)", "size": [2, 64, 2, 16], "fwd_ms": 12345.0,
                "fwdbwd_ms": 54321.0}
     ref.write_text(json.dumps({"timings": [fla_row]}))
     proc = subprocess.run(
         [sys.executable, "-m", "perf.gpu_kernels", "--smoke",
-         "--skip-correctness", "--ours-only", "--variant", "dv-in-scan", "--fla-ref", str(ref),
+         "--skip-correctness", "--ours-only", "--fla-ref", str(ref),
          "--profile", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((tmp_path / "gpu_kernels_dv-in-scan.json").read_text())
+    result = json.loads((tmp_path / "gpu_kernels.json").read_text())
     [row] = result["timings"]
-    assert row["impl"] == "ours gdr (triton, dv-in-scan)"
+    assert row["impl"] == "ours gdr (triton)"
     assert row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0
-    table = (tmp_path / "gpu_kernels_dv-in-scan.md").read_text()
+    table = (tmp_path / "gpu_kernels.md").read_text()
     # fla's reference time over ours gives the speedup column.
     assert f"{12345.0 / row['fwd_ms']:.2f}x" in table
     assert f"{54321.0 / row['fwdbwd_ms']:.2f}x" in table
@@ -29,7 +29,7 @@ def test_variant_run_times_ours_takes_fla_rows_from_a_reference_and_profiles(tmp
 
 def test_mom_baseline_is_timed_beside_ours_with_the_same_weights(tmp_path):
     # The baseline here is today's layer file itself, so the two outputs must agree.
-    from cl_toolkit.kernels import mom
+    from cl_toolkit.layers import mom
     proc = subprocess.run(
         [sys.executable, "-m", "perf.gpu_kernels", "--smoke",
          "--skip-correctness", "--mom-only", "--ours-only", "--mom-baseline", mom.__file__,

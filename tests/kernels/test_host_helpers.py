@@ -3,7 +3,7 @@ the varlen chunk layout against hand-computed values."""
 import torch
 import triton
 
-from cl_toolkit.kernels.utils import cdiv, next_power_of_2
+from cl_toolkit.kernels.common.utils import cdiv, next_power_of_2
 
 
 def test_match_triton():
@@ -15,8 +15,8 @@ def test_match_triton():
 
 def test_scan_v_block_narrows_until_the_programs_fill_the_sms():
     # sm_count is 132 off-GPU; programs = sequences * heads * ceil(V / BV).
-    from cl_toolkit.kernels.chunk_triton import _bv_scan
-    from cl_toolkit.kernels.utils import make_layout
+    from cl_toolkit.kernels.common.chunk_triton import _bv_scan
+    from cl_toolkit.kernels.common.utils import make_layout
 
     def bv(batch, H, V=128, BV=64):
         return _bv_scan(make_layout(batch, 256, None, 64, "cpu"), H, V, BV)
@@ -28,7 +28,7 @@ def test_scan_v_block_narrows_until_the_programs_fill_the_sms():
 
 def test_varlen_layout_hand_computed():
     # Lengths 5, 0, 65 in chunks of 32: one chunk, none, three.
-    from cl_toolkit.kernels.utils import make_layout
+    from cl_toolkit.kernels.common.utils import make_layout
     layout = make_layout(1, 70, None, 32, "cpu", [0, 5, 5, 70])
     assert layout.cu_seqlens.tolist() == [0, 5, 5, 70]
     assert layout.chunk_offsets.tolist() == [0, 1, 1, 4]

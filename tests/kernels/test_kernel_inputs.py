@@ -11,8 +11,10 @@ from cl_toolkit.kernels.gated_delta_rule import (chunk_gated_delta_rule,
                                                  torch_chunk_gated_delta_rule)
 from cl_toolkit.kernels.linear_attn import (chunk_linear_attn, fused_recurrent_linear_attn,
                                             naive_linear_attn, torch_chunk_linear_attn)
-from cl_toolkit.kernels.mom import MoMLayer
-from cl_toolkit.kernels.utils import gdn_gate
+from cl_toolkit.layers.attention import Attention
+from cl_toolkit.layers.mom import MoMLayer
+from cl_toolkit.kernels.common.utils import gdn_gate
+from cl_toolkit.models.language import SequenceLanguageModel
 
 B, T, H, K = 1, 10, 2, 8
 
@@ -78,6 +80,11 @@ BAD = [
     ("h0-shape", dict(initial_state=torch.zeros(B, H, K + 1, K)),
      r"initial_state must have shape \(1, 2, 8, 8\), got \(1, 2, 9, 8\)"),
     ("cu-numpy", dict(cu_seqlens=np.array([0, 10])), "cu_seqlens must be a torch.Tensor"),
+    ("scale-nan", dict(scale=float("nan")), r"scale must be a finite number .* got nan"),
+    ("scale-inf", dict(scale=float("inf")), r"scale must be a finite number .* got inf"),
+    ("batch-0", dict(q=torch.randn(0, T, H, K), k=torch.randn(0, T, H, K),
+                     v=torch.randn(0, T, H, K), g=-torch.rand(0, T, H), beta=torch.rand(0, T, H)),
+     r"q holds a batch of 0 sequences \(shape \(0, 10, 2, 8\)\)"),
 ]
 
 
@@ -88,6 +95,32 @@ def test_bad_inputs_raise_naming_the_argument(bad, entry):
     x = _x(**over)
     with pytest.raises(ValueError, match=match):
         GDR_ENTRIES[entry](x)
+
+
+def _beta_at(value):
+    beta = torch.rand(B, T, H)
+    beta[0, 4, 1] = value
+    return beta
+
+
+# Every entry that takes beta (the gated delta rule's).
+BETA_ENTRIES = [e for e in GDR_ENTRIES if not e.startswith("la-")]
+
+
+@pytest.mark.parametrize("entry", BETA_ENTRIES, ids=BETA_ENTRIES)
+@pytest.mark.parametrize("value,shown", [(3.0, "3.0"), (-0.5, "-0.5"), (float("nan"), "nan")],
+                         ids=["3", "-0.5", "nan"])
+def test_beta_outside_the_unit_interval_raises(entry, value, shown):
+    # beta = 3 gave outputs of ~3e31 before this check: the update stops contracting along k.
+    with pytest.raises(ValueError, match=rf"beta .* \[0, 1\], got beta\[0, 4, 1\] = {shown}"):
+        GDR_ENTRIES[entry](_x(beta=_beta_at(value)))
+
+
+def test_beta_at_the_bounds_is_accepted():
+    beta = torch.rand(B, T, H)
+    beta[0, 0], beta[0, 1] = 0.0, 1.0
+    o, _ = chunk_gated_delta_rule(**_x(beta=beta), backend="torch")
+    assert torch.isfinite(o).all()
 
 
 def test_gate_logits_may_be_positive():
@@ -110,6 +143,37 @@ def test_mom_layer_bad_inputs(x, match):
     layer = MoMLayer(16, num_heads=2, num_memories=4, topk=2, backend="torch")
     with pytest.raises(ValueError, match=match):
         layer(x)
+
+
+def test_mom_layer_float64_input_with_float32_weights():
+    layer = MoMLayer(16, num_heads=2, num_memories=4, topk=2, backend="torch")
+    with pytest.raises(ValueError, match=r"x has dtype torch.float64 but the layer's weights "
+                                         r"are torch.float32"):
+        layer(torch.randn(2, 5, 16, dtype=torch.float64))
+    y, _, _ = layer.double()(torch.randn(2, 5, 16, dtype=torch.float64))
+    assert y.dtype == torch.float64
+
+
+def test_attention_float64_input_with_float32_weights():
+    with pytest.raises(ValueError, match=r"x has dtype torch.float64 but the layer's weights "
+                                         r"are torch.float32"):
+        Attention(16, 2)(torch.randn(2, 5, 16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cls", [MoMLayer, Attention], ids=["mom", "attention"])
+def test_heads_must_divide_the_hidden_size(cls):
+    # MoM used to take head_dim = 10 // 3 = 3 and silently project 10 channels to 9.
+    with pytest.raises(ValueError, match=r"hidden_size=10 must be a multiple of num_heads=3"):
+        cls(10, num_heads=3)
+
+
+def test_language_model_refuses_float_token_ids():
+    lm = SequenceLanguageModel(32, mixer="gdn", hidden_size=16, num_layers=1, num_heads=2,
+                               backend="torch")
+    with pytest.raises(ValueError, match=r"input_ids must be integer token ids \(int64 or "
+                                         r"int32\), got dtype torch.float32"):
+        lm(torch.zeros(2, 5))
+    assert lm(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 32)
 
 
 def test_gdn_gate_is_float64_for_float64_inputs():

@@ -3,8 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cl_toolkit.kernels.mom import MoMLayer, _GatherRows, switch_aux_loss
-from cl_toolkit.kernels.short_conv import segment_conv
+from cl_toolkit.layers.mom import MoMLayer, _GatherRows, switch_aux_loss
 
 from .conftest import rel_err
 
@@ -114,65 +113,6 @@ def test_layer_gradients_match_slow_reference():
         assert rel_err(ours, ref) < 1e-10, name
 
 
-def _naive_segment_conv(x, weight, cu, cache):
-    """Row by row: each output reads its segment's previous W-1 inputs, from the cache before
-    the segment's start."""
-    W = weight.shape[1]
-    ys, tails = [], []
-    for s in range(len(cu) - 1):
-        hist = [cache[s, :, j] for j in range(W - 1)]
-        for t in range(cu[s], cu[s + 1]):
-            hist.append(x[t])
-            ys.append(F.silu(sum(weight[:, i] * hist[-W + i] for i in range(W))))
-        tails.append(torch.stack(hist[-(W - 1):], 1))
-    return torch.stack(ys), torch.stack(tails)
-
-
-@pytest.mark.parametrize("backend,dtype,tol", [("torch", torch.float64, 1e-12),
-                                               ("triton", torch.float32, 1e-5),
-                                               ("triton", torch.float16, 1e-2)])
-@pytest.mark.parametrize("with_cache", [True, False])
-def test_segment_conv_matches_row_by_row_reference(backend, dtype, tol, with_cache):
-    # Lengths 5, 0, 1, 40 (more than one 32-row kernel block), 2 with W - 1 = 3; C = 70 is
-    # not a multiple of the kernel's 64-channel block.
-    torch.manual_seed(0)
-    cu = [0, 5, 5, 6, 46, 48]
-    C = 70
-    x = torch.randn(48, C, dtype=dtype, requires_grad=True)
-    w = torch.randn(C, 4, dtype=dtype, requires_grad=True)
-    # The cache as the layer returns it: a transposed (non-contiguous) view.
-    leaf = torch.randn(5, 3, C, dtype=dtype, requires_grad=True) if with_cache else None
-    cache = leaf.transpose(1, 2) if with_cache else None
-    dy, dt = torch.randn(48, C, dtype=dtype), torch.randn(5, C, 3, dtype=dtype)
-    outs = []
-    for fn in (lambda *a: segment_conv(*a, return_tail=True, backend=backend),
-               lambda x, w, cu, c: _naive_segment_conv(
-                   x, w, cu, c if c is not None else x.new_zeros(5, C, 3))):
-        y, tail = fn(x, w, cu, cache)
-        ((y * dy).sum() + (tail * dt).sum()).backward()
-        outs.append((y, tail, x.grad, w.grad) + ((leaf.grad,) if with_cache else ()))
-        x.grad = w.grad = None
-        if with_cache:
-            leaf.grad = None
-    for name, ours, ref in zip(("y", "tail", "dx", "dw", "dcache"), *outs):
-        assert rel_err(ours, ref) < tol, name
-
-
-def test_segment_conv_reads_a_row_stride_and_rejects_bad_offsets():
-    x = torch.randn(6, 10)[:, :4]  # row stride 10, as a column slice of a projection
-    w = torch.randn(4, 3)
-    ref = segment_conv(x.contiguous(), w, [0, 2, 6], backend="torch")
-    assert rel_err(segment_conv(x, w, [0, 2, 6], backend="triton"), ref) < 1e-6
-    with pytest.raises(ValueError, match="rise from 0 to the row count 6"):
-        segment_conv(x, w, [0, 4, 3, 6])
-    with pytest.raises(ValueError, match="cache must be"):
-        segment_conv(x, w, [0, 2, 6], torch.zeros(2, 4, 3))
-    with pytest.raises(ValueError, match=r"weight must be \[C, W\] = \[4, W >= 2\]"):
-        segment_conv(x, torch.randn(5, 3), [0, 2, 6])
-    with pytest.raises(ValueError, match="x must be"):
-        segment_conv(x[None], w, [0, 2, 6])
-
-
 @pytest.mark.parametrize("group", [1, 3])
 def test_gather_rows_backward_passes_gradcheck(group):
     torch.manual_seed(0)
@@ -182,6 +122,21 @@ def test_gather_rows_backward_passes_gradcheck(group):
     x = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: _GatherRows.apply(t, perm // group, inv, group),
                                     (x,))
+
+
+@pytest.mark.parametrize("memory_type,conv", [("gated_delta", True), ("gla", False)],
+                         ids=["gdr-conv", "gla-noconv"])
+def test_per_memory_parameters_are_the_ones_indexed_by_memory(memory_type, conv):
+    # What a task-routed model gives each task: the router's E rows and the E + 1 slots
+    # (the shared memory last) of every per-memory projection, gate and convolution.
+    layer = MoMLayer(16, num_heads=2, num_memories=4, topk=2, memory_type=memory_type,
+                     use_short_conv=conv)
+    per_memory = layer.per_memory_parameters()
+    assert set(per_memory) == ({"router.weight", "k_proj", "v_proj", "a_proj", "A_log",
+                                "dt_bias"} | ({"b_proj"} if memory_type == "gated_delta" else set())
+                               | ({"k_conv", "v_conv"} if conv else set()))
+    assert per_memory["router.weight"].shape[0] == 4
+    assert {p.shape[0] for n, p in per_memory.items() if n != "router.weight"} == {5}
 
 
 def test_layer_with_memory_mask_matches_reference_and_isolates_memories():

@@ -1,7 +1,7 @@
-"""The CPU decoding path (kernels/recurrent_torch.py, backend 'torch' of the fused recurrent
-functions) against the per-sequence naive references, in float64: packed sequences of unequal
-length, empty ones (whose state must come back untouched), with and without gate, beta and
-initial state, and the one-token step a MoM layer decodes with."""
+"""The CPU decoding path (kernels/common/recurrent_torch.py, backend 'torch' of the fused
+recurrent functions) against the per-sequence naive references, in float64: packed sequences
+of unequal length, empty ones (whose state must come back untouched), with and without gate,
+beta and initial state, and the one-token step a MoM layer decodes with."""
 import pytest
 import torch
 

@@ -11,11 +11,9 @@ import math
 import pytest
 import torch
 
-from perf import kernel_variants
-from cl_toolkit.kernels import chunk_triton
 from cl_toolkit.kernels.gated_delta_rule import chunk_gated_delta_rule, naive_gated_delta_rule
 from cl_toolkit.kernels.linear_attn import chunk_linear_attn, naive_linear_attn
-from cl_toolkit.kernels.mom import MoMLayer
+from cl_toolkit.layers.mom import MoMLayer
 
 from .conftest import rel_err
 from .helpers import TOL, compare, make_inputs
@@ -55,15 +53,6 @@ def _one_token_of_minus_100(op):
 @pytest.mark.parametrize("op", ["gdr", "gla"])
 def test_issue_repro_one_token_of_minus_100_in_the_last_chunk(op):
     _one_token_of_minus_100(op)
-
-
-@pytest.mark.parametrize("name", sorted(n for n, (m, _, _) in kernel_variants.VARIANTS.items()
-                                         if m is chunk_triton))
-def test_kernel_variants_under_strong_decay(name, monkeypatch):
-    # The versions the GPU script times against ours (dv-in-scan forms P^T dO in the scan).
-    _, attr, impl = kernel_variants.VARIANTS[name]
-    monkeypatch.setattr(chunk_triton, attr, impl)
-    _one_token_of_minus_100("gdr")
 
 
 # Packed sequences whose last chunks (of 16) hold 1, 7, 15 and 16 tokens: the padding rows of

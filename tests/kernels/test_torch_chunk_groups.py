@@ -4,7 +4,7 @@ and gradients."""
 import pytest
 import torch
 
-from cl_toolkit.kernels import chunk_torch
+from cl_toolkit.kernels.common import chunk_torch
 from cl_toolkit.kernels.gated_delta_rule import chunk_gated_delta_rule, naive_gated_delta_rule
 from cl_toolkit.kernels.linear_attn import chunk_linear_attn, naive_linear_attn
 

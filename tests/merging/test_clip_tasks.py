@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cl_toolkit.benchmarks.clip_tasks import (EUROSAT_NAMES, ClipWeightsNotFoundError,
-                                              clip_classifier, clip_stream)
+from cl_toolkit.benchmarks.clip_tasks import EUROSAT_NAMES, clip_stream
 from cl_toolkit.errors import ConfigError, DatasetNotFoundError
-from cl_toolkit.merging.strategies import OPCM
+from cl_toolkit.models.clip import ClipWeightsNotFoundError, clip_classifier
+from cl_toolkit.merging.opcm import OPCM
 from cl_toolkit.strategy import RunContext
 
 TINY = {"embed_dim": 16,

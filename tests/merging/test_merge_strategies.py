@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from cl_toolkit.errors import ConfigError
-from cl_toolkit.merging.opcm import project_exact
-from cl_toolkit.merging.strategies import (ATLAS, OPCM, MergeAverage, MergeTA, MergeTIES,
-                                           MergeTIESFusionBench)
+from cl_toolkit.merging.atlas import ATLAS
+from cl_toolkit.merging.average import MergeAverage
+from cl_toolkit.merging.opcm import OPCM, project_exact
+from cl_toolkit.merging.task_arithmetic import MergeTA
+from cl_toolkit.merging.ties import MergeTIES, MergeTIESFusionBench
 from cl_toolkit.merging.task_vectors import (CheckpointNotFoundError, NonFiniteTaskVectorError,
                                              StateDictMismatchError)
 from cl_toolkit.models import MLP, Classifier
@@ -212,13 +214,13 @@ def test_atlas_without_labels_keeps_unlabelled_inputs(tmp_path, objective):
 @pytest.mark.parametrize("warm_start", [False, True])
 def test_atlas_coefficients_restart_from_zero_unless_warm_start(tmp_path, monkeypatch, warm_start):
     """The paper learns every coefficient from 0; warm_start keeps earlier values instead."""
-    from cl_toolkit.merging import strategies as ms
+    from cl_toolkit.merging import atlas as atlas_module
     starts = []
 
     def spy(model, base, tvs, data, objective, start, **kwargs):
         starts.append(start.clone())
         return start + 1.0  # stands in for what the fit learned
-    monkeypatch.setattr(ms.atlas_fn, "fit_coefficients", spy)
+    monkeypatch.setattr(atlas_module, "fit_coefficients", spy)
     stream, model = make_stream(), make_model()
     _, _, paths = fake_checkpoints(tmp_path, model, stream)
     run(ATLAS(checkpoints=paths, k_shot=2, warm_start=warm_start), stream, model)
@@ -311,3 +313,76 @@ def test_buffers_get_no_coefficient(tmp_path):
         torch.testing.assert_close(merged[k], want)
     with pytest.raises(ValueError, match="buffers"):
         fit_coefficients(atlas.model, atlas.base, [taus[0]], stream[0].train)
+
+
+class AuxClassifier(Classifier):
+    """Sets ``aux_loss`` on every forward, as MoM's router balance does."""
+
+    aux_value = 0.0
+
+    def forward(self, x, t=None):
+        out = super().forward(x, t)
+        self.last_aux = out.sum() * 0.0 + self.aux_value
+        return out
+
+    @property
+    def aux_loss(self):
+        return getattr(self, "last_aux", None)
+
+
+def test_finetuning_runs_through_the_trainer_hooks_and_aux_loss():
+    """Fine-tuning is the run's training loop: hooks see every step with the strategy and the
+    task, and the model's auxiliary loss is part of the loss (a NaN one stops the run, named)."""
+    from cl_toolkit.errors import NonFiniteLossError
+
+    stream = make_stream(n=128)
+    seen = []
+    ctx = RunContext(seed=0, generator=torch.Generator().manual_seed(0))
+    ctx.hooks.after_batch.append(lambda strategy, task, epoch, step, loss:
+                                 seen.append((type(strategy).__name__, task.name, step)))
+    strategy = MergeTA(epochs=1, batch_size=64, pretrain_epochs=1)
+    strategy.setup(stream, make_model(), ctx)
+    strategy.learn(stream[0])
+    # two steps of pretraining on task 0, then two of fine-tuning task 0
+    assert seen == [("MergeTA", "rot0", 0), ("MergeTA", "rot0", 1)] * 2
+    torch.manual_seed(0)
+    model = AuxClassifier(MLP((2,), hidden=(16,)), 3)
+    model.aux_value = float("nan")
+    strategy = MergeTA(epochs=1)
+    strategy.setup(stream, model, RunContext())
+    with pytest.raises(NonFiniteLossError, match=r"fine-tuning task 0 \('rot0'\), epoch 0"):
+        strategy.learn(stream[0])
+
+
+def test_atlas_fit_ignores_the_aux_loss_and_names_a_diverged_step(tmp_path):
+    """The coefficient objective is the paper's alone (a model's aux loss is not added), and a
+    non-finite loss is reported by the trainer, naming the fit and its learning-rate key."""
+    from cl_toolkit.errors import NonFiniteLossError
+    from cl_toolkit.merging.atlas import fit_coefficients
+
+    stream = make_stream()
+    torch.manual_seed(0)
+    model = AuxClassifier(MLP((2,), hidden=(16,)), 3).eval()
+    base = {k: v.clone() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    tvs = [{k: torch.randn(v.shape, generator=g) * 0.1 for k, v in base.items()}]
+    fits = []
+    for aux in (0.0, float("nan")):
+        model.aux_value = aux
+        fits.append(fit_coefficients(model, base, tvs, stream[0].train, steps=5,
+                                     generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(fits[0], fits[1])
+    model.aux_value = 0.0
+    nan = [{k: v * float("nan") for k, v in tvs[0].items()}]
+    with pytest.raises(NonFiniteLossError, match=r"aTLAS coefficient fit.*step 0.*coef_lr"):
+        fit_coefficients(model, base, nan, stream[0].train, steps=5)
+
+
+@pytest.mark.parametrize("cls", [MergeAverage, MergeTA, MergeTIES, MergeTIESFusionBench, OPCM,
+                                 ATLAS], ids=lambda c: c.name)
+def test_merge_strategies_declare_what_they_support(cls):
+    """Read by the runner before anything runs: classification only (fine-tuning is
+    cross-entropy on class logits), every scenario, no train_step for a probe."""
+    assert cls.task_kinds == ("classification",)
+    assert set(cls.scenarios) == {"task-il", "class-il", "domain-il"}
+    assert "train_step" not in cls.capabilities

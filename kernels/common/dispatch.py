@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .utils import (FLOATS, check_inputs, check_tensor, check_triton_inputs, gdn_gate,
+from .utils import (CHUNK_SIZES, FLOATS, check_inputs, check_tensor, check_triton_inputs, gdn_gate,
                     host_to_device, l2norm, make_layout, resolve_backend)
 
 
@@ -22,7 +22,7 @@ def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
     applied as torch ops before the other backends.
     """
     cu_host = check_inputs(q, k, v, g, beta, initial_state, cu_seqlens,
-                           g_is_log_decay=gate is None)
+                           g_is_log_decay=gate is None, scale=scale)
     requested = backend
     backend = resolve_backend(backend, q.device)
     B, T, H, K = q.shape
@@ -36,8 +36,9 @@ def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
             raise ValueError(f"the float32 Triton chunk kernels support K <= 64, got K={K}; "
                              "use bfloat16/float16 inputs or backend='torch'")
     triton_path = backend == "triton"
-    if chunk_size not in (16, 32, 64, 128):
-        raise ValueError(f"chunk_size must be one of 16, 32, 64, 128, got {chunk_size}")
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {', '.join(map(str, CHUNK_SIZES))}, got "
+                         f"{chunk_size}")
     scale = K ** -0.5 if scale is None else float(scale)
     if gate is not None:
         if g is None:
@@ -54,8 +55,8 @@ def run_chunk(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
         if qk_l2norm:
             q, k = l2norm(q), l2norm(k)
     if backend == "naive":
-        from .gated_delta_rule.naive import naive_gated_delta_rule
-        from .linear_attn.naive import naive_linear_attn
+        from ..gated_delta_rule.naive import naive_gated_delta_rule
+        from ..linear_attn.naive import naive_linear_attn
         kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens)
         if delta:
@@ -90,7 +91,7 @@ def run_recurrent(q, k, v, g, beta, *, delta: bool, scale: Optional[float],
                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Forward-only token loop for decoding: 'triton' fused kernel, 'torch' the token loop
     batched over sequences (the CPU path), 'naive' the per-sequence reference."""
-    cu_host = check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    cu_host = check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, scale=scale)
     backend = resolve_backend(backend, q.device)
     if backend == "naive":
         return run_chunk(q, k, v, g, beta, delta=delta, scale=scale, initial_state=initial_state,

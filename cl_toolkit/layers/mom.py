@@ -1,4 +1,4 @@
-"""Mixture-of-Memories (MoM) layer on the chunk kernels of this package.
+"""Mixture-of-Memories (MoM) layer on the chunk kernels of ``cl_toolkit.kernels``.
 
 MoM (Du et al., 2025, https://arxiv.org/abs/2502.13685): a router sends every token to k of E
 memories; each memory is a gated-delta-rule (https://arxiv.org/abs/2412.06464) or gated
@@ -26,12 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .gated_delta_rule.chunk import chunk_gated_delta_rule
-from .gated_delta_rule.recurrent import fused_recurrent_gated_delta_rule
-from .linear_attn.chunk import chunk_linear_attn
-from .linear_attn.recurrent import fused_recurrent_linear_attn
-from .short_conv import segment_conv
-from .utils import check_hidden_states, l2norm
+from ..kernels.common.utils import check_hidden_states, l2norm
+from ..kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
+from ..kernels.gated_delta_rule.recurrent import fused_recurrent_gated_delta_rule
+from ..kernels.linear_attn.chunk import chunk_linear_attn
+from ..kernels.linear_attn.recurrent import fused_recurrent_linear_attn
+from ..kernels.short_conv import segment_conv
 
 MEMORY_TYPES = ("gated_delta", "gla")
 
@@ -90,7 +90,15 @@ class MoMLayer(nn.Module):
     memory_mask [B, E] (bool) restricts the router per sample (task routing); each row must
     allow at least ``topk`` memories. cache (from ``use_cache=True``) holds one state per
     (memory, sample) and the convolution tails.
+
+    ``PER_MEMORY`` names the parameters that hold one slice per memory along dim 0 (the
+    router's E rows; E + 1 slots for the others, the shared memory last): what a task-routed
+    model gives each task. The rest (q, gate and output projections, the q convolution, the
+    output norm) is used by every memory.
     """
+
+    PER_MEMORY = ("router.weight", "k_proj", "v_proj", "a_proj", "b_proj", "A_log", "dt_bias",
+                  "k_conv", "v_conv")
 
     def __init__(self, hidden_size: int, num_heads: int = 4, head_dim: Optional[int] = None,
                  expand_v: float = 1.0, num_memories: int = 4, topk: int = 2,
@@ -104,6 +112,10 @@ class MoMLayer(nn.Module):
             raise ValueError(f"topk={topk} must be in [1, num_memories={num_memories}]")
         if conv_size < 2 and use_short_conv:
             raise ValueError(f"conv_size={conv_size} must be >= 2 with use_short_conv")
+        if head_dim is None and (num_heads < 1 or hidden_size % num_heads):
+            raise ValueError(f"hidden_size={hidden_size} must be a multiple of "
+                             f"num_heads={num_heads} (each head takes hidden_size / num_heads "
+                             "channels); change one of them or pass head_dim")
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_k = head_dim or hidden_size // num_heads
         self.head_v = int(self.head_k * expand_v)
@@ -135,6 +147,12 @@ class MoMLayer(nn.Module):
         self.g_proj = nn.Linear(hidden_size, H * V, bias=False)
         self.o_norm = GatedRMSNorm(V, norm_eps)
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
+
+    def per_memory_parameters(self) -> Dict[str, nn.Parameter]:
+        """{name: parameter} of the ``PER_MEMORY`` parameters this layer has (b_proj only with
+        the gated delta rule, k_conv / v_conv only with the short convolution)."""
+        params = dict(self.named_parameters())
+        return {name: params[name] for name in self.PER_MEMORY if name in params}
 
     def route(self, x: torch.Tensor, memory_mask: Optional[torch.Tensor] = None):
         """Router in fp32 (fp64 for fp64 inputs).
@@ -169,7 +187,8 @@ class MoMLayer(nn.Module):
     def forward(self, x: torch.Tensor, memory_mask: Optional[torch.Tensor] = None,
                 cache: Optional[Dict[str, torch.Tensor]] = None, use_cache: bool = False
                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
-        check_hidden_states(x, self.hidden_size, self.q_proj.weight.device)
+        check_hidden_states(x, self.hidden_size, self.q_proj.weight.device,
+                            self.q_proj.weight.dtype)
         B, T, D = x.shape
         H, K, V, E, M = self.num_heads, self.head_k, self.head_v, self.num_memories, self.num_slots
         dev = x.device
@@ -280,3 +299,21 @@ class MoMLayer(nn.Module):
             new_cache["state"] = state
             return y, aux, new_cache
         return y, aux, None
+
+
+class SingleMemory(MoMLayer):
+    """One gated memory and no router (mixers ``gdn`` and ``gla``): the MoM layer with a single
+    memory that takes every token with weight 1, so its projections, convolutions, gates and
+    output path are exactly those of one MoM memory."""
+
+    def __init__(self, hidden_size: int, num_heads: int, memory_type: str, **kwargs):
+        super().__init__(hidden_size, num_heads=num_heads, num_memories=1, topk=1,
+                         shared_memory=False, memory_type=memory_type, aux_loss_weight=0.0,
+                         **kwargs)
+        del self.router
+
+    def route(self, x: torch.Tensor, memory_mask: Optional[torch.Tensor] = None):
+        B, T, _ = x.shape
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return (x.new_ones(B, T, 1, dtype=acc), torch.zeros(B, T, 1, dtype=torch.long,
+                                                            device=x.device), x.new_zeros(()))

@@ -1,9 +1,5 @@
-"""Backbones and the classifier that puts heads on them.
-
-A backbone maps inputs ``[B, *input_shape]`` to features ``[B, feat_dim]`` and exposes
-``feat_dim``. `Classifier` adds either one head over the global label space or one head per
-task (multi-head), and in task-il masks the logits of classes outside the sample's task, so
-``model(x, t)`` always returns ``[B, num_classes]`` logits in global class ids.
+"""Image backbones: inputs ``[B, *input_shape]`` -> features ``[B, feat_dim]``, with
+``feat_dim`` exposed; `cl_toolkit.models.heads.Classifier` puts the heads on them.
 """
 from __future__ import annotations
 
@@ -14,9 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import at_least, between
+
+DROPOUT = between(0, 1, high_open=True)
+
 
 class MLP(nn.Module):
     """Flatten -> (Linear -> ReLU -> Dropout) per hidden layer. ``feat_dim`` = last hidden."""
+
+    ranges = {"hidden": at_least(1), "dropout": DROPOUT}
+    smoke = {"hidden": [16]}
 
     def __init__(self, input_shape: Sequence[int], hidden: Sequence[int] = (256, 256),
                  dropout: float = 0.0):
@@ -37,6 +40,9 @@ class MLP(nn.Module):
 
 class SmallCNN(nn.Module):
     """Conv(3x3)-BN-ReLU-MaxPool blocks, global average pool; works from 8x8 inputs up."""
+
+    ranges = {"channels": at_least(1)}
+    smoke = {"channels": [4, 4, 4]}
 
     def __init__(self, input_shape: Sequence[int], channels: Sequence[int] = (32, 64, 128)):
         super().__init__()
@@ -76,6 +82,9 @@ class ReducedResNet18(nn.Module):
     Lopez-Paz & Ranzato (GEM, https://arxiv.org/abs/1706.08840) used by KCL and most of the CL
     literature: a 3x3 stem without max-pool, four stages of two blocks (nf, 2nf, 4nf, 8nf,
     strides 1, 2, 2, 2) and global average pooling (= 4x4 average pooling on 32x32 inputs)."""
+
+    ranges = {"nf": at_least(1)}
+    smoke = {"nf": 4}
 
     def __init__(self, input_shape: Sequence[int], nf: int = 20, blocks=(2, 2, 2, 2)):
         super().__init__()
@@ -125,71 +134,10 @@ class KCLReducedResNet18(ReducedResNet18):
     the stem and stages of `ReducedResNet18` (nf, 2nf, 4nf, 8nf; 160-d features at nf=20) with
     `KCLBlock`s, dropout in every block. Its 62.7 % SplitCIFAR100 figure is for this network."""
 
+    ranges = {"dropout": DROPOUT}
+
     def __init__(self, input_shape: Sequence[int], nf: int = 20, dropout: float = 0.02,
                  blocks=(2, 2, 2, 2)):
         nn.Module.__init__(self)
         self._build(input_shape[0], nf, blocks,
                     lambda in_planes, planes, stride: KCLBlock(in_planes, planes, stride, dropout))
-
-
-class Classifier(nn.Module):
-    """Backbone + head(s).
-
-    - ``heads=1``: one linear layer over the global label space (class-il, domain-il, or
-      task-il with masking).
-    - ``heads=n_tasks``: one linear head per task, stored as one ``Linear`` with
-      ``n_tasks * num_classes`` outputs so a mixed-task batch costs one matmul and a gather.
-    - ``mask [n_tasks, num_classes]``: additive 0 / -inf per task (task-il): logits of classes
-      outside a sample's task are -inf, so argmax and cross-entropy see only the task's classes.
-    """
-
-    def __init__(self, backbone: nn.Module, num_classes: int, heads: int = 1,
-                 mask: torch.Tensor | None = None):
-        super().__init__()
-        self.backbone, self.num_classes, self.heads = backbone, num_classes, heads
-        self.head = nn.Linear(backbone.feat_dim, heads * num_classes)
-        self.register_buffer("mask", mask, persistent=False)
-        self.backbone_uses_task_id = getattr(backbone, "uses_task_id", False)
-        self.uses_task_id = heads > 1 or mask is not None or self.backbone_uses_task_id
-
-    @property
-    def feat_dim(self) -> int:
-        return self.backbone.feat_dim
-
-    @property
-    def aux_loss(self) -> torch.Tensor | None:
-        """The backbone's auxiliary loss of the last forward (weighted), or None
-        (`SupervisedStrategy.learn` adds it to the training loss)."""
-        return getattr(self.backbone, "aux_loss", None)
-
-    def memory_bytes(self) -> int:
-        """Bytes the backbone spends per task to protect old tasks (e.g. the memories a
-        task-routed MoM gives each task); 0 for backbones without such parts."""
-        fn = getattr(self.backbone, "memory_bytes", None)
-        return int(fn()) if fn is not None else 0
-
-    def features(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        return self.backbone(x, t) if self.backbone_uses_task_id else self.backbone(x)
-
-    def classify(self, h: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.head(h)
-        if self.heads > 1:
-            if t is None:
-                raise ValueError("A multi-head classifier needs the task id of every sample "
-                                 "(t); use a single head for class-il / domain-il streams.")
-            logits = logits.view(h.shape[0], self.heads, self.num_classes)
-            logits = logits[torch.arange(h.shape[0], device=h.device), t]
-        if self.mask is not None and t is not None:
-            logits = logits + self.mask[t]
-        return logits
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        return self.classify(self.features(x, t), t)
-
-
-def task_mask(stream) -> torch.Tensor:
-    """``[n_tasks, num_classes]`` additive mask: 0 on each task's classes, -inf elsewhere."""
-    mask = torch.full((len(stream), stream.num_classes), float("-inf"))
-    for task in stream:
-        mask[task.index, list(task.classes)] = 0.0
-    return mask

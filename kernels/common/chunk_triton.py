@@ -323,7 +323,7 @@ def _bwd_dh_kernel(q, k, w, gcum, do, de_local, de, dh_all, dht, dh0, cu_seqlens
     """Reverse scan: dh (w.r.t. the state after each chunk) and dV' = P^T dO + K~ dh.
 
     DV_LOCAL: P^T dO is read from de_local (fp32, from ``_bwd_dv_local_kernel``) instead of
-    formed here; off only in the variant ``dv-in-scan`` (perf/kernel_variants.py).
+    formed here; off only with ``_reverse_scan(local_first=False)``, the earlier version.
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H

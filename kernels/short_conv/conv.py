@@ -5,7 +5,7 @@ t's segment comes from that segment's cache (the inputs that preceded it, zeros 
 never from the segment before. Two paths with one contract:
 
 - torch: each segment laid out after its cached rows in one extended sequence, one shifted
-  multiply-add per tap; the CPU path and the reference for the kernels.
+  multiply-add per tap; the CPU path. (The executable spec of both is ``naive.py``.)
 - Triton: one forward kernel (one read of x, one write of y) and two backward passes, instead
   of the torch path's W + 3 passes forward and about 3 W backward: the first recomputes the
   pre-activation and gives dpre (stored in x's dtype, as torch's own bf16 backward would),
@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .utils import make_layout, new_buffer, resolve_backend, triton_available
+from ..common.utils import make_layout, new_buffer, resolve_backend, triton_available
 
 if triton_available():
     import triton

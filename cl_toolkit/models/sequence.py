@@ -1,17 +1,10 @@
-"""Sequence backbones for task streams ("memory-partitioned learners", DESIGN.md section 7).
+"""Sequence models for task streams ("memory-partitioned learners", DESIGN.md section 7).
 
-One block family, pre-norm residual: x + mixer(norm(x)), then x + SwiGLU(norm(x)). Only the
-token mixer changes, so the memory is the only variable between the four backbones:
-
-- ``mom``: Mixture-of-Memories, a router sends each token to ``topk`` of ``num_memories``
-  gated memories plus an optional shared one (https://arxiv.org/abs/2502.13685);
-- ``gdn``: one gated-delta-rule memory, no router (https://arxiv.org/abs/2412.06464);
-- ``gla``: one gated linear-attention memory, no router (https://arxiv.org/abs/2312.06635);
-- ``transformer``: softmax attention through ``F.scaled_dot_product_attention`` with rotary
-  positions, causal or bidirectional (https://arxiv.org/abs/1706.03762).
-
-On this block: :class:`SequenceImageBackbone` (images [B, C, H, W] -> features [B, feat_dim])
-and :class:`SequenceLanguageModel` (token ids [B, L] -> logits [B, L, V]).
+`SequenceModel` stacks the pre-norm residual blocks of ``cl_toolkit.layers.block``, whose token
+mixer (``mom``, ``gdn``, ``gla`` or ``transformer``) is the only variable between the four
+models. On it: :class:`SequenceImageBackbone` here (images [B, C, H, W] -> features
+[B, feat_dim]) and ``SequenceLanguageModel`` in ``cl_toolkit.models.language`` (token ids
+[B, L] -> logits [B, L, V]). :func:`preset` builds the registry entry of one mixer for either.
 
 With ``task_routing=True`` (mixer ``mom``) task t owns memories [t*m, (t+1)*m) with
 m = ``memories_per_task`` and every router may only pick inside the block of the sample's
@@ -21,126 +14,34 @@ owns; ``shared_memory`` (off by default under routing) and ``freeze_shared`` clo
 from __future__ import annotations
 
 import inspect
-import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .mom import MoMLayer
+from ..errors import ConfigError
+from ..kernels.common.utils import BACKENDS, CHUNK_SIZES, is_interpreter, triton_available
+from ..layers.block import MIXERS, Cache, SequenceBlock, make_mixer
+from ..layers.mom import MEMORY_TYPES, MoMLayer
+from ..layers.norm import RMSNorm
+from ..validation import above, at_least, declared, one_of
 
-MIXERS = ("mom", "gdn", "gla", "transformer")
 READOUTS = ("mean", "cls")
-Cache = Dict[str, torch.Tensor]
+# The SequenceModel keys each mixer takes (the others are refused by name, e.g. model.topk
+# for gdn): width and depth, the MoM router, the gated memories.
+WIDTH_KEYS = ["hidden_size", "num_layers", "num_heads", "mlp_ratio"]
+ROUTER_KEYS = ["num_memories", "topk", "shared_memory", "memory_type", "aux_loss_weight",
+               "task_routing", "num_tasks", "memories_per_task", "freeze_shared"]
+MEMORY_KEYS = ["use_short_conv", "chunk_size", "backend"]
+MIXER_KEYS = {"mom": WIDTH_KEYS + ROUTER_KEYS + MEMORY_KEYS, "gdn": WIDTH_KEYS + MEMORY_KEYS,
+              "gla": WIDTH_KEYS + MEMORY_KEYS, "transformer": WIDTH_KEYS}
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * \
-            self.weight
-
-
-class SingleMemory(MoMLayer):
-    """One gated memory and no router (mixers ``gdn`` and ``gla``): the MoM layer with a single
-    memory that takes every token with weight 1, so its projections, convolutions, gates and
-    output path are exactly those of one MoM memory."""
-
-    def __init__(self, hidden_size: int, num_heads: int, memory_type: str, **kwargs):
-        super().__init__(hidden_size, num_heads=num_heads, num_memories=1, topk=1,
-                         shared_memory=False, memory_type=memory_type, aux_loss_weight=0.0,
-                         **kwargs)
-        del self.router
-
-    def route(self, x: torch.Tensor, memory_mask: Optional[torch.Tensor] = None):
-        B, T, _ = x.shape
-        acc = torch.promote_types(x.dtype, torch.float32)
-        return (x.new_ones(B, T, 1, dtype=acc), torch.zeros(B, T, 1, dtype=torch.long,
-                                                            device=x.device), x.new_zeros(()))
-
-
-def rotary(x: torch.Tensor, offset: int, base: float = 10000.0) -> torch.Tensor:
-    """Rotary position embedding (https://arxiv.org/abs/2104.09864) of x [B, H, T, K],
-    positions offset .. offset + T - 1 (half-split pairing)."""
-    K, T = x.shape[-1], x.shape[-2]
-    acc = torch.promote_types(x.dtype, torch.float32)
-    freq = base ** (-torch.arange(0, K // 2, device=x.device, dtype=acc) / (K // 2))
-    ang = torch.arange(offset, offset + T, device=x.device, dtype=acc)[:, None] * freq
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    a, b = x[..., :K // 2], x[..., K // 2:2 * (K // 2)]
-    return torch.cat([a * cos - b * sin, a * sin + b * cos, x[..., 2 * (K // 2):]], -1)
-
-
-class Attention(nn.Module):
-    """Multi-head softmax attention with rotary positions (mixer ``transformer``).
-
-    Same call as MoMLayer: (x [B, T, D], memory_mask, cache, use_cache) -> (y, aux = 0, cache);
-    the cache holds keys and values [B, H, T, K] of every position seen.
-    """
-
-    def __init__(self, hidden_size: int, num_heads: int, causal: bool = True):
-        super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size={hidden_size} must be a multiple of "
-                             f"num_heads={num_heads}")
-        self.num_heads, self.head_dim, self.causal = num_heads, hidden_size // num_heads, causal
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
-        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, memory_mask: Optional[torch.Tensor] = None,
-                cache: Optional[Cache] = None, use_cache: bool = False):
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        past = cache["k"].shape[2] if cache is not None else 0
-        q, k = rotary(q, past), rotary(k, past)
-        if cache is not None:
-            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-        mask, is_causal = None, self.causal and T > 1
-        if is_causal and past:  # queries at past .. past+T-1 see keys up to their own position
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-            is_causal = False
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        y = self.o_proj(o.transpose(1, 2).reshape(B, T, D))
-        return y, x.new_zeros(()), ({"k": k, "v": v} if use_cache else None)
-
-
-def make_mixer(mixer: str, hidden_size: int, num_heads: int, causal: bool, mom: dict,
-               memory: dict) -> nn.Module:
-    """The token mixer of one block; ``mom`` holds the router keys, ``memory`` the keys every
-    gated memory takes (short convolution, chunk size, backend)."""
-    if mixer == "mom":
-        return MoMLayer(hidden_size, num_heads=num_heads, **mom, **memory)
-    if mixer in ("gdn", "gla"):
-        return SingleMemory(hidden_size, num_heads,
-                            "gated_delta" if mixer == "gdn" else "gla", **memory)
-    if mixer == "transformer":
-        return Attention(hidden_size, num_heads, causal)
-    raise ValueError(f"mixer={mixer!r} is not one of {MIXERS}")
-
-
-class SequenceBlock(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + MLP(norm(x)) (SwiGLU)."""
-
-    def __init__(self, hidden_size: int, mixer: nn.Module, mlp_ratio: float = 2.0):
-        super().__init__()
-        self.mix_norm = RMSNorm(hidden_size)
-        self.mixer = mixer
-        self.mlp_norm = RMSNorm(hidden_size)
-        inner = int(hidden_size * mlp_ratio)
-        self.up = nn.Linear(hidden_size, 2 * inner, bias=False)
-        self.down = nn.Linear(inner, hidden_size, bias=False)
-
-    def forward(self, x, memory_mask=None, cache=None, use_cache=False):
-        y, aux, cache = self.mixer(self.mix_norm(x), memory_mask, cache, use_cache)
-        x = x + y
-        a, b = self.up(self.mlp_norm(x)).chunk(2, -1)
-        return x + self.down(F.silu(a) * b), aux, cache
+def _smoke_width(node: dict) -> int:
+    """smoke=true's hidden_size: 16, or the next multiple of num_heads (heads split it)."""
+    heads = node.get("num_heads")
+    heads = heads if isinstance(heads, int) and heads >= 1 else 1
+    return -(-16 // heads) * heads
 
 
 class SequenceModel(nn.Module):
@@ -152,6 +53,72 @@ class SequenceModel(nn.Module):
     ``shared_memory=None`` means: on without task routing, off with it; ``chunk_size=None``
     lets the subclass choose (the image backbone: the shortest chunk that holds an image).
     """
+
+    # Checked before anything is built (cl_toolkit/validation.py); `check_config` below adds
+    # the relations between keys.
+    ranges = {
+        "hidden_size": at_least(1), "num_heads": at_least(1), "mlp_ratio": above(0),
+        "num_layers": at_least(1, note="num_layers=0 would leave the embedding alone"),
+        "num_memories": at_least(1), "topk": at_least(1), "memories_per_task": at_least(1),
+        "memory_type": one_of(*MEMORY_TYPES), "aux_loss_weight": at_least(0),
+        "num_tasks": at_least(1),
+        "chunk_size": one_of(*CHUNK_SIZES, note="the lengths the chunk kernels tile a sequence "
+                             "into; null picks the shortest that holds a sequence"),
+        "backend": one_of(*BACKENDS),
+    }
+    smoke = {"hidden_size": _smoke_width, "num_layers": 1}
+
+    @staticmethod
+    def check_config(node: dict, cfg: dict) -> None:
+        """Relations between the keys of a ``model`` node (every default filled in), checked
+        with the whole config ``cfg`` before anything is built: the width splits into heads,
+        the router picks topk of the memories it may use, the keys that only task routing
+        reads are not set without it, and the backend runs on the configured device."""
+
+        def number(key):
+            value = node.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+        width, heads, topk = number("hidden_size"), number("num_heads"), number("topk")
+        per_task, memories = number("memories_per_task"), number("num_memories")
+        if width is not None and heads is not None and width % heads:
+            raise ConfigError(
+                f"model.hidden_size={width} must be a multiple of model.num_heads={heads} (each "
+                f"head takes hidden_size / num_heads channels); set model.hidden_size="
+                f"{-(-width // heads) * heads}, or a num_heads that divides {width}.")
+        routing = node.get("task_routing")
+        if routing and topk is not None and per_task is not None and per_task < topk:
+            raise ConfigError(
+                f"model.memories_per_task={per_task} must be >= model.topk={topk}: the router "
+                "picks topk memories inside the task's block; raise memories_per_task or lower "
+                "topk.")
+        if not routing and topk is not None and memories is not None and topk > memories:
+            raise ConfigError(
+                f"model.topk={topk} must be <= model.num_memories={memories}: the router picks "
+                "topk of the memories; lower model.topk or raise model.num_memories.")
+        defaults = inspect.signature(SequenceModel.__init__).parameters
+        unused = [key for key in ("memories_per_task", "num_tasks")
+                  if key in node and node[key] != defaults[key].default]
+        if "task_routing" in node and not routing and unused:
+            raise ConfigError(
+                f"{' and '.join(f'model.{k}={node[k]}' for k in unused)} "
+                f"{'applies' if len(unused) == 1 else 'apply'} only with model.task_routing=true "
+                f"(task t then owns its own block of memories); without routing the router "
+                f"picks among model.num_memories={memories}. Set model.task_routing=true (with "
+                f"benchmark.scenario=task-il), or leave "
+                f"{' and '.join(f'model.{k}' for k in unused)} out.")
+        if node.get("backend") == "triton":
+            device = cfg.get("device") or "cpu"
+            if torch.device(device).type != "cuda" and not is_interpreter():
+                raise ConfigError(
+                    f"model.backend=triton runs the Triton kernels, which need a CUDA device, "
+                    f"but device={device}. Use model.backend=auto (Triton on a GPU, torch on the "
+                    "CPU) or model.backend=torch; TRITON_INTERPRET=1 runs the Triton kernels on "
+                    "the CPU (slowly, for tests).")
+            if not triton_available():
+                raise ConfigError("model.backend=triton but Triton is not installed here; use "
+                                  "model.backend=auto (the torch kernels where Triton is "
+                                  "missing) or install triton.")
 
     def __init__(self, mixer: str = "mom", hidden_size: int = 64, num_layers: int = 2,
                  num_heads: int = 2, mlp_ratio: float = 2.0, causal: bool = True,
@@ -225,17 +192,18 @@ class SequenceModel(nn.Module):
         return owner[None, :] == t[:, None]
 
     def task_owned(self) -> Dict[str, torch.Tensor]:
-        """{parameter name: owner [rows]}: the parameters split by task along dim 0, with the
-        task that owns each row (-1: the shared memory). Parameters not listed are shared."""
+        """{parameter name: owner [rows]}: the parameters each MoM layer declares per memory
+        (``MoMLayer.PER_MEMORY``), split by task along dim 0, with the task that owns each row
+        (-1: the shared memory). Parameters not listed are shared."""
         if not self.uses_task_id:
             return {}
+        per_memory = {f"{prefix}.{name}" for prefix, layer in self.named_modules()
+                      if isinstance(layer, MoMLayer) for name in layer.per_memory_parameters()}
         owned = {}
         for name, p in self.named_parameters():
-            if ".mixer." not in name or name.endswith(("q_proj.weight", "q_conv", "g_proj.weight",
-                                                       "o_proj.weight", "o_norm.weight")):
-                continue
-            rows = torch.arange(p.shape[0]) // self.memories_per_task
-            owned[name] = rows.masked_fill(rows >= self.num_tasks, -1)
+            if name in per_memory:
+                rows = torch.arange(p.shape[0]) // self.memories_per_task
+                owned[name] = rows.masked_fill(rows >= self.num_tasks, -1)
         return owned
 
     def memory_bytes(self) -> int:
@@ -278,8 +246,6 @@ class SequenceModel(nn.Module):
         return self.norm(h), (new_caches if use_cache else None)
 
 
-_BLOCK_KEYS = list(inspect.signature(SequenceModel.__init__).parameters)[1:]
-
 
 class SequenceImageBackbone(SequenceModel):
     """Images as sequences: [B, C, H, W] -> features [B, feat_dim].
@@ -291,6 +257,8 @@ class SequenceImageBackbone(SequenceModel):
     ``centre`` subtracts each image's mean token embedding, which removes the component that
     is common to every sample. ``forward(x, t)`` takes task ids t [B] under task routing.
     """
+
+    ranges = {"patch_size": at_least(1), "readout": one_of(*READOUTS)}
 
     def __init__(self, input_shape: Sequence[int], patch_size: Optional[int] = None,
                  readout: str = "mean", centre: bool = True, **block_kwargs):
@@ -343,84 +311,39 @@ class SequenceImageBackbone(SequenceModel):
         return h[:, -1] if self.cls is not None else h.mean(1)
 
 
-class SequenceLanguageModel(SequenceModel):
-    """Language model on the shared block: token ids [B, L] -> logits [B, L, vocab_size].
+def preset(model: Callable, mixer: str, name: str, keys: Sequence[str], what: str,
+           needs_stream: bool = False) -> Callable:
+    """The registry builder ``name``: ``model(..., mixer=mixer, **kwargs)``. Its signature is
+    ``model``'s own parameters (``mixer`` and ``**kwargs`` left out) followed by the
+    SequenceModel ``keys`` this mixer takes, so the registry refuses every other key by name.
+    ``needs_stream``: the registry hands ``model`` the stream instead of an input shape."""
 
-    ``forward(input_ids, t=None)`` returns logits and sets ``self.aux_loss`` (the weighted
-    load-balancing loss of the MoM routers, 0 for the other mixers). ``step(input_ids,
-    caches, t)`` continues a sequence from ``caches`` and returns (logits, caches): cached
-    decoding, one recurrent state per memory (or the keys/values for ``transformer``).
-    """
+    def build(*args, **kwargs):
+        return model(*args, mixer=mixer, **kwargs)
 
-    def __init__(self, vocab_size: int, tie_embeddings: bool = True, **block_kwargs):
-        super().__init__(**block_kwargs)
-        if vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-        self.vocab_size = vocab_size
-        self.embed = nn.Embedding(vocab_size, self.hidden_size)
-        self.lm_head = nn.Linear(self.hidden_size, vocab_size, bias=False)
-        if tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-
-    def _logits(self, input_ids, t, caches, use_cache):
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
-        # Values are checked on the CPU only: on a GPU reading them costs a device sync per
-        # forward (token streams check their ids once, when they are built).
-        if input_ids.device.type == "cpu" and input_ids.numel() and (
-                int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}) (model vocab_size), "
-                             f"got ids in [{int(input_ids.min())}, {int(input_ids.max())}]; "
-                             "build the model with the stream's vocab_size")
-        h, caches = self.run_blocks(self.embed(input_ids), t, caches, use_cache)
-        return self.lm_head(h), caches
-
-    def forward(self, input_ids: torch.Tensor, t: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self._logits(input_ids, t, None, False)[0]
-
-    def step(self, input_ids: torch.Tensor, caches: Optional[List[Cache]] = None,
-             t: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[Cache]]:
-        return self._logits(input_ids, t, caches, True)
-
-
-class MoMLanguageModel(SequenceLanguageModel):
-    """SequenceLanguageModel with mixer='mom' and the tuple interface of earlier code:
-    forward returns (logits, aux_loss, caches) (caches only with ``use_cache=True``)."""
-
-    def __init__(self, vocab_size: int, **kwargs):
-        super().__init__(vocab_size, mixer="mom", **kwargs)
-
-    def forward(self, input_ids, t=None, caches=None, use_cache=False):
-        logits, caches = self._logits(input_ids, t, caches, use_cache)
-        return logits, self.aux_loss, caches
-
-
-def _named_backbone(mixer: str, keys: Sequence[str]):
-    """Registry builder for the image backbone with one mixer; its signature lists the keys
-    that mixer takes, so the registry refuses the others (e.g. model.topk for gdn) by name."""
-
-    def build(input_shape, **kwargs):
-        return SequenceImageBackbone(input_shape, mixer=mixer, **kwargs)
-
-    own = list(inspect.signature(SequenceImageBackbone.__init__).parameters.values())[1:-1]
+    own = [p for p in inspect.signature(model).parameters.values()
+           if p.name != "mixer" and p.kind is not p.VAR_KEYWORD]
     block = inspect.signature(SequenceModel.__init__).parameters
     build.__signature__ = inspect.Signature(own + [block[k] for k in keys])
-    build.__name__ = build.__qualname__ = f"{mixer}_backbone"
-    build.__doc__ = f"SequenceImageBackbone with mixer={mixer!r} (keys: {', '.join(keys)})."
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"{what} with mixer={mixer!r} (keys: {', '.join(keys)})."
+    # The declarations of its keys (cl_toolkit/validation.py, cl_toolkit/smoke.py): the
+    # block's, then ``model``'s own.
+    for attribute in ("ranges", "smoke"):
+        both = {**declared(SequenceModel, attribute), **declared(model, attribute)}
+        setattr(build, attribute, {k: v for k, v in both.items()
+                                   if k in build.__signature__.parameters})
+    build.check_config = SequenceModel.check_config
+    if needs_stream:
+        build.needs_stream = True
     return build
 
 
-_WIDTH = ["hidden_size", "num_layers", "num_heads", "mlp_ratio"]
-_MEMORY = ["use_short_conv", "chunk_size", "backend"]
-mom_backbone = _named_backbone("mom", _WIDTH + [k for k in _BLOCK_KEYS if k not in
-                                                ("mixer", "causal", *_WIDTH)])
-gdn_backbone = _named_backbone("gdn", _WIDTH + _MEMORY)
-gla_backbone = _named_backbone("gla", _WIDTH + _MEMORY)
-transformer_backbone = _named_backbone("transformer", _WIDTH + ["causal"])
-
-
-class MoMImageClassifierBackbone(SequenceImageBackbone):
-    """SequenceImageBackbone with mixer='mom' (the name earlier code imports)."""
-
-    def __init__(self, input_shape: Sequence[int], **kwargs):
-        super().__init__(input_shape, mixer="mom", **kwargs)
+mom_backbone = preset(SequenceImageBackbone, "mom", "mom_backbone", MIXER_KEYS["mom"],
+                      "SequenceImageBackbone")
+gdn_backbone = preset(SequenceImageBackbone, "gdn", "gdn_backbone", MIXER_KEYS["gdn"],
+                      "SequenceImageBackbone")
+gla_backbone = preset(SequenceImageBackbone, "gla", "gla_backbone", MIXER_KEYS["gla"],
+                      "SequenceImageBackbone")
+transformer_backbone = preset(SequenceImageBackbone, "transformer", "transformer_backbone",
+                              MIXER_KEYS["transformer"] + ["causal"], "SequenceImageBackbone")

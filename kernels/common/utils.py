@@ -5,6 +5,7 @@ Everything here depends on torch (and triton only where a kernel is launched).
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -14,6 +15,9 @@ import torch
 BACKENDS = ("auto", "triton", "torch", "naive")
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+# Chunk lengths the chunk kernels tile a sequence into (the Triton kernels' block sizes; the
+# torch path takes the same ones, so every backend gives the same chunking).
+CHUNK_SIZES = (16, 32, 64, 128)
 
 
 def is_interpreter() -> bool:
@@ -117,6 +121,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if not q.is_floating_point():
         raise ValueError(f"q must be floating point, got {q.dtype}")
     B, T, H, K = q.shape
+    if B == 0:
+        raise ValueError(f"q holds a batch of 0 sequences (shape {tuple(q.shape)}); pass at "
+                         "least one")
     if tuple(k.shape) != (B, T, H, K):
         raise ValueError(f"k must have shape {(B, T, H, K)}, got {tuple(k.shape)}")
     if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
@@ -148,14 +155,45 @@ def check_log_decay(g: torch.Tensor) -> None:
         )
 
 
+def check_beta(beta: torch.Tensor) -> None:
+    """beta is the delta rule's step size: in [0, 1]. Outside it the update
+    S (I - beta k k^T) no longer contracts along k and the state grows without bound (beta = 3
+    gives outputs of 1e31 after a few hundred tokens). Read on CPU tensors only, as
+    :func:`check_log_decay` (the layers make beta with a sigmoid)."""
+    if beta.device.type != "cpu":
+        return
+    bad = ~((beta >= 0) & (beta <= 1))
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"beta is the delta rule's step size and must lie in [0, 1], got beta{i} = "
+            f"{beta[tuple(i)].item()}; pass sigmoid(x) of the beta logits"
+        )
+
+
+def check_scale(scale) -> None:
+    """scale multiplies q: a finite number, or None for K ** -0.5."""
+    if scale is None:
+        return
+    try:
+        finite = math.isfinite(float(scale))
+    except (TypeError, ValueError):
+        finite = False
+    if not finite:
+        raise ValueError(f"scale must be a finite number (it multiplies q), got {scale!r}; "
+                         "pass None for the default K ** -0.5")
+
+
 def check_inputs(q, k, v, g=None, beta=None, initial_state=None, cu_seqlens=None, *,
-                 g_is_log_decay: bool = True) -> Optional[list]:
+                 g_is_log_decay: bool = True, scale=None) -> Optional[list]:
     """Shapes, dtypes and devices of one op call (every public entry point runs it).
 
-    q, k [B, T, H, K], v [B, T, H, V], g and beta [B, T, H], initial_state [N, H, V, K],
-    cu_seqlens [N+1]; g's values as :func:`check_log_decay` unless it holds gate logits.
+    q, k [B, T, H, K] (B >= 1), v [B, T, H, V], g and beta [B, T, H], initial_state
+    [N, H, V, K], cu_seqlens [N+1], scale finite or None; g's values as
+    :func:`check_log_decay` unless it holds gate logits, beta's as :func:`check_beta`.
     Returns cu_seqlens as a host list (None without it), as :func:`check_cu_seqlens`.
     """
+    check_scale(scale)
     check_qkv(q, k, v)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -170,6 +208,8 @@ def check_inputs(q, k, v, g=None, beta=None, initial_state=None, cu_seqlens=None
             check_tensor(name, x, shape, q.device, FLOATS, contiguous=False)
     if g is not None and g_is_log_decay:
         check_log_decay(g)
+    if beta is not None:
+        check_beta(beta)
     return cu_host
 
 
@@ -298,8 +338,10 @@ def gdn_gate(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> tor
     return -A_log.to(dt).exp() * torch.nn.functional.softplus(a.to(dt) + dt_bias.to(dt))
 
 
-def check_hidden_states(x, hidden_size: int, device: torch.device) -> None:
-    """A layer's input: a floating tensor [B, T, hidden_size] on the layer's device."""
+def check_hidden_states(x, hidden_size: int, device: torch.device,
+                        dtype: Optional[torch.dtype] = None) -> None:
+    """A layer's input: a floating tensor [B, T, hidden_size] on the layer's device, in the
+    dtype of its weights (``dtype``) unless autocast chooses the dtypes."""
     check_is_tensor("x", x)
     if x.dim() != 3 or x.shape[-1] != hidden_size:
         raise ValueError(f"x must be [B, T, hidden_size={hidden_size}], got shape "
@@ -309,6 +351,9 @@ def check_hidden_states(x, hidden_size: int, device: torch.device) -> None:
                          "embedding first)")
     if x.device != device:
         raise ValueError(f"x is on {x.device} but the layer is on {device}; move one of them")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"x has dtype {x.dtype} but the layer's weights are {dtype}; convert "
+                         f"one of them (layer.to({x.dtype}) or x.to({dtype}))")
 
 
 def split_seqs(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int):
