@@ -24,7 +24,8 @@ from typing import Sequence
 import torch
 
 from cl_toolkit.errors import ConfigError
-from cl_toolkit.stream import IGNORE_INDEX, Task, TaskStream, TensorData, answer_scores
+from cl_toolkit.stream import IGNORE_INDEX, Task, TaskStream, TensorData
+from cl_toolkit.task_kinds import answer_scores
 from cl_toolkit.validation import at_least
 
 from .common import SPLIT_SMOKE, TOKEN_SCENARIO

@@ -29,8 +29,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .config import SCENARIOS
-
-IGNORE_INDEX = -100
+from .task_kinds import IGNORE_INDEX, task_kind
 
 # predict(x [N, L]) -> predicted token ids [N, L] (the argmax of the next-token logits)
 TokenPredictor = Callable[[torch.Tensor], torch.Tensor]
@@ -153,8 +152,6 @@ class TaskStream:
                 raise ValueError(f"Task {t.name!r} has index {t.index} but sits at position {i}.")
             t.train.t = torch.full((len(t.train),), i, dtype=torch.long)
             t.test.t = torch.full((len(t.test),), i, dtype=torch.long)
-        from .task_kinds import task_kind
-
         kind = task_kind(self.kind)
         for t in self.tasks:
             kind.check(t.train, f"{self.name} task {t.name!r} train")
@@ -242,11 +239,3 @@ def check_tokens(data: TensorData, vocab_size: int, where: str) -> None:
     if bool(bad.any()):
         raise ValueError(f"{where}: targets must be token ids in [0, {vocab_size}) or "
                          f"{IGNORE_INDEX} (no loss); found {int(data.y[bad][0])}.")
-
-
-def answer_scores(pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: correct answers and answer positions (``y != IGNORE_INDEX``), both
-    ``[N]``, from predicted ids ``pred [N, L]``. Accuracy counts answers (queries); a sequence
-    is an exact match when every one of its answers is right."""
-    answer = y != IGNORE_INDEX
-    return ((pred == y) & answer).sum(1), answer.sum(1)

@@ -25,12 +25,16 @@ Built-in kinds, each ``score`` returning its primary metric first:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 
-from .stream import IGNORE_INDEX, TensorData, answer_scores
+if TYPE_CHECKING:
+    from .stream import TensorData
+
+# Target of a position or pixel without a loss or a score (PyTorch's cross-entropy default).
+IGNORE_INDEX = -100
 
 # Logit elements [B, L, V] one evaluation batch of a token task may hold (128 MiB of float32).
 EVAL_LOGITS = 2 ** 25
@@ -123,6 +127,14 @@ class Tokens(TaskKind):
             correct, answers = correct + int(c.sum()), answers + int(n.sum())
             exact += int((c == n).sum())
         return {"accuracy": correct / max(answers, 1), "exact_match": exact / max(len(data), 1)}
+
+
+def answer_scores(pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: correct answers and answer positions (``y != IGNORE_INDEX``), both
+    ``[N]``, from predicted ids ``pred [N, L]``. Accuracy counts answers (queries); a sequence
+    is an exact match when every one of its answers is right."""
+    answer = y != IGNORE_INDEX
+    return ((pred == y) & answer).sum(1), answer.sum(1)
 
 
 def rank_normalise(y: torch.Tensor) -> torch.Tensor:
