@@ -1,12 +1,13 @@
 # make demo: create .venv if missing, install, run the demo sweep and write its report.
 # make test: same set-up, then the test suite.
+# make perf-test: the perf scripts' own checks (perf/tests, CPU, toy sizes).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_runs
 
-.PHONY: demo test install clean
+.PHONY: demo test perf-test install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+perf-test: $(STAMP)
+	$(BIN)/python -m pytest perf/tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) runs

@@ -158,7 +158,7 @@ def _job(cfg) -> dict | None:
             print(_summary(results, hc.runtime.output_dir), flush=True)
             return results
         from . import sweep
-        from .runner import warm_up
+        from .trainer import warm_up
 
         warm_up()  # once per worker: the forked child of each job inherits it
         overrides = list(hc.overrides.task)

@@ -1,24 +1,33 @@
 """``cltk report``: aggregate runs into ``report.md``, a self-contained ``report.html``,
 ``report.csv`` (one row per run) and ``report.tex`` (one LaTeX table per section).
 
-One section per (benchmark, scenario, number of tasks, score): rows of different benchmarks,
-scenarios or scores never share a table, a plot or an axis. The score is the one the matrix
+One section per (benchmark, scenario, number of tasks, score) and stream settings (the
+benchmark's config without its seeds and data location, `cl_toolkit.runs.stream_settings`): rows
+of different streams (MQAR at 8 pairs in 32 tokens and at 16 in 64) or scores never share a
+table, a plot or an axis; sections of one benchmark are titled by the settings that differ. The score is the one the matrix
 holds, ``results["metric"]`` (``{"key", "label", "higher_is_better", "percent"}``, accuracy for
 results written before it): tables, captions and plots name it, and only a ``percent`` score is
 shown x100 with a % sign (an IC of 0.05 stays 0.050). Inside a section runs are grouped by
 everything in their config except the seed, so a sweep over seeds (or task orders) becomes one
-row: mean ± sample standard deviation (ddof=1) with n, the number of runs; a one-run row shows
+row, labelled by what tells it apart (the model's name where models differ, the strategy's name,
+then the fewest config keys that differ, `cl_toolkit.runs.describe_groups`; a label longer
+than `LONG` is shown by its id R1, R2, ... and a legend table maps every row to the settings
+that differ between the rows): mean ± sample standard deviation (ddof=1) with n, the number of runs; a one-run row shows
 its value alone. Means are over the finished runs of a cell (over its partial runs only when
 none finished, marked so). Metrics a run marks as not applicable (``results["metrics"][k] is None``
 with the reason in ``results["not_applicable"][k]``) show as ``n/a`` with the reason as a
-footnote. A sweep directory's ``sweep_index.json`` adds every run's status and error.
+footnote. A sweep directory's ``sweep_index.json`` adds every run's status and error. Plots
+keep their legends outside the axes; a plot with nothing to draw is left out. A results.json
+without its config or score matrix, or with malformed extras, is refused before anything is
+written (`check_results`; the matrix is never rebuilt from the metrics).
 
 Extension point: renderers, the registry kind ``renderer`` (entry-point group
 ``cl_toolkit.renderers``, see `cl_toolkit.renderers`), named by the key of ``results["extras"]``
 they draw; each section calls ``render(runs, out_dir) -> (markdown, html)`` for every key its
-runs hold. An extra score of the task kind (``results["extras"][key] = {"before", "matrix"}``,
-described in ``results["extra_metrics"]`` when the run says how to show it) without a renderer
-of its own gets a table of its last row.
+runs hold (in a folder of the section's own when another section holds the key too, so their
+files never overwrite each other). An extra score of the task kind (``results["extras"][key] =
+{"before", "matrix"}``, described in ``results["extra_metrics"]`` when the run says how to show
+it) without a renderer of its own gets a table of its last row.
 """
 from __future__ import annotations
 
@@ -36,8 +45,18 @@ import numpy as np
 from . import registry
 from .errors import UsageError
 from .renderers import legend_outside
-from .runs import (ABSENT, INDEX, describe_groups, distinguishing_keys, find_results,
-                   flat_config, group_runs, read_index, show, stream_settings)
+from .runs import (
+    ABSENT,
+    INDEX,
+    describe_groups,
+    distinguishing_keys,
+    find_results,
+    flat_config,
+    group_runs,
+    read_index,
+    show,
+    stream_settings,
+)
 from .store import read_json
 from .task_kinds import Metric
 
@@ -197,7 +216,7 @@ def check_results(r, path) -> None:
     """Refuse (UsageError, exit 2) a results.json the report cannot read truthfully: no config
     (with the strategy's name), no score matrix (a row per finished task), no metrics, or
     extras that are not a mapping or that the renderer of their key refuses (a renderer may
-    carry a ``check(extra)`` function that raises ValueError naming what is wrong; built-in
+    carry a ``check(extra)`` function that raises ValueError or TypeError naming what is wrong; built-in
     score extras ``{"before", "matrix"}`` are checked as score matrices)."""
     if not isinstance(r, dict):
         raise _bad_run(path, f"it holds a {type(r).__name__}, not a run's results")
@@ -355,7 +374,7 @@ def _cells(r: dict, notes: dict, metric: Metric = ACCURACY) -> list[str]:
 
 def _head(metric: Metric = ACCURACY) -> list[str]:
     return ["Method", "n"] + [name for _, name in columns(metric)] + ["Memory (MiB)",
-                                                                      "Train (s)"]
+                                                                      "Train (s, excl. start-up)"]
 
 
 def _markdown_table(rows: list[dict], notes: dict, metric: Metric = ACCURACY) -> str:
@@ -415,8 +434,9 @@ def _png(fig) -> bytes:
 
 def _figures(groups: dict[str, list[dict]], slug: str,
              metric: Metric = ACCURACY) -> dict[str, bytes]:
-    """PNG bytes of a section's plots, keyed by file name; a plot with nothing to draw (no
-    forgetting in a stream of one task, no memory kept) is left out."""
+    """PNG bytes of a section's plots, keyed by file name; a plot with nothing to draw (a
+    running accuracy of one point and no forgetting in a stream of one task, no memory kept)
+    is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -427,7 +447,7 @@ def _figures(groups: dict[str, list[dict]], slug: str,
     figs = {}
     curves = {label: [r["metrics"]["running_acc"] for r in runs
                       if r["metrics"].get("running_acc")] for label, runs in groups.items()}
-    if any(curves.values()):
+    if any(len(c) > 1 for runs in curves.values() for c in runs):  # a curve, not one point
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for label, runs in curves.items():
             if not runs:
@@ -652,7 +672,8 @@ def _csv_rows(results: list[dict]) -> tuple[list[str], list[dict]]:
         bench, scenario, tasks, score, _ = section_of(r)
         row = {"benchmark": bench, "scenario": scenario, "tasks": tasks,
                **({"metric": score} if named else {}),
-               "strategy": r["config"]["strategy"]["name"], "seed": r["config"].get("seed"),
+               "strategy": r["config"]["strategy"]["name"], "row": r.get("_row", ""),
+               "seed": r["config"].get("seed"),
                "status": _run_status(r), "run_dir": r.get("_dir", "")}
         for key, _ in COLUMNS:
             value = r["metrics"].get(key)
@@ -675,7 +696,7 @@ td:first-child{text-align:left}caption{text-align:left;font-size:.9em;padding:2p
 table.matrix td{font-size:.85em}img{max-width:48%;margin:.5em 0;vertical-align:top}
 table.matrix{display:inline-table;margin-right:1.5em;vertical-align:top}
 table.matrix caption,table.legend caption{white-space:nowrap}
-table.legend td:last-child{text-align:left;max-width:60em}
+table.legend td{text-align:left}table.legend td:last-child{max-width:60em}
 section{border-top:2px solid #888;margin-top:2em}p.note{font-size:.9em;color:#444}"""
 
 
@@ -722,7 +743,7 @@ def _legend(groups: list[dict]) -> tuple[str, str, list[str]]:
     label and to every config key that differs between the section's rows; empty when the
     section has one row or its labels say it all."""
     texts = [_settings_text(g) for g in groups]
-    if len(groups) < 2 or not any(texts) and all(g["name"] == g["label"] for g in groups):
+    if all(g["name"] == g["label"] for g in groups) and (len(groups) < 2 or not any(texts)):
         return "", "", []
     head = ["Row", "Label", "n", "Settings that differ between the rows"]
     rows = [[g["id"], g["label"], str(len(g["runs"])), t] for g, t in zip(groups, texts)]

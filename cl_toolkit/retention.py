@@ -28,7 +28,7 @@ def retention_runs(paths: list[str]) -> list[dict]:
             continue
         try:
             check(extra)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise UsageError(f"{f}: its extras['retention'] is malformed ({exc}); it was not "
                              "written by probe=retention or was edited. Rerun that run or "
                              "leave it out.") from None

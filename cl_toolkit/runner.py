@@ -30,7 +30,7 @@ from .store import (RunStore, code_version, describe_code, remove_partial_files,
 from .strategy import RunContext, Strategy
 from .stream import Task, TaskStream
 from .task_kinds import TaskKind, task_kind
-from .trainer import check_settings
+from .trainer import check_settings, warm_up
 from .validation import check_compatible
 
 FORMAT = 1
@@ -188,25 +188,6 @@ TIMINGS = ("train_s[t]: wall seconds of strategy.learn on task t, the training a
            "the starts of a resumed run)")
 
 
-def warm_up() -> float:
-    """Pay the one-time costs of a process's first training step before any task is timed, and
-    return the seconds they took. The first ``torch.optim.Optimizer`` imports ``torch._dynamo``
-    (1.5-4 s on 2 cores), which used to land in the first task's ``train_s``. It touches no
-    random number generator and no parameter of the run (a zero tensor of its own), so no
-    number a run computes changes; a second call costs microseconds."""
-    t0 = time.perf_counter()
-    import torch._dynamo  # what torch.optim imports lazily
-
-    scratch = torch.zeros(2, requires_grad=True)
-    for make in (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
-                 lambda p: torch.optim.AdamW(p, lr=0.1)):
-        optimizer = make([scratch])
-        (scratch * scratch).sum().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
-
-
 def run(cfg: dict, run_dir: str | Path, progress: Any = None, hooks=None) -> dict:
     """Run (or resume) one experiment described by the plain-dict config ``cfg``, holding the
     run directory's lock (``run.lock``): a second run into the same directory is refused with
@@ -262,6 +243,7 @@ def _run(cfg: dict, run_dir: str | Path, progress: Any, hooks) -> dict:
         ctx.hooks = hooks
     probes.attach(probe, stream, ctx)
     _guard_plugin(strategy, "setup", lambda: strategy.setup(stream, model, ctx))
+    probes.check_run(probe, stream, strategy)
     eval_bs = int(cfg.get("eval_batch_size", 1024))
     T = len(stream)
     sinks = tracking.open_sinks(cfg, store.root)
@@ -271,7 +253,7 @@ def _run(cfg: dict, run_dir: str | Path, progress: Any, hooks) -> dict:
         strategy.load_state_dict(checkpoint["strategy"])
         _set_rng_state(checkpoint["rng"], ctx)
         if probe is not None:
-            probe.load_state_dict(checkpoint["probe"])
+            probe.load_state_dict(checkpoint.get("probe"))
         state = checkpoint["state"]
         state.setdefault("code", [])
         if not state["code"] or not same_code(state["code"][-1], code_version()):

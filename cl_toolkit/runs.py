@@ -1,6 +1,7 @@
 """Runs as they lie on disk, for the code that reads them after the fact (the report, its
 renderers, the tracking sinks, the sweep bookkeeping): finding ``results.json`` files, reading a
-sweep's index, flattening a config and grouping runs that differ only in their seed.
+sweep's index, flattening a config, a run's stream settings (what makes a report section) and
+grouping runs that differ only in their seed, each group labelled by what tells it apart.
 
 A leaf module: it imports nothing of the runner, the sweep machinery or the report, so any of
 them can use it without an import cycle.
@@ -75,7 +76,8 @@ def _strategy_rank(name: str) -> tuple:
 
 
 # Keys of the benchmark node that say where the data lie or how they are fetched, not what the
-# stream is: with the seeds, they do not make another stream (another report section).
+# stream is (also any key ending in _root, _dir or _path): with the seeds, they do not make
+# another stream (another report section).
 LOCATION_KEYS = ("root", "download", "path")
 ABSENT = "—"  # how a key that a run's config does not have is shown
 
@@ -85,14 +87,20 @@ def _is_seed(key: str) -> bool:
     return leaf == "seed" or leaf.endswith("_seed")
 
 
+def _is_location(key: str) -> bool:
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf in LOCATION_KEYS or leaf.endswith(("_root", "_dir", "_path"))
+
+
 def stream_settings(r: dict) -> dict:
     """The settings that make a run's stream: its config's benchmark node, flattened, minus the
     name, the seeds (``*seed``, e.g. a class order's: repeats of one stream) and where the data
-    lie (`LOCATION_KEYS`). Runs of one report section have equal stream settings."""
+    lie (`LOCATION_KEYS`, ``*_root``, ``*_dir``, ``*_path``, at any depth). Runs of one report
+    section have equal stream settings."""
     node = (r.get("config") or {}).get("benchmark")
     flat = flatten_config(node) if isinstance(node, dict) else {}
-    return {k: flat[k] for k in sorted(flat) if k != "name" and not _is_seed(k)
-            and k.split(".")[0] not in LOCATION_KEYS}
+    return {k: flat[k] for k in sorted(flat)
+            if k != "name" and not _is_seed(k) and not _is_location(k)}
 
 
 def _value(flat: dict, key: str) -> str:

@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     stream = mqar_stream(vocab_size=64, seq_len=args.seq_len, num_pairs=[4],
                          train_size=args.train_size, test_size=4, probe_pairs=[])
     task = stream[0]
-    print(f"| model | steps | plain loop (s) | strategy.learn (s) | speed (plain / learn) |")
+    print("| model | steps | plain loop (s) | strategy.learn (s) | speed (plain / learn) |")
     print("|---|---|---|---|---|")
     for name in args.models.split(","):
         torch.manual_seed(0)

@@ -253,9 +253,9 @@ def draw_in_chromium(page_file: Path, shot: Path, size: tuple[int, int]) -> str:
               "--no-first-run", f"--user-data-dir={profile}"]
     try:
         dom = subprocess.run(common + ["--dump-dom", page], capture_output=True, text=True,
-                             timeout=120).stdout
+                             timeout=120, check=False).stdout
         subprocess.run(common + [f"--screenshot={shot}", f"--window-size={size[0]},{size[1]}",
-                                 page], capture_output=True, timeout=120)
+                                 page], capture_output=True, timeout=120, check=False)
     finally:
         shutil.rmtree(profile, ignore_errors=True)
     return dom
@@ -291,7 +291,7 @@ def test_token_stream_report_renders_in_headless_chromium(tmp_path):
     a browser draws it: a section per preset with its own probe points, short row labels, the
     legend table, the renderers' tables and pictures (CLTK_KEEP_TOKEN_SCREENSHOT=FILE keeps
     the screenshot)."""
-    from test_report_sections import kv_extra, model_sweep, mqar_run, MQAR_LONG, write
+    from test_report_sections import MQAR_LONG, kv_extra, model_sweep, mqar_run, write
 
     runs = model_sweep() + [mqar_run(m, s, MQAR_LONG, acc) for s in (0, 1)
                             for m, acc in (("mom_lm", [0.9, 0.7, 0.5, 0.3]),

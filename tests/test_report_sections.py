@@ -2,6 +2,7 @@
 of stream settings, token-stream tables take the union of probe points (no value under another
 point's header), rows are labelled by what tells them apart, long labels go to a legend table,
 legends stay outside the axes and plots with nothing to draw are left out."""
+import csv
 import json
 import re
 from pathlib import Path
@@ -74,7 +75,7 @@ def test_two_presets_are_two_sections_each_with_its_own_probe_points(tmp_path):
     write(tmp_path / "runs", two_presets())
     write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
     md = (tmp_path / "out" / "report.md").read_text()
-    titles = re.findall(r"^## (.*)$", md, flags=re.M)
+    titles = re.findall(r"^## (.*)$", md, flags=re.MULTILINE)
     assert titles == ["mqar · domain-il · 1 tasks · num_pairs=[2, 4, 8]",
                       "mqar · domain-il · 1 tasks · num_pairs=[4, 8, 16]"]
     short, long_ = md.split("## mqar · domain-il · 1 tasks · num_pairs=[4, 8, 16]")
@@ -165,10 +166,12 @@ def test_distinguishing_keys_are_the_fewest_that_tell_rows_apart():
 def model_sweep():
     """A model x learning-rate sweep with the models' own keys (the 300-character labels)."""
     runs = []
-    for model in ("mom_lm", "gdn_lm"):
-        for lr in (0.003, 0.01):
+    for m, model in enumerate(("mom_lm", "gdn_lm")):
+        for i, lr in enumerate((0.003, 0.01)):
             for seed in (0, 1):
-                runs.append(mqar_run(model, seed, MQAR_CPU, [0.9, 0.8, 0.7, 0.6],
+                drop = 0.05 * (m + 2 * i) + 0.02 * seed
+                runs.append(mqar_run(model, seed, MQAR_CPU,
+                                     [round(a - drop * j, 3) for j, a in enumerate([1.0] * 4)],
                                      strategy={"lr": lr}))
     return runs
 
@@ -210,11 +213,14 @@ def test_every_label_is_short_for_the_readme_model_sweep(tmp_path):
     write(tmp_path / "runs", model_sweep())
     write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
     md = (tmp_path / "out" / "report.md").read_text()
-    head, rows = table(md, "| Method |")
+    _, rows = table(md, "| Method |")
     assert list(rows) == ["gdn_lm · naive (lr=0.003)", "gdn_lm · naive (lr=0.01)",
                           "mom_lm · naive (lr=0.003)", "mom_lm · naive (lr=0.01)"]
     # the matrices, one file each (long labels used to collide once cut to 80 characters)
     assert len(list((tmp_path / "out").glob("*__matrix_*.png"))) == 4
+    with open(tmp_path / "out" / "report.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert sorted({r["row"] for r in csv_rows}) == list(rows) and len(csv_rows) == 8
 
 
 def capture_figures(monkeypatch):
@@ -243,11 +249,13 @@ def test_legends_are_outside_the_axes(monkeypatch):
         assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
 
 
-def test_a_one_task_stream_draws_no_forgetting_plot(tmp_path):
+def test_a_one_task_stream_draws_no_forgetting_or_one_point_running_accuracy(tmp_path):
     write(tmp_path / "runs", [mqar_run("gdn_lm", s, MQAR_CPU, [0.5] * 4) for s in (0, 1)])
     write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
     assert not list((tmp_path / "out").glob("*forgetting*"))
-    assert list((tmp_path / "out").glob("*running_acc*"))
+    assert not list((tmp_path / "out").glob("*running_acc*"))
+    assert "forgetting" not in (tmp_path / "out" / "report.md").read_text().split("|")[-1]
+    assert list((tmp_path / "out").glob("*__matrix_*.png"))  # the matrix is still drawn
 
 
 @pytest.mark.parametrize("damage,words", [

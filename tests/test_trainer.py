@@ -103,16 +103,13 @@ def test_precision_settings_are_checked():
 
 def test_one_backward_call_site_for_training():
     """Every method trains through cl_toolkit/trainer.py: no other library file calls
-    backward() (kernels' autograd functions, perf scripts and tests aside)."""
+    backward() (kernels' autograd functions, perf scripts and tests aside); besides the
+    trainer's step, only its warm-up (a throw-away tensor, before any task) does."""
     sites = []
     for folder in ("cl_toolkit", "strategies", "merging", "benchmarks"):
         for path in (ROOT / folder).rglob("*.py"):
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if re.search(r"\.backward\(", line) and not line.lstrip().startswith("#"):
                     sites.append(f"{path.relative_to(ROOT)}:{n}")
-    assert sites == ["cl_toolkit/trainer.py:" + str(_trainer_line())], sites
-
-
-def _trainer_line() -> int:
-    lines = (ROOT / "cl_toolkit" / "trainer.py").read_text().splitlines()
-    return next(i for i, line in enumerate(lines, 1) if ".backward(" in line)
+    assert {s.split(":")[0] for s in sites} == {"cl_toolkit/trainer.py"} and len(sites) == 2, \
+        sites

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ClToolkitError, ConfigError, PluginError
-from ..strategy import HOOK_EVENTS, Hook, Hooks, RunContext
+from ..strategy import HOOK_EVENTS, Hook, Hooks, RunContext, SupervisedStrategy
 from ..stream import TaskStream
 
 # What each capability a probe may require means, for the messages of `check_compatible`.
@@ -68,8 +68,6 @@ def planned_updates(stream: TaskStream, strategy: Any) -> tuple[list[int] | None
     replay: a replayed batch joins the step, it adds none); a lower bound where the strategy
     chooses its training data (joint: the union of the tasks so far). (None, False) for a
     strategy that declares no integer ``epochs`` and ``batch_size``."""
-    from ..strategy import SupervisedStrategy
-
     epochs, batch = getattr(strategy, "epochs", None), getattr(strategy, "batch_size", None)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epochs, batch)) \
             or batch < 1:

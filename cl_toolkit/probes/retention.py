@@ -25,10 +25,14 @@ What the probe uses of a run: the strategy's capability ``train_step`` (declared
 ``requires``, checked by `cl_toolkit.probes.check_compatible` before the run starts),
 ``strategy.predict(ids, task)`` for logits and, for cached decoding when the model has it, the
 language model's public ``step(input_ids, caches, t)`` (`SequenceLanguageModel.step`, reached as
-``model.lm`` of a `TokenModel`). Tables and plots: `cl_toolkit.renderers.retention`.
+``model.lm`` of a `TokenModel`), and ``strategy.epochs`` / ``strategy.batch_size`` to count the
+run's updates before it trains (`RetentionProbe.check_run`: too few for ``study_after`` is
+refused, or, under smoke=true, ``study_after`` shrinks to fit). Tables and plots:
+`cl_toolkit.renderers.retention`.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Callable, Sequence
 
@@ -81,7 +85,7 @@ def _checked_schedule(schedule) -> list[int]:
     if min(entries) < 0:
         raise ConfigError(f"probe.schedule counts updates after the study and must be >= 0; got "
                           f"{entries} (negative: {[s for s in entries if s < 0]}).")
-    if any(b <= a for a, b in zip(entries, entries[1:])):
+    if any(b <= a for a, b in itertools.pairwise(entries)):
         raise ConfigError(f"probe.schedule must be in increasing order, each point once, e.g. "
                           f"{sorted(set(entries))}; got {entries}.")
     return entries

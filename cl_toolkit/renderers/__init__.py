@@ -12,8 +12,8 @@ plugin adds one through the entry-point group ``cl_toolkit.renderers``, e.g.::
 Each run a renderer gets from the report carries ``r["_row"]``, the name of its row in the
 section's table (the row's label, or its id ``R1``, ``R2``, ... where the label is long; the
 section's legend table maps ids to settings): name rows and curves by it so they match the
-table. A renderer may carry a ``check(extra)`` attribute, a function that raises ValueError
-saying what is wrong with one run's ``results["extras"][key]``: the report calls it on every
+table. A renderer may carry a ``check(extra)`` attribute, a function that raises ValueError (or
+TypeError) saying what is wrong with one run's ``results["extras"][key]``: the report calls it on every
 run before it writes anything and refuses a malformed run with that reason (exit 2) instead of
 failing halfway.
 

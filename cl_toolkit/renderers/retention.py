@@ -16,15 +16,15 @@ POINT_KEYS = ("stimuli", "k", "updates", *MEASURES, "loss_studied", "loss_foil")
 
 
 def check(extra) -> None:
-    """Refuse (ValueError) an ``extras["retention"]`` the renderer cannot draw: it needs
+    """Refuse (ValueError, TypeError) an ``extras["retention"]`` the renderer cannot draw: it needs
     ``before`` and ``points`` lists of measurements with every key of `POINT_KEYS`."""
     if not isinstance(extra, dict):
-        raise ValueError(f"a {type(extra).__name__}, not a mapping")
+        raise TypeError(f"a {type(extra).__name__}, not a mapping")
     for name in ("before", "points"):
         rows = extra.get(name)
         if not isinstance(rows, list):
-            raise ValueError(f"no {name!r} list" if rows is None else
-                             f"{name!r} is {rows!r}, not a list")
+            raise TypeError(f"no {name!r} list" if rows is None else
+                            f"{name!r} is {rows!r}, not a list")
         for i, row in enumerate(rows):
             missing = [k for k in POINT_KEYS if not isinstance(row, dict) or k not in row]
             if missing:

@@ -92,8 +92,9 @@ def _one(groups: dict[str, list[dict]], field: str):
     return json.loads(values.pop()) if len(values) == 1 else None
 
 
-def _save(fig, out_dir: Path, name: str) -> tuple[str, str]:
-    """Markdown and html references to the figure saved as ``out_dir/name``."""
+def _save(fig, out_dir: Path, name: str, wide: bool = False) -> tuple[str, str]:
+    """Markdown and html references to the figure saved as ``out_dir/name`` (``wide``: a
+    figure of several panels, shown across the page)."""
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +103,9 @@ def _save(fig, out_dir: Path, name: str) -> tuple[str, str]:
     plt.close(fig)
     (out_dir / name).write_bytes(buf.getvalue())
     data = base64.b64encode(buf.getvalue()).decode()
-    return f"![{name}]({name})", f'<img alt="{name}" src="data:image/png;base64,{data}">'
+    style = ' style="max-width:98%"' if wide else ""
+    return (f"![{name}]({name})",
+            f'<img alt="{name}"{style} src="data:image/png;base64,{data}">')
 
 
 def _figure(ncols: int = 1):
@@ -141,7 +144,7 @@ def render_mqar(runs: list[dict], out_dir: Path) -> tuple[str, str]:
 
 
 def check_mqar(extra) -> None:
-    """Refuse (ValueError) an ``extras["mqar"]`` the renderer cannot draw truthfully."""
+    """Refuse (ValueError, TypeError) an ``extras["mqar"]`` the renderer cannot draw truthfully."""
     _mapping(extra)
     pairs, acc = _list(extra, "num_pairs"), _list(extra, "accuracy")
     if len(acc) != len(pairs):
@@ -150,14 +153,14 @@ def check_mqar(extra) -> None:
 
 def _mapping(extra) -> None:
     if not isinstance(extra, dict):
-        raise ValueError(f"a {type(extra).__name__}, not a mapping")
+        raise TypeError(f"a {type(extra).__name__}, not a mapping")
 
 
 def _list(node: dict, key: str, where: str = "") -> list:
     value = node.get(key) if isinstance(node, dict) else None
     if not isinstance(value, list):
-        raise ValueError(f"no {where}{key!r} list" if value is None else
-                         f"{where}{key!r} is {value!r}, not a list")
+        raise TypeError(f"no {where}{key!r} list" if value is None else
+                        f"{where}{key!r} is {value!r}, not a list")
     return value
 
 
@@ -253,12 +256,12 @@ def render_kv_interference(runs: list[dict], out_dir: Path) -> tuple[str, str]:
         ax[0, col].set(xlabel="keys K (K x U fixed)", ylabel="accuracy (last value)",
                        title="accuracy vs K")
     legend_outside(ax[0, ax.shape[1] - 1])
-    md_img, html_img = _save(fig, Path(out_dir), "kv_interference.png")
+    md_img, html_img = _save(fig, Path(out_dir), "kv_interference.png", wide=ax.shape[1] > 1)
     return "\n".join(md) + f"\n{md_img}\n", "".join(hm) + html_img
 
 
 def check_kv_interference(extra) -> None:
-    """Refuse (ValueError) an ``extras["kv_interference"]`` the renderer cannot draw."""
+    """Refuse (ValueError, TypeError) an ``extras["kv_interference"]`` the renderer cannot draw."""
     _mapping(extra)
     for points, curve, fields in (("updates", "by_updates",
                                    ("accuracy", "stale", "other_key", "no_value",
@@ -269,7 +272,7 @@ def check_kv_interference(extra) -> None:
             continue
         node = extra.get(curve)
         if not isinstance(node, dict):
-            raise ValueError(f"{n} {points!r} but no {curve!r} mapping")
+            raise TypeError(f"{n} {points!r} but no {curve!r} mapping")
         for field in fields:
             values = _list(node, field, f"{curve}: ")
             if len(values) != n:
@@ -295,12 +298,12 @@ def render_exact_match(runs: list[dict], out_dir: Path) -> tuple[str, str]:
 
 
 def check_exact_match(extra) -> None:
-    """Refuse (ValueError) an ``extras["exact_match"]`` that is not a score matrix."""
+    """Refuse (ValueError, TypeError) an ``extras["exact_match"]`` that is not a score matrix."""
     _mapping(extra)
     _list(extra, "before")
     for i, row in enumerate(_list(extra, "matrix")):
         if not isinstance(row, list):
-            raise ValueError(f"matrix row {i} is {row!r}, not a list of scores")
+            raise TypeError(f"matrix row {i} is {row!r}, not a list of scores")
 
 
 render_mqar.check = check_mqar
