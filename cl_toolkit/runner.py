@@ -34,6 +34,8 @@ from .trainer import check_settings, warm_up
 from .validation import check_compatible
 
 FORMAT = 1
+
+
 def _split_name(node: Any, kind: str) -> tuple[str, dict]:
     if not isinstance(node, dict) or "name" not in node:
         raise ConfigError(f"The {kind} config needs a 'name' key (one of "
@@ -313,6 +315,7 @@ def _run(cfg: dict, run_dir: str | Path, progress: Any, hooks) -> dict:
 
 def _results(cfg, stream, strategy, model, state, T) -> dict:
     R = np.asarray(state["matrix"], dtype=np.float64)
+    kind = task_kind(stream.kind)
     k = R.shape[0]
     square = R[:, :k]
     skip = metrics.not_applicable(stream.scenario, getattr(strategy, "not_applicable", None))
@@ -324,12 +327,12 @@ def _results(cfg, stream, strategy, model, state, T) -> dict:
         "stream": stream.describe(),
         "strategy": cfg["strategy"]["name"],
         "model_params": sum(p.numel() for p in model.parameters()),
-        "metric": task_kind(stream.kind).metric.describe(),
-        "extra_metrics": [m.describe() for m in task_kind(stream.kind).extra_metrics],
+        "metric": kind.metric.describe(),
+        "extra_metrics": [m.describe() for m in kind.extra_metrics],
         "before": state["before"],
         "matrix": state["matrix"],
         "metrics": metrics.summary(square, state["before"][:k], skip,
-                                   task_kind(stream.kind).metric.higher_is_better),
+                                   kind.metric.higher_is_better),
         "not_applicable": skip,
         "memory_bytes": state["memory"],
         "reference": strategy.reference_accuracy(),
