@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import SCENARIOS
 from .stream import Task, TaskStream, TensorData
+from .task_kinds import Classification, Tokens, task_kind
 from .trainer import Trainer, aux_loss  # noqa: F401  (aux_loss: re-exported for plugins)
 
 Hook = Callable[..., None]
@@ -131,8 +132,6 @@ def supervised_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of class logits ``[B, C]`` against labels ``[B]``, or of token logits
     ``[B, L, V]`` against per-position targets ``[B, L]`` averaged over the positions that have
     one (``IGNORE_INDEX`` = no loss): the classification and token kinds' loss."""
-    from .task_kinds import Classification, Tokens
-
     return (Tokens() if logits.dim() == 3 else Classification()).loss(logits, y)
 
 
@@ -170,8 +169,6 @@ class SupervisedStrategy(Strategy):
 
     def setup(self, stream: TaskStream, model: nn.Module, ctx: RunContext) -> None:
         super().setup(stream, model, ctx)
-        from .task_kinds import task_kind
-
         self.kind = task_kind(stream.kind)
 
     def train_data(self, task: Task) -> TensorData:
