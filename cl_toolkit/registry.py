@@ -22,7 +22,7 @@ import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
-from .errors import ConfigError, PluginError, suggest, unknown_name
+from .errors import ClToolkitError, ConfigError, PluginError, suggest, unknown_name
 
 BUILTINS: dict[str, dict[str, str]] = {
     "strategy": {
@@ -140,6 +140,21 @@ def config_kinds() -> list[str]:
     """The kinds a run selects through a Hydra config group (every kind but
     `NO_CONFIG_GROUP`): what ``cltk list`` shows and what has ``conf/<group>/<name>.yaml``."""
     return [k for k in BUILTINS if k not in NO_CONFIG_GROUP]
+
+
+def strategies_declaring(attribute: str, values) -> list[str]:
+    """Strategy names whose class attribute ``attribute`` (``task_kinds``, ``capabilities``,
+    ...) holds every one of ``values``; a plugin that fails to import is left out here and
+    reported where it is selected."""
+    out = []
+    for name in names("strategy"):
+        try:
+            target = resolve("strategy", name)
+        except (ClToolkitError, ImportError):
+            continue
+        if set(values) <= set(getattr(target, attribute, ())):
+            out.append(name)
+    return out
 
 
 def config_group(kind: str) -> str:

@@ -276,7 +276,7 @@ def check_compatible(cfg: dict, kind: str | None = None, scenario: str | None = 
         raise ConfigError(
             f"strategy={name} cannot learn {kind} tasks (benchmark={cfg['benchmark']['name']}); "
             f"it supports {', '.join(strategy.task_kinds)}. Strategies for {kind} tasks: "
-            f"{', '.join(_strategies_for('task_kinds', kind)) or 'none built in'}.")
+            f"{', '.join(registry.strategies_declaring('task_kinds', {kind})) or 'none built in'}.")
     if scenario is not None and scenario not in strategy.scenarios:
         raise ConfigError(
             f"strategy={name} does not support the {scenario} scenario (benchmark="
@@ -284,17 +284,6 @@ def check_compatible(cfg: dict, kind: str | None = None, scenario: str | None = 
     probe = cfg.get("probe")
     if isinstance(probe, dict) and "name" in probe:
         probes.check_compatible(registry.resolve("probe", probe["name"]), strategy, name)
-
-
-def _strategies_for(attribute: str, value: str) -> list[str]:
-    out = []
-    for n in registry.names("strategy"):
-        try:
-            if value in getattr(registry.resolve("strategy", n), attribute, ()):
-                out.append(n)
-        except Exception:  # a plugin that fails to import is reported where it is selected
-            continue
-    return out
 
 
 def check_config(cfg: dict) -> None:

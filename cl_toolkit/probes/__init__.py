@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ClToolkitError, ConfigError, PluginError
+from .. import registry
+from ..errors import ConfigError, PluginError
 from ..strategy import HOOK_EVENTS, Hook, Hooks, RunContext, SupervisedStrategy
 from ..stream import TaskStream
 
@@ -89,8 +90,6 @@ def check_run(probe: Probe | None, stream: TaskStream, strategy: Any) -> None:
 
 def build_probe(cfg: dict) -> Probe | None:
     """The probe named by ``cfg["probe"]`` (None or absent: no probe)."""
-    from .. import registry
-
     node = cfg.get("probe")
     if node is None:
         return None
@@ -104,21 +103,6 @@ def build_probe(cfg: dict) -> Probe | None:
                           "not subclass cl_toolkit.probes.Probe; derive it from that class.")
     probe.smoke = bool(cfg.get("smoke"))
     return probe
-
-
-def _strategies_with(capabilities: frozenset[str]) -> list[str]:
-    """Registered strategy names whose class declares every one of ``capabilities``."""
-    from .. import registry
-
-    out = []
-    for name in registry.names("strategy"):
-        try:
-            target = registry.resolve("strategy", name)
-        except (ClToolkitError, ImportError):
-            continue
-        if capabilities <= frozenset(getattr(target, "capabilities", ())):
-            out.append(name)
-    return out
 
 
 def check_compatible(probe: Probe | type[Probe] | None, strategy: Any,
@@ -138,7 +122,7 @@ def check_compatible(probe: Probe | type[Probe] | None, strategy: Any,
     probe_cls = probe if isinstance(probe, type) else type(probe)
     cls = strategy if isinstance(strategy, type) else type(strategy)
     name = strategy_name or getattr(cls, "name", "") or cls.__name__
-    usable = _strategies_with(requires)
+    usable = registry.strategies_declaring("capabilities", requires)
     hint = f"Use {', '.join(usable)}." if usable else "No registered strategy has it."
     raise ConfigError(f"probe={getattr(probe_cls, 'key', '') or probe_cls.__name__} needs a "
                       f"strategy that {needs}; strategy={name} does not. {hint}")
