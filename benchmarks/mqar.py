@@ -78,6 +78,12 @@ def check(vocab_size: int, seq_len: int, num_pairs: int, key_range: tuple[int, i
             f"benchmark.vocab_size={vocab_size} is too small for {num_pairs} distinct keys "
             f"(key block [{key_range[0]}, {key_range[1]})) and values (upper half of the "
             "vocabulary); raise benchmark.vocab_size or lower the number of pairs / tasks.")
+    if vocab_size <= seq_len:
+        raise ConfigError(
+            f"benchmark.vocab_size={vocab_size} must exceed benchmark.seq_len={seq_len}, as "
+            "Zoology's MQAR requires (vocab_size > input_seq_len), so that results compare "
+            f"with its figures; raise benchmark.vocab_size above {seq_len} or shorten the "
+            "sequences.")
 
 
 def mqar_stream(vocab_size: int = 256, seq_len: int = 64, num_pairs: Sequence[int] = (4, 8, 16),

@@ -61,7 +61,7 @@ from .store import read_json
 from .task_kinds import Metric
 
 COLUMNS = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forgetting (max)"),
-           ("learning_acc", "Learning acc")]
+           ("transient_forgetting", "Transient forgetting"), ("learning_acc", "Learning acc")]
 STATISTIC = "mean ± sample std (ddof=1) over n runs (seeds / task orders); n = 1: the value"
 ACCURACY = Metric("accuracy", "accuracy")
 
@@ -97,8 +97,8 @@ def columns(metric: Metric) -> list[tuple[str, str]]:
     """(metrics key, header) of the table's score columns, named after the score."""
     if metric.key == ACCURACY.key:
         return COLUMNS
-    return [("acc", f"Avg {metric.label}"), *COLUMNS[1:4],
-            ("learning_acc", f"Learning {metric.label}")]
+    named = {"acc": f"Avg {metric.label}", "learning_acc": f"Learning {metric.label}"}
+    return [(key, named.get(key, name)) for key, name in COLUMNS]
 
 
 def section_of(r: dict) -> tuple[str, str, int, str, str]:
@@ -288,9 +288,37 @@ def _not_applicable(runs: list[dict], key: str) -> str | None:
     reasons.discard(None)
     if reasons:
         return "; ".join(sorted(reasons))
+    if all(key not in r["metrics"] for r in runs):
+        return ("not in these results: written before cl_toolkit computed it; rerun the runs "
+                "to get it")
     if all(r["metrics"].get(key) is None for r in runs):
         return "not defined for these runs (e.g. a stream of one task)"
     return None
+
+
+def per_task_after_learning(groups: dict[str, list[dict]], metric: Metric = ACCURACY
+                            ) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the transient-forgetting table: for every row and task j, the mean
+    over runs of task j's worst score once it was learned and of its largest drop from an
+    earlier peak (`cl_toolkit.metrics.worst_after_learning`, `largest_drop_per_task`); the final
+    row of the matrix can hide a task that fell to chance mid-stream and came back, these
+    cannot. Empty when no run has more than one task."""
+    scale, digits, _ = _scale(metric)
+    table = {}
+    for label, runs in groups.items():
+        worst = [r["metrics"].get("worst_after_learning") or [] for r in runs]
+        drop = [r["metrics"].get("largest_drop_per_task") or [] for r in runs]
+        k = min(map(len, worst + drop), default=0)
+        if k > 1:
+            table[label] = [
+                f"{fmt(mean_std([w[j] for w in worst]), scale, digits)} / "
+                f"{fmt(mean_std([d[j] for d in drop]), scale, digits)}" for j in range(k)]
+    if not table:
+        return [], []
+    tasks = max(map(len, table.values()))
+    header = ["Method"] + [f"task {j}" for j in range(tasks)]
+    return header, [[label] + cells + [""] * (tasks - len(cells))
+                    for label, cells in table.items()]
 
 
 def summarize(groups: dict[str, list[dict]]) -> list[dict]:
@@ -791,12 +819,15 @@ def write_report(paths, out: str | None = None) -> list[Path]:
           f"section(s), one per {per} and stream settings (the benchmark's config without its "
           f"seeds). {units}; each cell is the "
           f"{STATISTIC}. Forgetting is max-based (Chaudhry et al. 2018): mean over j < T-1 of "
-          "max_(j<=l<T-1) R[l, j] - R[T-1, j]. n/a [k]: the metric does not apply, for reason "
-          "[k] below the table.", ""]
+          "max_(j<=l<T-1) R[l, j] - R[T-1, j]; transient forgetting is the mean over j < T-1 "
+          "of task j's largest drop after it was learned, max_(j<=m<=l<T) R[m, j] - R[l, j] "
+          "(per task below each table, with the lowest score after learning). n/a [k]: the "
+          "metric does not apply, for reason [k] below the table.", ""]
     page = [f"<h1>cl_toolkit report</h1><p>{len(results)} run(s) in {len(sections)} section(s). "
             f"{html.escape(units)}; each cell is the {html.escape(STATISTIC)}. Forgetting is "
-            "max-based (Chaudhry et al. 2018: max over the rows from the task's own on)."
-            "</p>"]
+            "max-based (Chaudhry et al. 2018: max over the rows from the task's own on); "
+            "transient forgetting is each task's largest drop after it was learned, averaged "
+            "(per task below each table).</p>"]
     tex = ["% cl_toolkit report: \\usepackage{booktabs}", ""]
     for key in sorted(sections, key=lambda k: (k[0], k[1], k[2], k[3], k[4])):
         metric = metric_of(sections[key][0])
@@ -826,6 +857,14 @@ def write_report(paths, out: str | None = None) -> list[Path]:
         md += [_markdown_table(rows, notes, metric), ""]
         md += [f"{line}  " for line in note_lines] + ([""] if note_lines else [])
         md += [legend_md, ""] if legend_md else []
+        drop_head, drop_rows = per_task_after_learning(groups, metric)
+        drop_title = (f"Per task after it was learned: lowest {metric.label} / largest drop "
+                      f"from an earlier peak (transient forgetting; {STATISTIC})")
+        if drop_rows:
+            md += [drop_title + ":", "", "| " + " | ".join(drop_head) + " |",
+                   "|" + "---|" * len(drop_head)]
+            md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |"
+                   for r in drop_rows] + [""]
         md += [f"![{name.split('__', 1)[1][:-4]}]({name})" for name in figs] + [""]
         md += [m for m, _ in extras]
         imgs = "".join(
@@ -837,8 +876,14 @@ def write_report(paths, out: str | None = None) -> list[Path]:
         notes_html = "".join(f'<p class="note">{html.escape(n)}</p>' for n in note_lines)
         score_html = f"<p>{html.escape(note)}</p>" if note else ""
         stream_html = f'<p class="note">{html.escape(stream)}</p>' if stream else ""
+        drops_html = "" if not drop_rows else (
+            f'<table class="drops"><caption>{html.escape(drop_title)}</caption><tr>'
+            + "".join(f"<th>{html.escape(h)}</th>" for h in drop_head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                      for r in drop_rows) + "</table>")
         page.append(f"<section><h2>{html.escape(title)}</h2>{stream_html}{score_html}"
-                    f"{_html_table(rows, notes, metric)}{notes_html}{legend_html}{imgs}"
+                    f"{_html_table(rows, notes, metric)}{notes_html}{legend_html}{drops_html}"
+                    f"{imgs}"
                     f"<h3>{html.escape(_capital(metric.label))} matrices</h3>{matrices}"
                     f"{''.join(h for _, h in extras)}</section>")
         tex.append(_latex_table(title, rows, notes, note_lines + legend_tex, metric))

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    stream = mqar_stream(vocab_size=64, seq_len=args.seq_len, num_pairs=[4],
+    stream = mqar_stream(vocab_size=max(64, args.seq_len + 1), seq_len=args.seq_len, num_pairs=[4],
                          train_size=args.train_size, test_size=4, probe_pairs=[])
     task = stream[0]
     print("| model | steps | plain loop (s) | strategy.learn (s) | speed (plain / learn) |")

@@ -26,7 +26,7 @@ def parse(x, y, num_pairs):
 
 @pytest.mark.parametrize("random_fillers", [False, True])
 def test_every_key_is_queried_once_for_its_value(random_fillers):
-    V, L, D = 16, 16, 3
+    V, L, D = 18, 16, 3
     x, y = sample(50, V, L, D, (1, V // 2), torch.Generator().manual_seed(3),
                   random_fillers=random_fillers)
     for xs, ys in zip(x, y):
@@ -134,3 +134,11 @@ def test_report_renders_mean_and_std_over_seeds(tmp_path):
     assert "| mom_lm | 2 | 50.0 ± 14.1 | 10.0 ± 0.0 |" in md
     assert "| gdn_lm | 1 | 100.0 | 50.0 |" in md
     assert (tmp_path / "mqar_accuracy.png").stat().st_size > 0 and "<img" in page
+
+
+def test_vocabulary_must_exceed_the_sequence_length_as_in_zoology():
+    """Zoology's generator asserts vocab_size > input_seq_len; so do we (with a fix)."""
+    with pytest.raises(ConfigError, match=r"vocab_size=64 must exceed benchmark.seq_len=64"):
+        mqar_stream(vocab_size=64, seq_len=64, num_pairs=[2], probe_pairs=[])
+    mqar_stream(vocab_size=65, seq_len=64, num_pairs=[2], train_size=4, test_size=4,
+                probe_pairs=[])

@@ -195,7 +195,7 @@ def test_ic_is_shown_as_it_is_and_named_everywhere(tmp_path):
     out = tmp_path / "out"
     md = (out / "report.md").read_text()
     assert "## market · domain-il · 2 tasks · IC" in md
-    assert "| Method | n | Avg IC | BWT | FWT | Forgetting (max) | Learning IC |" in md
+    assert "| Method | n | Avg IC | BWT | FWT | Forgetting (max) | Transient forgetting | Learning IC |" in md
     acc = [statistics.mean(r["matrix"][-1]) for r in runs]  # 0.045, 0.045
     assert f"| naive | 2 | {statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f} |" in md
     assert "Score: IC, higher is better, shown as it is (not in %)" in md
@@ -226,7 +226,7 @@ def test_dice_is_in_percent_and_never_shares_a_section_with_accuracy(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     cut = md.index("## echo · domain-il · 2 tasks · Dice")
     dice, accuracy = md[cut:], md[md.index("## echo · domain-il · 2 tasks\n"):cut]
-    assert "| Method | n | Avg Dice | BWT | FWT | Forgetting (max) | Learning Dice |" in dice
+    assert "| Method | n | Avg Dice | BWT | FWT | Forgetting (max) | Transient forgetting | Learning Dice |" in dice
     assert "| naive | 1 | 80.00 |" in dice and "shown in %" in dice
     assert "| Method | n | ACC | BWT |" in accuracy and "| naive | 1 | 65.00 |" in accuracy
     assert "one per (benchmark, scenario, tasks, score)" in md
@@ -311,3 +311,33 @@ def test_token_stream_report_renders_in_headless_chromium(tmp_path):
     assert "<th>12 pairs</th>" in dom and "<th>6 pairs</th>" in dom and "<th>U=8</th>" in dom
     assert dom.count('alt="mqar_accuracy.png"') == 2 and 'alt="kv_interference.png"' in dom
     assert_drawn(shot, size, "CLTK_KEEP_TOKEN_SCREENSHOT")
+
+
+def test_transient_forgetting_shows_a_task_that_fell_to_chance_and_came_back(tmp_path):
+    """Task 0 falls from 1.0 to 0.5 after task 2 and is back at 0.9 at the end: final-row
+    forgetting says 0.1, the report must also show the fall (hand-computed: largest drop of
+    task 0 = 0.5, of task 1 = 0.2, of task 2 = 0.05; transient forgetting = their mean)."""
+    R = [[1.0, 0.0, 0.0, 0.0], [0.9, 1.0, 0.0, 0.0], [0.5, 0.8, 1.0, 0.0],
+         [0.9, 0.9, 0.95, 1.0]]
+    write_results(tmp_path / "runs", [fake("naive", 0, R, [0.0] * 4)])
+    write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    md = (tmp_path / "out" / "report.md").read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| Method | n |"))
+    row = next(line for line in md.splitlines() if line.startswith("| naive | 1 |"))
+    cells = dict(zip(head.split(" | "), row.split(" | ")))
+    assert cells["Forgetting (max)"] == "8.33"  # mean(0.1, 0.1, 0.05): only the final row
+    assert cells["Transient forgetting"] == "25.00"  # mean(0.5, 0.2, 0.05)
+    per_task = md.split("largest drop from an earlier peak")[1]
+    assert "| naive | 50.00 / 50.00 | 80.00 / 20.00 | 95.00 / 5.00 | 100.00 / 0.00 |" in per_task
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Transient forgetting" in page and "50.00 / 50.00" in page
+    rows = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
+    assert abs(float(rows[0]["transient_forgetting"]) - 0.75 / 3) < 1e-9
+
+
+def test_results_written_before_transient_forgetting_say_so():
+    r = fake("naive", 0, [[0.9, 0.1], [0.5, 0.8]], [0.1, 0.2])
+    del r["metrics"]["transient_forgetting"]
+    row = summarize({"naive": [r]})[0]
+    assert row["transient_forgetting"] is None
+    assert "written before" in row["n_a"]["transient_forgetting"]
