@@ -6,9 +6,13 @@ plots there as PNG and returns ``(markdown, html)``; runs are grouped as in the 
 a group's runs.
 
 - ``mqar``: accuracy against the number of key-value pairs;
-- ``kv_interference``: accuracy against updates per key U (log axis) and against the number of
-  keys K, the error classes (stale / other key / no value, and which update a stale answer
-  repeats) and the summary score, the area under accuracy against log U;
+- ``kv_interference``: first whether each run learned its training distribution (the gate);
+  for the runs that did, accuracy against updates per key U (log axis) in each update order,
+  against the number of keys K at a fixed U per key and at a fixed K x U, the error classes
+  (stale / other key / no value, and which update a stale answer repeats), both summary
+  scores (our area under accuracy against log U, PI-LLM's log_1.5-weighted mean), the chance
+  guessers beside every curve (rows, dashed lines) and the points beyond training (``*``, a
+  shaded band);
 - ``exact_match``: the share of sequences with every answer right, per task, after the last.
 """
 from __future__ import annotations
@@ -168,13 +172,131 @@ def _by(e: dict, curve: str, field: str) -> list:
     return e[curve][field]
 
 
+CHANCE_NAMES = {"value_in_context": "chance: a random value of the sequence",
+                "value_of_key": "chance: a random value of the queried key",
+                "uniform_value": "chance: a random value token"}
+ORDER_WORD = {"random": "randomised (interleaved)", "sequential": "sequential (blocks per key)"}
+
+
+def _learned(e: dict) -> bool:
+    """A run without a gate (results written before it existed) counts as learned."""
+    return bool(e.get("learned", True))
+
+
+def _star(point, extras, field: str) -> str:
+    """``*`` when any run marks ``point`` of the curve ``field`` as extrapolation."""
+    return "*" if any(point in e.get("extrapolated", {}).get(field, []) for e in extras) else ""
+
+
+def _chance_of(groups: dict[str, list[dict]], curve: str):
+    """``[(row label, extra)]`` of the chance rows of ``curve``: one set when every run's
+    chance at its points agrees, else one per group (labelled with it)."""
+    have = {label: [e for e in ex if "chance" in e.get(curve, {})] for label, ex in groups.items()}
+    have = {label: ex for label, ex in have.items() if ex}
+    if not have:
+        return []
+    points = {"updates": "updates", "by_updates": "updates", "by_keys": "keys",
+              "by_keys_fixed_total": "keys_fixed_total"}[curve]
+    seen = {json.dumps([e[points], e[curve]["chance"]], sort_keys=True)
+            for ex in have.values() for e in ex}
+    if len(seen) == 1:
+        return [("", next(iter(have.values()))[0])]
+    return [(f" ({label})", ex[0]) for label, ex in have.items()]
+
+
+def _chance_rows(groups, curve: str, points_of, width_before: int, names=CHANCE_NAMES,
+                 aucs: bool = False) -> list[list[str]]:
+    """Rows of the chance guessers' accuracy (%) at each point of ``curve``, aligned with a
+    table whose point columns start after ``width_before`` cells (AUC cells from
+    ``chance_auc`` when ``aucs``)."""
+    rows = []
+    points = _union(groups.values(), points_of)
+    for suffix, e in _chance_of(groups, curve):
+        for name, label in names.items():
+            if name not in e[curve]["chance"]:
+                continue
+            acc = e[curve]["chance"][name]["accuracy"]
+            mine = list(points_of(e))
+            cells = [_ms([acc[mine.index(p)]]) if p in mine else "" for p in points]
+            pre = [""] * (width_before - 1)
+            if aucs:
+                auc = e.get("chance_auc", {}).get(name, {})
+                pre = pre[:-2] + [_ms([auc["auc_log_updates"]]) if auc else "",
+                                  _ms([auc["auc_log15_updates"]]) if auc else ""]
+            rows.append([label + suffix] + pre + cells)
+    return rows
+
+
+def _gate_notes(groups: dict[str, list[dict]]) -> list[str]:
+    """A sentence per group with runs that did not learn their training distribution."""
+    notes = []
+    for label, ex in groups.items():
+        bad = [e for e in ex if not _learned(e)]
+        if bad:
+            accs = ", ".join(f"{100 * e['train_accuracy']:.1f} %" for e in bad)
+            gate = f"{100 * bad[0]['learned_gate']:.0f} %"
+            notes.append(f"{label} ({len(bad)} of {len(ex)} runs): did not learn its "
+                         f"training distribution (acc {accs} < gate {gate}); not drawn as a PI "
+                         "curve.")
+    return notes
+
+
+def _shade_extrapolation(ax, groups, field: str, points_of) -> None:
+    """Shade the x range every probe point beyond the trained ones lies in (``field``: the
+    curve's key in ``extrapolated``)."""
+    inside = {p for ex in groups.values() for e in ex for p in points_of(e)
+              if p not in e.get("extrapolated", {}).get(field, [])}
+    out = {p for ex in groups.values() for e in ex
+           for p in e.get("extrapolated", {}).get(field, [])}
+    if inside and out:
+        hi = [p for p in out if p > max(inside)]
+        lo = [p for p in out if p < min(inside)]
+        if hi:
+            ax.axvspan(max(inside), max(hi), color="0.85", alpha=0.5, lw=0,
+                       label="beyond training")
+        if lo:
+            ax.axvspan(min(lo), min(inside), color="0.85", alpha=0.5, lw=0,
+                       label=None if hi else "beyond training")
+
+
+def _chance_lines(ax, groups, curve: str, points_of, field: str = "accuracy") -> None:
+    styles = {"value_in_context": ("k", "--"), "value_of_key": ("0.45", "--"),
+              "uniform_value": ("0.6", ":")}
+    for suffix, e in _chance_of(groups, curve):
+        for name, (color, ls) in styles.items():
+            if name in e[curve]["chance"]:
+                ax.plot(points_of(e), e[curve]["chance"][name][field], color=color, ls=ls,
+                        lw=1, label=CHANCE_NAMES[name] + suffix)
+
+
 def render_kv_interference(runs: list[dict], out_dir: Path) -> tuple[str, str]:
-    """Accuracy against U and K, the error classes and the AUC: a column per U (and per K)
-    any run probed, blank where a row's runs did not; K, the training U and K x U in the
-    titles when every run agrees on them, else as columns."""
-    groups = _groups(runs, "kv_interference")
-    if not groups:
+    """The gate, then (runs that learned their training distribution only) accuracy against
+    U in the training order and in every other order probed, against K at a fixed U per key
+    and against K at a fixed K x U, the error classes and both AUCs; a column per point any run
+    probed (blank where a row's runs did not; ``*``: beyond the training sizes), with the
+    chance guessers' rows below each table and dashed in the plots."""
+    every = _groups(runs, "kv_interference")
+    if not every:
         return "", ""
+    notes = _gate_notes(every)
+    groups = {label: [e for e in ex if _learned(e)] for label, ex in every.items()}
+    groups = {label: ex for label, ex in groups.items() if ex}
+    md, hm = [], []
+    if any("learned" in e for ex in every.values() for e in ex):
+        title_g = ("Learned the task? Accuracy (%) at the training sizes (every (K, U) trained "
+                   "on, in the training order) against the gate")
+        header_g = ["run", "n", "train accuracy", "gate", "learned"]
+        rows_g = [[label, str(len(ex)), _ms([e["train_accuracy"] for e in ex]),
+                   " / ".join(sorted({f"{100 * e['learned_gate']:.0f}" for e in ex})),
+                   f"{sum(_learned(e) for e in ex)} of {len(ex)}"]
+                  for label, ex in every.items()]
+        md.append(f"### {title_g}\n\n{_table(header_g, rows_g)}\n" +
+                  "".join(f"\n- {n}" for n in notes) + ("\n" if notes else ""))
+        hm.append(f"<h3>{html.escape(title_g)}</h3>{_html_table(header_g, rows_g)}" +
+                  ("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
+                   if notes else ""))
+    if not groups:
+        return "\n".join(md), "".join(hm)
 
     def upd(e):
         return e["updates"]
@@ -182,37 +304,104 @@ def render_kv_interference(runs: list[dict], out_dir: Path) -> tuple[str, str]:
     def keys_of(e):
         return e["keys"]
 
-    updates, keys = _union(groups.values(), upd), _union(groups.values(), keys_of)
-    K, trained, total = (_one(groups, f) for f in ("num_keys", "train_updates", "total_updates"))
+    def fixed_of(e):
+        return e.get("keys_fixed_total", [])
+
+    def legacy(e):  # results before the fixed-U keys test: by_keys held K x U fixed
+        return "keys_updates" not in e
+
+    updates = _union(groups.values(), upd)
+    keys_new = _union([[e for e in ex if not legacy(e)] for ex in groups.values()], keys_of)
+    keys_old = _union([[e for e in ex if legacy(e)] for ex in groups.values()], keys_of)
+    fixed = _union(groups.values(), fixed_of)
+    K, trained, order = (_one(groups, f) for f in ("num_keys", "train_updates", "order"))
     each = [("K", "num_keys")] if K is None else []
     each += [("trained on U", "train_updates")] if trained is None else []
+    each += [("order", "order")] if order is None and any(
+        "order" in e for ex in groups.values() for e in ex) else []
+    pi_auc = any("auc_log15_updates" in e for ex in groups.values() for e in ex)
 
     def cells(ex, fields):
         return [" / ".join(sorted({str(e.get(f)) for e in ex})) for _, f in fields]
 
-    md, hm = [], []
-    if updates:
-        at = (f"K = {K} keys" if K is not None else "K as in each row") + (
-            f", trained on U in {trained}" if trained is not None else "")
-        title = (f"Proactive interference: accuracy (%) against updates per key U ({at}); AUC "
-                 "= area under accuracy vs log U")
-        header = ["run", "n"] + [h for h, _ in each] + ["AUC log U"] + [f"U={u}" for u in updates]
+    def u_table(title, node_of, star=True):
+        """The accuracy-against-U table of the curve ``node_of(e)`` (None: not probed)."""
+        sub = {label: [e for e in ex if node_of(e) is not None] for label, ex in groups.items()}
+        sub = {label: ex for label, ex in sub.items() if ex}
+        if not sub:
+            return
+        pts = _union(sub.values(), upd)
+        header = (["run", "n"] + [h for h, _ in each] + ["AUC log U"] +
+                  (["AUC log1.5 (PI-LLM)"] if pi_auc else []) +
+                  [f"U={u}" + (_star(u, [e for ex in sub.values() for e in ex], "updates")
+                               if star else "*") for u in pts])
         rows = [[label, str(len(ex))] + cells(ex, each) +
-                [_ms([e["auc_log_updates"] for e in ex if "auc_log_updates" in e])] +
-                [_ms(_at(ex, u, upd, lambda e: _by(e, "by_updates", "accuracy")))
-                 for u in updates] for label, ex in groups.items()]
+                [_ms([node_of(e)["auc_log_updates"] for e in ex
+                      if "auc_log_updates" in node_of(e)])] +
+                ([_ms([node_of(e)["auc_log15_updates"] for e in ex
+                       if "auc_log15_updates" in node_of(e)])] if pi_auc else []) +
+                [_ms(_at(ex, u, upd, lambda e: node_of(e)["by_updates"]["accuracy"]))
+                 for u in pts] for label, ex in sub.items()]
+        before = 2 + len(each) + 1 + pi_auc
+        rows += _chance_rows(sub, "by_updates", upd, before, aucs=pi_auc)
         md.append(f"### {title}\n\n{_table(header, rows)}\n")
         hm.append(f"<h3>{html.escape(title)}</h3>{_html_table(header, rows)}")
-    if keys:
-        fixed = [("K x U", "total_updates")] if total is None else []
-        title_k = ("Accuracy (%) against the number of keys K" +
-                   (f" at K x U = {total}" if total is not None else " at K x U of each row"))
-        header_k = ["run", "n"] + [h for h, _ in fixed] + [f"K={k}" for k in keys]
-        rows_k = [[label, str(len(ex))] + cells(ex, fixed) +
+
+    if updates:
+        at = (f"K = {K} keys" if K is not None else "K as in each row") + (
+            f", trained on U in {trained}" if trained is not None else "") + (
+            f", {ORDER_WORD.get(order, order)} update order" if order is not None else "")
+        title = (f"Proactive interference: accuracy (%) against updates per key U ({at}); AUC "
+                 "log U = area under accuracy vs log U over the log range (ours); AUC log1.5 = "
+                 "mean accuracy weighted by log_1.5(max(U, 2)) (PI-LLM's auc_log1.5); "
+                 "* = beyond the training sizes")
+        u_table(title, lambda e: e)
+        for o in sorted({o for ex in groups.values() for e in ex
+                         for o in e.get("other_orders", {})}):
+            u_table(f"Accuracy (%) against U in the {ORDER_WORD.get(o, o)} update order, "
+                    "not trained on (every point extrapolates: *)",
+                    lambda e, o=o: e.get("other_orders", {}).get(o), star=False)
+    if keys_new:
+        sub = {label: [e for e in ex if not legacy(e)] for label, ex in groups.items()}
+        sub = {label: ex for label, ex in sub.items() if ex}
+        per = _one(sub, "keys_updates")
+        fixed_u = [("U per key", "keys_updates")] if per is None else []
+        flat = [e for ex in sub.values() for e in ex]
+        title_k = ("Accuracy (%) against the number of keys K at a fixed number of updates "
+                   "per key" + (f", U = {per}" if per is not None else " (U of each row)") +
+                   " (PI-LLM's keys test); * = beyond the training sizes")
+        header_k = ["run", "n"] + [h for h, _ in fixed_u] + \
+            [f"K={k}{_star(k, flat, 'keys')}" for k in keys_new]
+        rows_k = [[label, str(len(ex))] + cells(ex, fixed_u) +
                   [_ms(_at(ex, k, keys_of, lambda e: _by(e, "by_keys", "accuracy")))
-                   for k in keys] for label, ex in groups.items()]
+                   for k in keys_new] for label, ex in sub.items()]
+        rows_k += _chance_rows(sub, "by_keys", keys_of, 2 + len(fixed_u))
         md.append(f"### {title_k}\n\n{_table(header_k, rows_k)}\n")
         hm.append(f"<h3>{html.escape(title_k)}</h3>{_html_table(header_k, rows_k)}")
+    for label_k, pts, pts_of, curve, which in (
+            ("legacy", keys_old, keys_of, "by_keys", legacy),
+            ("fixed", fixed, fixed_of, "by_keys_fixed_total", lambda e: True)):
+        if not pts:
+            continue
+        sub = {label: [e for e in ex if which(e) and pts_of(e)] for label, ex in groups.items()}
+        sub = {label: ex for label, ex in sub.items() if ex}
+        tot = _one(sub, "total_updates")
+        col = [("K x U", "total_updates")] if tot is None else []
+        flat = [e for ex in sub.values() for e in ex]
+        title_t = ("Accuracy (%) against the number of keys K" +
+                   (f" at K x U = {tot}" if tot is not None else " at K x U of each row") +
+                   (" (a fixed length: U falls as K rises; a control, not PI-LLM's keys test)"
+                    if label_k == "fixed" else ""))
+        field = "keys_fixed_total" if label_k == "fixed" else "keys"
+        header_t = ["run", "n"] + [h for h, _ in col] + \
+            [f"K={k}{_star(k, flat, field) if label_k == 'fixed' else ''}" for k in pts]
+        rows_t = [[label, str(len(ex))] + cells(ex, col) +
+                  [_ms(_at(ex, k, pts_of, lambda e, c=curve: _by(e, c, "accuracy")))
+                   for k in pts] for label, ex in sub.items()]
+        if label_k == "fixed":
+            rows_t += _chance_rows(sub, curve, pts_of, 2 + len(col))
+        md.append(f"### {title_t}\n\n{_table(header_t, rows_t)}\n")
+        hm.append(f"<h3>{html.escape(title_t)}</h3>{_html_table(header_t, rows_t)}")
     if updates:
         title_e = ("Errors at each row's largest U, % of queries: stale (an earlier value of "
                    "the same key), other key, no value; stale split by the update repeated")
@@ -232,30 +421,86 @@ def render_kv_interference(runs: list[dict], out_dir: Path) -> tuple[str, str]:
                            _ms([b["no_value"][j] for b, j in zip(by, i)]),
                            _ms([u[0] if u else 0.0 for u in upd_]),
                            _ms([u[-1] if u else 0.0 for u in upd_])])
+        for suffix, e in _chance_of(groups, "by_updates"):
+            top = max(e["updates"])
+            j = e["updates"].index(top)
+            for name, label in CHANCE_NAMES.items():
+                ch = e["by_updates"]["chance"].get(name)
+                if ch is None:
+                    continue
+                # a guesser picks each earlier update as often as the right one
+                each_update = ch["accuracy"][j] if top > 1 else 0.0
+                rows_e.append([label + suffix, str(top)] +
+                              [_ms([ch[c][j]]) for c in ("stale", "other_key", "no_value")] +
+                              [_ms([each_update])] * 2)
         md.append(f"### {title_e}\n\n{_table(header_e, rows_e)}\n")
         hm.append(f"<h3>{html.escape(title_e)}</h3>{_html_table(header_e, rows_e)}")
-    if not updates and not keys:
+    panels = (["u", "stale"] if updates else []) + (["keys"] if keys_new else []) + \
+        (["legacy"] if keys_old else []) + (["fixed"] if fixed else [])
+    if not panels:
         return "\n".join(md), "".join(hm)
-    fig, ax = _figure(3 if updates and keys else 2 if updates else 1)
-    col = 0
-    if updates:
-        _curves(ax[0, 0], groups, upd, lambda e: _by(e, "by_updates", "accuracy"), log=True)
-        ax[0, 0].set(xlabel="updates per key U (log)", ylabel="accuracy (last value)",
-                     title="accuracy vs U")
-        for label, ex in groups.items():
-            x = _union([ex], upd)
-            stale = [np.mean(_at(ex, u, upd, lambda e: _by(e, "by_updates", "stale")))
-                     for u in x]
-            ax[0, 1].plot(x, stale, marker="o", label=label)
-        ax[0, 1].set_xscale("log", base=2)
-        ax[0, 1].set(xlabel="updates per key U (log)", ylabel="share of queries",
-                     title="stale answers vs U")
-        col = 2
-    if keys:
-        _curves(ax[0, col], groups, keys_of, lambda e: _by(e, "by_keys", "accuracy"), log=True)
-        ax[0, col].set(xlabel="keys K (K x U fixed)", ylabel="accuracy (last value)",
-                       title="accuracy vs K")
-    legend_outside(ax[0, ax.shape[1] - 1])
+    fig, ax = _figure(len(panels))
+    for col, panel in enumerate(panels):
+        a = ax[0, col]
+        if panel == "u":
+            _shade_extrapolation(a, groups, "updates", upd)
+            _curves(a, groups, upd, lambda e: _by(e, "by_updates", "accuracy"), log=True)
+            color = {c.get_label(): c.lines[0].get_color() for c in a.containers
+                     if getattr(c, "lines", None)}
+            for o in sorted({o for ex in groups.values() for e in ex
+                             for o in e.get("other_orders", {})}):
+                for label, ex in groups.items():
+                    on = [e for e in ex if o in e.get("other_orders", {})]
+                    if on:
+                        x = _union([on], upd)
+                        y = [np.mean(_at(on, u, upd, lambda e, o=o: e["other_orders"][o][
+                            "by_updates"]["accuracy"])) for u in x]
+                        a.plot(x, y, marker="s", ls=":", ms=3, color=color.get(label),
+                               label=f"{label} ({o} order, not trained on)")
+            _chance_lines(a, groups, "by_updates", upd)
+            a.set(xlabel="updates per key U (log)", ylabel="accuracy (last value)",
+                  title="accuracy vs U")
+        elif panel == "stale":
+            for label, ex in groups.items():
+                x = _union([ex], upd)
+                stale = [np.mean(_at(ex, u, upd, lambda e: _by(e, "by_updates", "stale")))
+                         for u in x]
+                a.plot(x, stale, marker="o", label=label)
+            _chance_lines(a, groups, "by_updates", upd, field="stale")
+            a.set_xscale("log", base=2)
+            a.set_ylim(-0.02, 1.02)
+            a.grid(alpha=0.3)
+            a.set(xlabel="updates per key U (log)", ylabel="share of queries",
+                  title="stale answers vs U")
+        elif panel == "keys":
+            sub = {label: [e for e in ex if not legacy(e)] for label, ex in groups.items()}
+            sub = {label: ex for label, ex in sub.items() if ex}
+            _shade_extrapolation(a, sub, "keys", keys_of)
+            _curves(a, sub, keys_of, lambda e: _by(e, "by_keys", "accuracy"), log=True)
+            _chance_lines(a, sub, "by_keys", keys_of)
+            per = _one(sub, "keys_updates")
+            a.set(xlabel="keys K (U per key fixed" + (f" = {per})" if per else ")"),
+                  ylabel="accuracy (last value)", title="accuracy vs K, U fixed")
+        else:
+            legacy_panel = panel == "legacy"
+            pts_of = keys_of if legacy_panel else fixed_of
+            curve = "by_keys" if legacy_panel else "by_keys_fixed_total"
+            sub = {label: [e for e in ex if (legacy(e) if legacy_panel else fixed_of(e))]
+                   for label, ex in groups.items()}
+            sub = {label: ex for label, ex in sub.items() if ex}
+            if not legacy_panel:
+                _shade_extrapolation(a, sub, "keys_fixed_total", fixed_of)
+            _curves(a, sub, pts_of, lambda e, c=curve: _by(e, c, "accuracy"), log=True)
+            if not legacy_panel:
+                _chance_lines(a, sub, curve, pts_of)
+            a.set(xlabel="keys K (K x U fixed)", ylabel="accuracy (last value)",
+                  title="accuracy vs K, K x U fixed")
+    handles = {}  # one legend for every panel's lines (the other orders are in the first only)
+    for a in ax[0]:
+        for h, name in zip(*a.get_legend_handles_labels()):
+            handles.setdefault(name, h)
+    ax[0, -1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
+                     bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     md_img, html_img = _save(fig, Path(out_dir), "kv_interference.png", wide=ax.shape[1] > 1)
     return "\n".join(md) + f"\n{md_img}\n", "".join(hm) + html_img
 
@@ -263,10 +508,12 @@ def render_kv_interference(runs: list[dict], out_dir: Path) -> tuple[str, str]:
 def check_kv_interference(extra) -> None:
     """Refuse (ValueError, TypeError) an ``extras["kv_interference"]`` the renderer cannot draw."""
     _mapping(extra)
-    for points, curve, fields in (("updates", "by_updates",
-                                   ("accuracy", "stale", "other_key", "no_value",
-                                    "stale_by_update")),
-                                  ("keys", "by_keys", ("accuracy",))):
+    curves = [("updates", "by_updates", ("accuracy", "stale", "other_key", "no_value",
+                                          "stale_by_update")),
+              ("keys", "by_keys", ("accuracy",))]
+    if "keys_fixed_total" in extra:
+        curves.append(("keys_fixed_total", "by_keys_fixed_total", ("accuracy",)))
+    for points, curve, fields in curves:
         n = len(_list(extra, points))
         if not n:
             continue
@@ -278,6 +525,25 @@ def check_kv_interference(extra) -> None:
             if len(values) != n:
                 raise ValueError(f"{curve}[{field!r}] has {len(values)} values for {n} "
                                  f"{points!r}")
+        for name, guess in (node.get("chance") or {}).items():
+            if not isinstance(guess, dict):
+                raise TypeError(f"{curve}: chance {name!r} is not a mapping")
+            acc = _list(guess, "accuracy", f"{curve}: chance {name!r}: ")
+            if len(acc) != n:
+                raise ValueError(f"{curve}: chance {name!r} has {len(acc)} accuracies for {n} "
+                                 f"{points!r}")
+    for o, node in (extra.get("other_orders") or {}).items():
+        acc = _list(node.get("by_updates") if isinstance(node, dict) else None, "accuracy",
+                    f"other_orders[{o!r}]: by_updates: ")
+        if len(acc) != len(extra["updates"]):
+            raise ValueError(f"other_orders[{o!r}] has {len(acc)} accuracies for "
+                             f"{len(extra['updates'])} 'updates'")
+    if "learned" in extra:
+        if not isinstance(extra["learned"], bool):
+            raise TypeError(f"'learned' is {extra['learned']!r}, not true / false")
+        for key in ("train_accuracy", "learned_gate"):
+            if isinstance(extra.get(key), bool) or not isinstance(extra.get(key), (int, float)):
+                raise TypeError(f"'learned' without a number {key!r}")
 
 
 def render_exact_match(runs: list[dict], out_dir: Path) -> tuple[str, str]:
