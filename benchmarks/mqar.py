@@ -78,6 +78,11 @@ def check(vocab_size: int, seq_len: int, num_pairs: int, key_range: tuple[int, i
             f"benchmark.vocab_size={vocab_size} is too small for {num_pairs} distinct keys "
             f"(key block [{key_range[0]}, {key_range[1]})) and values (upper half of the "
             "vocabulary); raise benchmark.vocab_size or lower the number of pairs / tasks.")
+    check_vocabulary(vocab_size, seq_len)
+
+
+def check_vocabulary(vocab_size: int, seq_len: int) -> None:
+    """Zoology's MQAR asserts ``vocab_size > input_seq_len``; so do we, so results compare."""
     if vocab_size <= seq_len:
         raise ConfigError(
             f"benchmark.vocab_size={vocab_size} must exceed benchmark.seq_len={seq_len}, as "
@@ -152,3 +157,4 @@ mqar_stream.ranges = {
     "probe_pairs": at_least(1), "probe_size": at_least(1),
     "scenario": TOKEN_SCENARIO}
 mqar_stream.smoke = SPLIT_SMOKE
+mqar_stream.check_config = lambda node, cfg: check_vocabulary(node["vocab_size"], node["seq_len"])

@@ -87,6 +87,13 @@ CASES = [
     ("train_updates_empty", ["run", "benchmark=kv_interference", "model=gdn_lm",
                              "benchmark.train_updates=[]"],
      ["benchmark.train_updates", "at least one value", "[1, 2, 4]"]),
+    ("kv_order_typo", ["run", "benchmark=kv_interference", "model=gdn_lm",
+                       "benchmark.order=sideways"],
+     ["benchmark.order='sideways'", "random, sequential"]),
+    ("mqar_vocab_not_above_seq_len", ["run", "benchmark=mqar", "model=gdn_lm",
+                                      "benchmark.vocab_size=32", "benchmark.seq_len=64",
+                                      "benchmark.num_pairs=[4]"],
+     ["benchmark.vocab_size=32", "benchmark.seq_len=64", "Zoology"]),
     ("class_il_on_tokens", ["run", "benchmark=mqar", "model=gdn_lm", "benchmark.scenario=class-il"],
      ["benchmark.scenario='class-il'", "token stream", "benchmark.scenario=domain-il"]),
     # Damaged results.json files (tests/report_inputs/, issue 22): refused before writing.
