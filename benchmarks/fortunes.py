@@ -112,21 +112,45 @@ def fortunes(files: Sequence[str] = DEFAULT_FILES, path: str = DEFAULT_PATH, seq
                       vocab_size=VOCAB_SIZE)
 
 
+def probe_quotations(path: str | Path = DEFAULT_PATH,
+                     files: Sequence[str] | None = DEFAULT_FILES) -> list[bytes]:
+    """The held-out quotations (split 'probe', in no stream's training or test text), whole,
+    without duplicates, in corpus order (``files=None``: every corpus file of ``path``)."""
+    seen, out = set(), []
+    for quotes in load_quotations(path, files).values():
+        for q in quotes:
+            if split_of(q) == "probe" and q not in seen:
+                seen.add(q)
+                out.append(q)
+    return out
+
+
 def probe_sequences(length: int, path: str | Path = DEFAULT_PATH,
                     files: Sequence[str] | None = DEFAULT_FILES) -> torch.Tensor:
     """The held-out quotations of at least ``length`` bytes, cut to their first ``length`` bytes,
     without duplicates, in corpus order: ``[N, length]`` int64."""
     seen, rows = set(), []
-    for quotes in load_quotations(path, files).values():
-        for q in quotes:
-            head = q[:length]
-            if split_of(q) == "probe" and len(head) == length and head not in seen:
-                seen.add(head)
-                rows.append(encode(head))
+    for q in probe_quotations(path, files):
+        head = q[:length]
+        if len(head) == length and head not in seen:
+            seen.add(head)
+            rows.append(encode(head))
     if not rows:
         raise ConfigError(f"No held-out fortunes of {length} bytes in {path} ({files}); lower "
                           "probe.length or add files.")
     return torch.stack(rows)
+
+
+def vocabulary(path: str | Path = DEFAULT_PATH,
+               files: Sequence[str] | None = DEFAULT_FILES) -> list[bytes]:
+    """The distinct words (runs of non-space bytes) of the training quotations of ``files``,
+    sorted: what the memory probe draws its ``random_words`` stimuli from."""
+    words = set()
+    for quotes in load_quotations(path, files).values():
+        for q in quotes:
+            if split_of(q) == "train":
+                words.update(q.split())
+    return sorted(words)
 
 
 fortunes.task_kind = "tokens"  # what the stream holds, known before it is built (see validation)

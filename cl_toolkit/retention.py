@@ -1,6 +1,7 @@
 """``python -m cl_toolkit.retention RUN_OR_SWEEP_DIR... [-o DIR]``: print the tables of the
 retention runs found there (``probe=retention``, `cl_toolkit.probes.retention`) and write their
-plots to DIR (default: the first path), as the report's ``retention`` renderer draws them.
+plots to DIR (default: the first path), as the report's ``retention`` renderer draws them:
+every effect against the unstudied control set, with 95 % confidence intervals over seeds.
 
 A missing path, a folder without retention runs, malformed retention results or runs that
 measured nothing end in one ``error: ...`` line and exit status 2."""
@@ -30,8 +31,9 @@ def retention_runs(paths: list[str]) -> list[dict]:
             check(extra)
         except (ValueError, TypeError) as exc:
             raise UsageError(f"{f}: its extras['retention'] is malformed ({exc}); it was not "
-                             "written by probe=retention or was edited. Rerun that run or "
-                             "leave it out.") from None
+                             "written by this version of probe=retention (runs before the "
+                             "unstudied control set lack 'set' and 'recall_rouge') or was "
+                             "edited. Rerun that run or leave it out.") from None
         runs.append({**r, "_file": str(f)})
     if not runs:
         raise UsageError(f"No retention probe results under {where}: none of its {len(files)} "
@@ -42,8 +44,8 @@ def retention_runs(paths: list[str]) -> list[dict]:
         why = "; ".join(f"{r['_file']}: {r['extras']['retention'].get('note') or _why(r)}"
                         for r in runs[:3]) + ("; ..." if len(runs) > 3 else "")
         raise UsageError(f"The {len(runs)} retention run(s) under {where} measured nothing "
-                         f"after their study ({why}). Rerun with a lower probe.study_after or "
-                         "more training updates.")
+                         f"after their study ({why}). Rerun with probe.study_after=null (after "
+                         "the last task), a lower probe.study_after or more training updates.")
     return runs
 
 
