@@ -296,6 +296,10 @@ def check_config(cfg: dict) -> None:
     for kind, group in NODES:
         if group in cfg:
             check_node(kind, group, cfg[group], cfg)
+    if cfg.get("probe") is not None:  # a probe checks its settings when built (loads nothing)
+        from .probes import build_probe
+
+        build_probe(cfg)
     if "trainer" in cfg:
         check_trainer(cfg["trainer"], cfg.get("device", "cpu"))
     if "output_root" in cfg:

@@ -94,6 +94,12 @@ CASES = [
                                       "benchmark.vocab_size=32", "benchmark.seq_len=64",
                                       "benchmark.num_pairs=[4]"],
      ["benchmark.vocab_size=32", "benchmark.seq_len=64", "Zoology"]),
+    ("retention_exposure_typo", ["run", "benchmark=fortunes", "model=gdn_lm", "probe=retention",
+                                 "probe.exposure=spaced"],
+     ["probe.exposure", "epochs", "massed"]),
+    ("retention_corpus_typo", ["run", "benchmark=fortunes", "model=gdn_lm", "probe=retention",
+                               "probe.retention_corpus=wiki"],
+     ["probe.retention_corpus", "python_source", "stream"]),
     ("class_il_on_tokens", ["run", "benchmark=mqar", "model=gdn_lm", "benchmark.scenario=class-il"],
      ["benchmark.scenario='class-il'", "token stream", "benchmark.scenario=domain-il"]),
     # Damaged results.json files (tests/report_inputs/, issue 22): refused before writing.
