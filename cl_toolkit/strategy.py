@@ -97,7 +97,11 @@ class Strategy:
 
     def train_task_ids(self, t: torch.Tensor) -> torch.Tensor | None:
         """Training-time task ids, handed to the model exactly when `predict` hands them (a
-        model must not learn to rely on an id it will not get at test time)."""
+        model must not learn to rely on an id it will not get at test time), and always to a
+        model that declares ``trains_with_task_id`` (it reads them in training only, e.g. the
+        routing loss of task-free MoM routing, and ignores them at test time)."""
+        if getattr(self.model, "trains_with_task_id", False):
+            return t
         return t if self.stream.task_il and getattr(self.model, "uses_task_id", False) else None
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,

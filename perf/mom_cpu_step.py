@@ -1,12 +1,18 @@
 """CPU time of one training step (forward, backward, AdamW step) of the sequence backbones at
-the split_digits and Fashion-MNIST sizes: MoM with shared routing and task-routed against the
-equal-parameter ``transformer`` backbone (and ``gdn``, one memory), side by side.
+the split_digits and Fashion-MNIST sizes: MoM with shared routing and the routed configurations
+of the evidence (perf/mom_evidence.py: 2 memories per task, top-1, hidden 48, with and without
+the shared memory, task-routed and task-free with its routing loss) against the
+equal-parameter ``transformer`` backbone, ``gdn`` (one memory) and a plain
+``torch.nn.TransformerEncoder`` of equal parameters (patch embedding, position embedding, mean
+readout; its feed-forward width is solved for the transformer preset's parameter count).
 
 Each backbone is built from its preset (conf/model/<name>.yaml, through the registry, as
-``cltk run model=<name>`` builds it) inside a one-head classifier, with random images, labels
-and task ids (5 tasks) at batch 32. The backbones take turns step by step, so a change of load
-on a shared machine hits them alike; the figure is the best of ``--repeats`` steps in CPU time
-of this process (``--clock wall`` for wall-clock), at one thread by default.
+``cltk run model=<name>`` builds it, plus the row's overrides) inside a one-head classifier,
+with random images and labels at batch 32. Batches are single-task, as every training batch of
+the evidence's naive runs (task 2 of 5; ``--task-ids mixed`` draws a task per sample, as the
+replayed part of a batch would). The backbones take turns step by step, so a change of load on
+a shared machine hits them alike; the figure is the best of ``--repeats`` steps in CPU time of
+this process (``--clock wall`` for wall-clock), at one thread by default.
 
     python -m perf.mom_cpu_step
 
@@ -34,15 +40,25 @@ from cl_toolkit.models import Classifier
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 SIZES = {"split_digits": (1, 8, 8), "fashion_mnist": (1, 28, 28)}
+ROUTED = {"task_routing": True, "memories_per_task": 2, "topk": 1, "hidden_size": 48,
+          "mlp_ratio": 3.34}  # = perf/mom_evidence.py ROUTED + EQUAL_PARAMS
 VARIANTS = {  # row name -> (preset, overrides)
     "transformer": ("transformer", {}),
+    "torch TransformerEncoder": ("transformer", {}),  # `TorchEncoder`, sized like the preset
     "gdn": ("gdn", {}),
     "mom shared": ("mom", {}),
-    "mom task-routed": ("mom", {"task_routing": True}),
+    "mom routed 2/task top-1": ("mom", ROUTED),
+    "mom routed 2/task top-1 + shared memory": ("mom", {**ROUTED, "shared_memory": True,
+                                                        "mlp_ratio": 2.59}),
+    "mom task-free 2/task top-1": ("mom", {**ROUTED, "task_free": True,
+                                           "routing_loss_weight": 1.0}),
+    "mom task-routed": ("mom", {"task_routing": True}),  # the 2x2 preset default (257k)
     "mom shared, fla": ("mom", {}),  # fla's MomAttention as the mixer (GPU only)
 }
-DEFAULT_VARIANTS = ["transformer", "gdn", "mom shared", "mom task-routed"]
-NUM_TASKS, NUM_CLASSES = 5, 10
+DEFAULT_VARIANTS = ["transformer", "torch TransformerEncoder", "gdn", "mom shared",
+                    "mom routed 2/task top-1", "mom routed 2/task top-1 + shared memory",
+                    "mom task-free 2/task top-1"]
+NUM_TASKS, NUM_CLASSES, TASK = 5, 10, 2
 
 
 def preset(name: str) -> dict:
@@ -66,8 +82,41 @@ class FlaMixer(nn.Module):
         return self.layer(x)[0], x.new_zeros(()), None
 
 
+class TorchEncoder(nn.Module):
+    """A plain ``torch.nn.TransformerEncoder`` image backbone: p x p patches, a linear
+    embedding, a learned position embedding, ``num_layers`` post-norm encoder layers (ReLU
+    feed-forward of width ``ff``), the mean over tokens."""
+
+    def __init__(self, shape, hidden: int, heads: int, layers: int, ff: int, patch: int):
+        super().__init__()
+        C, H, W = shape
+        self.patch, self.feat_dim = patch, hidden
+        self.embed = nn.Linear(C * patch * patch, hidden)
+        self.pos = nn.Parameter(torch.zeros((H // patch) * (W // patch), hidden))
+        layer = nn.TransformerEncoderLayer(hidden, heads, ff, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        p = self.patch
+        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+        h = self.embed(x.reshape(B, (H // p) * (W // p), C * p * p)) + self.pos
+        return self.encoder(h).mean(1)
+
+
+def torch_encoder(shape, kw: dict, target: int) -> TorchEncoder:
+    """The TorchEncoder with the preset's width, heads, depth and patch whose feed-forward width
+    brings its parameters nearest to ``target`` (the count is linear in that width)."""
+    patch = kw.get("patch_size") or (2 if max(shape[1:]) <= 16 else 4)
+    make = lambda ff: TorchEncoder(shape, kw["hidden_size"], kw["num_heads"],  # noqa: E731
+                                   kw["num_layers"], ff, patch)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    base, slope = count(make(1)), count(make(2)) - count(make(1))
+    return make(max(1, 1 + round((target - base) / slope)))
+
+
 def make_step(variant: str, shape, batch: int, seed: int, device="cpu",
-              dtype=torch.float32, patch_size=None):
+              dtype=torch.float32, patch_size=None, task_ids: str = "single"):
     """A closure running one training step, and the model's parameter count."""
     name, overrides = VARIANTS[variant]
     torch.manual_seed(seed)
@@ -77,23 +126,32 @@ def make_step(variant: str, shape, batch: int, seed: int, device="cpu",
     if kw.get("task_routing"):
         kw["num_tasks"] = NUM_TASKS
     backbone = registry.build("model", name, shape, **kw)
+    if variant == "torch TransformerEncoder":
+        target = sum(p.numel() for p in backbone.parameters())
+        backbone = torch_encoder(shape, kw, target)
     if variant.endswith(", fla"):
         for block in backbone.blocks:
             block.mixer = FlaMixer(kw["hidden_size"], kw["num_heads"], kw["num_memories"],
                                    kw["topk"])
     model = Classifier(backbone, NUM_CLASSES).to(device)
+    # The task id goes to a backbone that reads it at test time or in training only
+    # (task-free routing: the routing loss needs it).
+    takes_t = getattr(backbone, "uses_task_id", False) or \
+        getattr(backbone, "trains_with_task_id", False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((batch,) + tuple(shape), generator=gen).to(device)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
-    t = torch.randint(0, NUM_TASKS, (batch,), generator=gen).to(device)
+    t = (torch.full((batch,), TASK) if task_ids == "single" else
+         torch.randint(0, NUM_TASKS, (batch,), generator=gen)).to(device)
     autocast = torch.autocast(torch.device(device).type, dtype=dtype,
                               enabled=dtype != torch.float32)
 
     def step():
         opt.zero_grad(set_to_none=True)
         with autocast:
-            loss = F.cross_entropy(model(x, t).float(), y)
+            h = model.backbone(x, t) if takes_t else model.backbone(x)
+            loss = F.cross_entropy(model.classify(h).float(), y)
             aux = getattr(model.backbone, "aux_loss", None)
             if aux is not None:
                 loss = loss + aux
@@ -113,6 +171,9 @@ def main(argv=None) -> None:
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--task-ids", choices=("single", "mixed"), default="single",
+                   help="single: every batch from one task (the evidence's naive runs); "
+                        "mixed: a random task per sample")
     p.add_argument("--patch-size", type=int, default=None,
                    help="override the presets' patch size (1: one token per pixel)")
     args = p.parse_args(argv)
@@ -128,7 +189,8 @@ def main(argv=None) -> None:
     if "transformer" not in args.variants:
         args.variants.insert(0, "transformer")
     print(f"training step on {dev} ({args.dtype}), batch {args.batch}, {args.threads} "
-          f"thread(s), best of {args.repeats} ({args.clock} time)\n")
+          f"thread(s), best of {args.repeats} ({args.clock} time), {args.task_ids}-task "
+          "batches\n")
     print("| size | backbone | tokens | parameters | ms/step | vs transformer |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:
@@ -137,7 +199,7 @@ def main(argv=None) -> None:
         for v in args.variants:
             try:
                 steps[v], info[v] = make_step(v, shape, args.batch, 0, dev, dtype,
-                                             args.patch_size)
+                                             args.patch_size, args.task_ids)
             except ImportError as exc:  # fla's MomAttention where fla is not installed
                 missing[v] = f"{type(exc).__name__}: {exc}"
                 continue

@@ -34,6 +34,7 @@ from ..kernels.linear_attn.recurrent import fused_recurrent_linear_attn
 from ..kernels.short_conv import segment_conv
 
 MEMORY_TYPES = ("gated_delta", "gla")
+ROUTE_PER = ("token", "sample")
 
 
 def switch_aux_loss(probs: torch.Tensor, topi: torch.Tensor, num_memories: int) -> torch.Tensor:
@@ -46,6 +47,17 @@ def switch_aux_loss(probs: torch.Tensor, topi: torch.Tensor, num_memories: int) 
     counts.scatter_add_(0, topi.reshape(-1), torch.ones(topi.numel(), device=probs.device))
     frac = counts / topi.numel()
     return num_memories * (frac * probs.float().mean(0)).sum()
+
+
+def routing_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the router's block choice: the mean over tokens of
+    ``-log sum_{e in block} softmax(logits)_e``.
+
+    logits: [B, T, E] router logits (unmasked); target: [B, E] bool, the memories of each
+    sample's block (its task's). 0 when every token puts all its mass in its block."""
+    lse_all = logits.logsumexp(-1)
+    lse_in = logits.masked_fill(~target[:, None, :], float("-inf")).logsumexp(-1)
+    return (lse_all - lse_in).mean()
 
 
 class _GatherRows(torch.autograd.Function):
@@ -88,8 +100,14 @@ class MoMLayer(nn.Module):
 
     forward returns (y, aux_loss, cache); aux_loss is already multiplied by aux_loss_weight.
     memory_mask [B, E] (bool) restricts the router per sample (task routing); each row must
-    allow at least ``topk`` memories. cache (from ``use_cache=True``) holds one state per
-    (memory, sample) and the convolution tails.
+    allow at least ``topk`` memories. ``routing_target`` [B, E] (bool), set by the model for
+    one forward, adds `routing_loss` of the unmasked router times ``routing_loss_weight`` to
+    aux_loss (task-free routing learns to find each task's block). With ``record_routes`` the
+    chosen memories of the last forward stay in ``last_routes`` [B, T, k].
+    ``route_per='sample'`` routes every token of a sample by the mean of its tokens' router
+    logits (one choice per sample and layer, from the whole sequence: not causal, so not
+    for cached decoding); ``'token'`` (the default) is MoM's per-token routing. cache (from
+    ``use_cache=True``) holds one state per (memory, sample) and the convolution tails.
 
     ``PER_MEMORY`` names the parameters that hold one slice per memory along dim 0 (the
     router's E rows; E + 1 slots for the others, the shared memory last): what a task-routed
@@ -104,8 +122,11 @@ class MoMLayer(nn.Module):
                  expand_v: float = 1.0, num_memories: int = 4, topk: int = 2,
                  shared_memory: bool = True, memory_type: str = "gated_delta",
                  use_short_conv: bool = True, conv_size: int = 4, aux_loss_weight: float = 0.01,
-                 norm_eps: float = 1e-5, chunk_size: int = 64, backend: str = "auto"):
+                 norm_eps: float = 1e-5, chunk_size: int = 64, backend: str = "auto",
+                 routing_loss_weight: float = 0.0, route_per: str = "token"):
         super().__init__()
+        if route_per not in ROUTE_PER:
+            raise ValueError(f"route_per={route_per!r} is not one of {ROUTE_PER}")
         if memory_type not in MEMORY_TYPES:
             raise ValueError(f"memory_type={memory_type!r} is not one of {MEMORY_TYPES}")
         if not 1 <= topk <= num_memories:
@@ -124,6 +145,9 @@ class MoMLayer(nn.Module):
         self.memory_type, self.delta = memory_type, memory_type == "gated_delta"
         self.use_short_conv, self.conv_size = use_short_conv, conv_size
         self.aux_loss_weight, self.chunk_size, self.backend = aux_loss_weight, chunk_size, backend
+        self.routing_loss_weight, self.route_per = routing_loss_weight, route_per
+        self.routing_target: Optional[torch.Tensor] = None
+        self.record_routes, self.last_routes = False, None
         H, K, V, M = num_heads, self.head_k, self.head_v, self.num_slots
         self.router = nn.Linear(hidden_size, num_memories, bias=False)
         self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
@@ -161,6 +185,11 @@ class MoMLayer(nn.Module):
         """
         B, T, _ = x.shape
         logits = self.router(x).to(torch.promote_types(x.dtype, torch.float32))
+        if self.route_per == "sample":
+            logits = logits.mean(1, keepdim=True).expand(B, T, -1)
+        extra = None
+        if self.routing_target is not None and self.routing_loss_weight > 0:
+            extra = routing_loss(logits, self.routing_target) * self.routing_loss_weight
         if memory_mask is not None:
             if memory_mask.shape != (B, self.num_memories):
                 raise ValueError(f"memory_mask must be [B, E] = [{B}, {self.num_memories}], "
@@ -170,8 +199,8 @@ class MoMLayer(nn.Module):
         topv, topi = probs.topk(self.topk, dim=-1)
         weights = topv / topv.sum(-1, keepdim=True)
         aux = switch_aux_loss(probs.reshape(B * T, -1), topi.reshape(B * T, -1),
-                              self.num_memories)
-        return weights, topi, aux * self.aux_loss_weight
+                              self.num_memories) * self.aux_loss_weight
+        return weights, topi, aux if extra is None else aux + extra
 
     def init_cache(self, batch_size: int, device=None,
                    dtype=torch.float32) -> Dict[str, torch.Tensor]:
@@ -192,9 +221,14 @@ class MoMLayer(nn.Module):
         B, T, D = x.shape
         H, K, V, E, M = self.num_heads, self.head_k, self.head_v, self.num_memories, self.num_slots
         dev = x.device
+        if use_cache and self.route_per == "sample":
+            raise ValueError("route_per='sample' routes by the whole sequence, which cached "
+                             "decoding does not have; use route_per='token'")
         if cache is None and use_cache:
             cache = self.init_cache(B, dev, x.dtype)
         weights, topi, aux = self.route(x, memory_mask)
+        if self.record_routes:
+            self.last_routes = topi.detach()
 
         # (token, memory) pairs in token-major order: topk routed, then the shared memory,
         # which takes every token with weight 1.

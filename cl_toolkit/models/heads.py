@@ -29,6 +29,9 @@ class Classifier(nn.Module):
         self.head = nn.Linear(backbone.feat_dim, heads * num_classes)
         self.register_buffer("mask", mask, persistent=False)
         self.backbone_uses_task_id = getattr(backbone, "uses_task_id", False)
+        # A backbone that reads the task id in training only (task-free MoM routing: the
+        # routing loss needs it; at test time it ignores t).
+        self.trains_with_task_id = getattr(backbone, "trains_with_task_id", False)
         self.uses_task_id = heads > 1 or mask is not None or self.backbone_uses_task_id
 
     @property
@@ -48,7 +51,9 @@ class Classifier(nn.Module):
         return int(fn()) if fn is not None else 0
 
     def features(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        return self.backbone(x, t) if self.backbone_uses_task_id else self.backbone(x)
+        if self.backbone_uses_task_id or self.trains_with_task_id:
+            return self.backbone(x, t)
+        return self.backbone(x)
 
     def classify(self, h: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.head(h)

@@ -10,9 +10,17 @@ With ``task_routing=True`` (mixer ``mom``) task t owns memories [t*m, (t+1)*m) w
 m = ``memories_per_task`` and every router may only pick inside the block of the sample's
 task, so tasks cannot overwrite each other's memories. What still leaks is everything no task
 owns; ``shared_memory`` (off by default under routing) and ``freeze_shared`` close it.
+
+With ``task_free=True`` as well, the task id is used in training only: the block of the
+sample's task is still the only one its tokens may write, and a routing loss
+(``routing_loss_weight`` times the cross-entropy of the router's mass on that block, added to
+the model's aux loss) teaches the router to find the block. At test time no task id is read:
+every router picks its top-k among all memories, so the router itself infers the task (and,
+being shared, can forget how to; `router_task_inference` measures it).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -22,16 +30,18 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..kernels.common.utils import BACKENDS, CHUNK_SIZES, is_interpreter, triton_available
 from ..layers.block import MIXERS, Cache, SequenceBlock, make_mixer
-from ..layers.mom import MEMORY_TYPES, MoMLayer
+from ..layers.mom import MEMORY_TYPES, ROUTE_PER, MoMLayer
 from ..layers.norm import RMSNorm
 from ..validation import above, at_least, declared, one_of
 
 READOUTS = ("mean", "cls")
+TASK_FREE_TRAINING = ("oracle", "router")
 # The SequenceModel keys each mixer takes (the others are refused by name, e.g. model.topk
 # for gdn): width and depth, the MoM router, the gated memories.
 WIDTH_KEYS = ["hidden_size", "num_layers", "num_heads", "mlp_ratio"]
 ROUTER_KEYS = ["num_memories", "topk", "shared_memory", "memory_type", "aux_loss_weight",
-               "task_routing", "num_tasks", "memories_per_task", "freeze_shared"]
+               "task_routing", "num_tasks", "memories_per_task", "freeze_shared",
+               "task_free", "routing_loss_weight", "route_per", "task_free_training"]
 MEMORY_KEYS = ["use_short_conv", "chunk_size", "backend"]
 MIXER_KEYS = {"mom": WIDTH_KEYS + ROUTER_KEYS + MEMORY_KEYS, "gdn": WIDTH_KEYS + MEMORY_KEYS,
               "gla": WIDTH_KEYS + MEMORY_KEYS, "transformer": WIDTH_KEYS}
@@ -61,6 +71,13 @@ class SequenceModel(nn.Module):
         "num_layers": at_least(1, note="num_layers=0 would leave the embedding alone"),
         "num_memories": at_least(1), "topk": at_least(1), "memories_per_task": at_least(1),
         "memory_type": one_of(*MEMORY_TYPES), "aux_loss_weight": at_least(0),
+        "routing_loss_weight": at_least(0),
+        "task_free_training": one_of(*TASK_FREE_TRAINING, note="oracle: in training the task's "
+                                     "block is the only one its tokens write; router: the "
+                                     "router's own choice, tied to the block by the routing "
+                                     "loss alone"),
+        "route_per": one_of(*ROUTE_PER, note="token: MoM's per-token routing; sample: one "
+                            "choice per sample from its tokens' mean router logits"),
         "num_tasks": at_least(1),
         "chunk_size": one_of(*CHUNK_SIZES, note="the lengths the chunk kernels tile a sequence "
                              "into; null picks the shortest that holds a sequence"),
@@ -107,6 +124,25 @@ class SequenceModel(nn.Module):
                 f"picks among model.num_memories={memories}. Set model.task_routing=true (with "
                 f"benchmark.scenario=task-il), or leave "
                 f"{' and '.join(f'model.{k}' for k in unused)} out.")
+        free, weight = node.get("task_free"), node.get("routing_loss_weight")
+        if free and not routing:
+            raise ConfigError(
+                "model.task_free=true needs model.task_routing=true: task-free routing is a "
+                "router trained with the task id (each task's block of memories) and used "
+                "without it at test time. Set model.task_routing=true model.routing_loss_weight="
+                "1.0, or leave model.task_free out.")
+        if weight and not routing:
+            raise ConfigError(
+                f"model.routing_loss_weight={weight} needs the task id in training, i.e. "
+                "model.task_routing=true (the loss pushes each token's router mass into its "
+                "task's block of memories); set model.task_routing=true model.task_free=true, "
+                "or model.routing_loss_weight=0.")
+        if free and routing and not weight:
+            raise ConfigError(
+                "model.task_free=true with model.routing_loss_weight=0 would leave the router "
+                "untrained across tasks (the training mask hides the other blocks from it), so "
+                "test-time routing would be arbitrary; set model.routing_loss_weight > 0, e.g. "
+                "1.0.")
         if node.get("backend") == "triton":
             device = cfg.get("device") or "cpu"
             if torch.device(device).type != "cuda" and not is_interpreter():
@@ -127,13 +163,19 @@ class SequenceModel(nn.Module):
                  task_routing: bool = False, num_tasks: Optional[int] = None,
                  memories_per_task: int = 2, freeze_shared: bool = False,
                  use_short_conv: bool = True, chunk_size: Optional[int] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", task_free: bool = False,
+                 routing_loss_weight: float = 0.0, route_per: str = "token",
+                 task_free_training: str = "oracle"):
         super().__init__()
         if mixer not in MIXERS:
             raise ValueError(f"mixer={mixer!r} is not one of {MIXERS}")
         if (task_routing or freeze_shared) and mixer != "mom":
             raise ValueError(f"task_routing / freeze_shared need mixer='mom' (the router picks "
                              f"memories per task); mixer={mixer!r} has no router")
+        if (task_free or routing_loss_weight) and not task_routing:
+            raise ValueError("model.task_free / model.routing_loss_weight need "
+                             "model.task_routing=true (the task id in training picks the "
+                             "block the routing loss pushes the router to)")
         if freeze_shared and not task_routing:
             raise ValueError("freeze_shared=true needs task_routing=true: without it no "
                              "parameter would be left to learn later tasks")
@@ -141,7 +183,19 @@ class SequenceModel(nn.Module):
             raise ValueError(f"causal=false needs mixer='transformer'; the {mixer!r} memory "
                              "reads the sequence in order")
         self.mixer_name, self.hidden_size = mixer, hidden_size
-        self.uses_task_id, self.num_tasks = bool(task_routing), num_tasks
+        self.task_routing, self.task_free = bool(task_routing), bool(task_free)
+        # uses_task_id: the model reads the task id at test time (the runner refuses it on
+        # streams without one); trains_with_task_id: it reads it in training only.
+        self.uses_task_id = self.task_routing and not self.task_free
+        self.trains_with_task_id = self.task_routing and self.task_free
+        self.oracle_at_test = False  # `oracle_routing()`: the isolation upper bound
+        if task_free_training not in TASK_FREE_TRAINING:
+            raise ValueError(f"model.task_free_training={task_free_training!r} is not one of "
+                             f"{TASK_FREE_TRAINING}")
+        # "router": task-free training routes by the router too (the task id only sets the
+        # routing loss's target), so no later router can read which block the oracle chose.
+        self.task_free_training = task_free_training
+        self.num_tasks = num_tasks
         self.memories_per_task, self.freeze_shared = memories_per_task, freeze_shared
         if shared_memory is None:
             shared_memory = not task_routing
@@ -160,6 +214,10 @@ class SequenceModel(nn.Module):
             num_memories = num_tasks * memories_per_task
         mom = dict(num_memories=num_memories, topk=topk, shared_memory=shared_memory,
                    memory_type=memory_type, aux_loss_weight=aux_loss_weight)
+        if routing_loss_weight:
+            mom["routing_loss_weight"] = routing_loss_weight
+        if route_per != "token":
+            mom["route_per"] = route_per
         memory = dict(use_short_conv=use_short_conv, chunk_size=chunk_size or 64, backend=backend)
         self.blocks = nn.ModuleList([
             SequenceBlock(hidden_size, make_mixer(mixer, hidden_size, num_heads, causal, mom,
@@ -170,11 +228,29 @@ class SequenceModel(nn.Module):
         self.aux_loss: Optional[torch.Tensor] = None
         self.register_buffer("shared_frozen", torch.zeros((), dtype=torch.bool))
 
+    def oracle_routes(self) -> bool:
+        """Whether this forward routes by the given task id: always under task routing, only
+        in training under task-free routing (or inside `oracle_routing`)."""
+        if self.task_free and self.training and self.task_free_training == "router":
+            return False
+        return self.task_routing and (not self.task_free or self.training or
+                                      self.oracle_at_test)
+
     def memory_mask(self, t: Optional[torch.Tensor], batch: int, device) -> Optional[torch.Tensor]:
-        """[B, E] mask from task ids t [B] (LongTensor); None (all memories) without routing."""
-        if not self.uses_task_id:
+        """[B, E] mask from task ids t [B] (LongTensor); None (all memories) without routing
+        and at test time under task-free routing (t is then ignored)."""
+        if not self.oracle_routes():
             return None
+        return self._block_mask(t, batch, device)
+
+    def _block_mask(self, t: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
+        """[B, E]: True on the memories of each sample's task (the routing loss's target)."""
         if t is None:
+            if self.task_free:
+                raise ValueError("model.task_free=true trains the router with the task id of "
+                                 "every sample (t), and this training step got none: the "
+                                 "strategy must hand task ids to a model that declares "
+                                 "trains_with_task_id")
             raise ValueError("task_routing=true needs the task id of every sample (t); this "
                              "stream gives none at test time: use benchmark.scenario=task-il "
                              "or model.task_routing=false")
@@ -195,7 +271,7 @@ class SequenceModel(nn.Module):
         """{parameter name: owner [rows]}: the parameters each MoM layer declares per memory
         (``MoMLayer.PER_MEMORY``), split by task along dim 0, with the task that owns each row
         (-1: the shared memory). Parameters not listed are shared."""
-        if not self.uses_task_id:
+        if not self.task_routing:
             return {}
         per_memory = {f"{prefix}.{name}" for prefix, layer in self.named_modules()
                       if isinstance(layer, MoMLayer) for name in layer.per_memory_parameters()}
@@ -236,14 +312,87 @@ class SequenceModel(nn.Module):
         """h [B, T, D] through the blocks; sets ``self.aux_loss`` (weighted, summed)."""
         self._maybe_freeze(t)
         mask = self.memory_mask(t, h.shape[0], h.device)
+        target = None
+        if self.task_free and self.training:
+            target = mask if mask is not None else self._block_mask(t, h.shape[0], h.device)
         aux = h.new_zeros(())
         new_caches = []
         for i, block in enumerate(self.blocks):
-            h, a, c = block(h, mask, caches[i] if caches is not None else None, use_cache)
+            if isinstance(block.mixer, MoMLayer):
+                block.mixer.routing_target = target
+            try:
+                h, a, c = block(h, mask, caches[i] if caches is not None else None, use_cache)
+            finally:
+                if isinstance(block.mixer, MoMLayer):
+                    block.mixer.routing_target = None
             aux = aux + a
             new_caches.append(c)
         self.aux_loss = aux
         return self.norm(h), (new_caches if use_cache else None)
+
+    @contextlib.contextmanager
+    def oracle_routing(self):
+        """Inside it a task-free model routes by the given task id at test time too: the same
+        trained model as a parameter-isolation learner with oracle task ids (an upper bound)."""
+        old, self.oracle_at_test = self.oracle_at_test, True
+        try:
+            yield self
+        finally:
+            self.oracle_at_test = old
+
+    def owner_of(self, memories: torch.Tensor) -> torch.Tensor:
+        """Task that owns each memory id (the shared memory and ids beyond the blocks: -1)."""
+        owner = memories // self.memories_per_task
+        return owner.masked_fill(owner >= self.num_tasks, -1)
+
+    @torch.no_grad()
+    def router_task_inference(self, inputs: torch.Tensor, task: int,
+                              batch_size: int = 512) -> Dict[str, object]:
+        """How well the routers find task ``task``'s block on ``inputs`` (its test set), routing
+        as at test time (no task id under task-free routing; the model is put in eval mode).
+
+        Returns ``token``: the share of (layer, token, choice) routes that land in the task's
+        block; ``sample``: the share of samples whose majority task over all their routes is
+        ``task`` (ties to the lowest id); ``token_per_layer``; ``predicted``: how many samples
+        each task won (the collapse toward the latest task shows here); ``memory_share``: the
+        share of all routes taken by each memory (a memory its block never picks is dead)."""
+        if not self.task_routing:
+            raise ValueError("router_task_inference needs model.task_routing=true (the blocks "
+                             "that the router's choices are scored against)")
+        layers = [b.mixer for b in self.blocks if isinstance(b.mixer, MoMLayer)]
+        was_training = self.training
+        self.eval()
+        per_layer = torch.zeros(len(layers))
+        usage = torch.zeros(self.num_tasks * self.memories_per_task)
+        votes, n_routes = [], 0
+        try:
+            for layer in layers:
+                layer.record_routes = True
+            for s in range(0, inputs.shape[0], batch_size):
+                x = inputs[s:s + batch_size]
+                t = torch.full((x.shape[0],), task, dtype=torch.long, device=x.device)
+                self(x, t)
+                owners = [self.owner_of(layer.last_routes).flatten(1) for layer in layers]
+                per_layer += torch.stack([(o == task).float().sum() for o in owners]).cpu()
+                n_routes += owners[0].numel()
+                for layer in layers:
+                    usage += torch.bincount(layer.last_routes.flatten().cpu(),
+                                            minlength=usage.numel())[:usage.numel()]
+                allowed = torch.cat(owners, 1)
+                counts = torch.zeros(x.shape[0], self.num_tasks, device=x.device)
+                counts.scatter_add_(1, allowed.clamp(min=0),
+                                    (allowed >= 0).to(counts.dtype))
+                votes.append(counts.argmax(1).cpu())
+        finally:
+            for layer in layers:
+                layer.record_routes, layer.last_routes = False, None
+            self.train(was_training)
+        vote = torch.cat(votes)
+        return {"token": float(per_layer.sum() / (n_routes * len(layers))),
+                "sample": float((vote == task).float().mean()),
+                "token_per_layer": (per_layer / n_routes).tolist(),
+                "predicted": torch.bincount(vote, minlength=self.num_tasks).tolist(),
+                "memory_share": (usage / usage.sum()).tolist()}
 
 
 
