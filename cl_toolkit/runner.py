@@ -143,35 +143,23 @@ def evaluate_scores(strategy: Strategy, task: Task, batch_size: int, device: tor
 
 
 @torch.no_grad()
-def routing_scores(strategy: Strategy, batch_size: int, device: torch.device) -> dict:
-    """Per task of the stream, for a model whose memories are owned by tasks
-    (``model.task_routing``): ``router_task_inference``, the share of the task's test samples
-    whose routes land in the task's block by majority (the router's own task inference; 1 by
-    construction when the task id routes at test time), and, under task-free routing,
-    ``oracle_routing``, the primary score of the same model routed by the true task id (the
-    parameter-isolation bound the router's inference is measured against). Empty otherwise."""
+def model_task_scores(strategy: Strategy, batch_size: int, device: torch.device) -> dict:
+    """Per-task figures the model reports beside the score matrix (its ``task_scores(stream,
+    score)``, e.g. a task-routed MoM's router task inference), each recorded in
+    ``results["extras"]`` as a matrix like an extra metric; {} for models without them."""
     model = getattr(strategy, "model", None)
-    backbone = getattr(model, "backbone", None)
-    if not getattr(backbone, "task_routing", False):
+    report = getattr(model, "task_scores", None)
+    if not callable(report):
         return {}
     stream = strategy.stream
-    out = {"router_task_inference": [
-        backbone.router_task_inference(t.test.x.to(device), t.index)["sample"] for t in stream]}
-    if getattr(backbone, "task_free", False):
-        kind = task_kind(stream.kind)
-        model.eval()
-        scores = []
-        for task in stream:
-            def oracle(x, _, index=task.index):
-                x = x.to(device)
-                ids = torch.full((x.shape[0],), index, dtype=torch.long, device=device)
-                return model.classify(backbone(x, ids), ids if stream.task_il else None)
+    kind = task_kind(stream.kind)
 
-            with backbone.oracle_routing():
-                rows = kind.rows_per_batch(task.test.x, batch_size, stream)
-                scores.append(kind.score(oracle, task.test, rows)[kind.metric.key])
-        out["oracle_routing"] = scores
-    return out
+    def score(predict, task: Task) -> float:
+        rows = kind.rows_per_batch(task.test.x, batch_size, stream)
+        return kind.score(lambda x, _: predict(x.to(device)), task.test, rows)[kind.metric.key]
+
+    model.eval()
+    return report(stream, score)
 
 
 def run_analyses(strategy: Strategy, stream: TaskStream, task: Task, batch_size: int,
@@ -304,7 +292,7 @@ def _run(cfg: dict, run_dir: str | Path, progress: Any, hooks) -> dict:
         if extra_keys:
             state["extras"] = {k: {"before": [s[k] for s in before], "matrix": []}
                                for k in extra_keys}
-        for k, row in routing_scores(strategy, eval_bs, device).items():
+        for k, row in model_task_scores(strategy, eval_bs, device).items():
             state.setdefault("extras", {})[k] = {"before": row, "matrix": []}
 
     state["warmup_s"] = state.get("warmup_s", 0.0) + warmup_s
@@ -324,7 +312,7 @@ def _run(cfg: dict, run_dir: str | Path, progress: Any, hooks) -> dict:
         if stream.analyses:
             state.setdefault("extras", {}).update(
                 run_analyses(strategy, stream, task, eval_bs, device))
-        for k, row in routing_scores(strategy, eval_bs, device).items():
+        for k, row in model_task_scores(strategy, eval_bs, device).items():
             state["extras"][k]["matrix"].append(row)
         t2 = time.perf_counter()
         ctx.hooks.call("after_task", strategy=strategy, task=task)

@@ -50,6 +50,13 @@ class Classifier(nn.Module):
         fn = getattr(self.backbone, "memory_bytes", None)
         return int(fn()) if fn is not None else 0
 
+    def task_scores(self, stream, score) -> dict[str, list[float]]:
+        """Per-task figures the backbone reports beside the score matrix (the runner records
+        each as an extra matrix), e.g. a task-routed MoM's router task inference; ``score``
+        scores a predictor ``x -> logits`` on a task's test set. {} for most backbones."""
+        fn = getattr(self.backbone, "task_scores", None)
+        return fn(self, stream, score) if fn is not None else {}
+
     def features(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         if self.backbone_uses_task_id or self.trains_with_task_id:
             return self.backbone(x, t)

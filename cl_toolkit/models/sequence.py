@@ -346,6 +346,30 @@ class SequenceModel(nn.Module):
         return owner.masked_fill(owner >= self.num_tasks, -1)
 
     @torch.no_grad()
+    def task_scores(self, classifier: nn.Module, stream, score) -> Dict[str, List[float]]:
+        """Per task of ``stream`` (`Classifier.task_scores`): ``router_task_inference``, the
+        share of its test samples whose routes land in its block by majority (1 by
+        construction when the task id routes at test time), and, under task-free routing,
+        ``oracle_routing``, the score of the same model routed by the true task id (the
+        parameter-isolation bound the router's inference is measured against). {} without
+        task routing."""
+        if not self.task_routing:
+            return {}
+        device = next(self.parameters()).device
+        out = {"router_task_inference": [
+            self.router_task_inference(t.test.x.to(device), t.index)["sample"] for t in stream]}
+        if self.task_free:
+            def oracle(task):
+                def predict(x):
+                    ids = torch.full((x.shape[0],), task.index, dtype=torch.long,
+                                     device=x.device)
+                    return classifier.classify(self(x, ids), ids if stream.task_il else None)
+                with self.oracle_routing():
+                    return score(predict, task)
+            out["oracle_routing"] = [oracle(t) for t in stream]
+        return out
+
+    @torch.no_grad()
     def router_task_inference(self, inputs: torch.Tensor, task: int,
                               batch_size: int = 512) -> Dict[str, object]:
         """How well the routers find task ``task``'s block on ``inputs`` (its test set), routing
