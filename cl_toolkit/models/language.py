@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..layers.block import Cache
 from ..validation import at_least
-from .sequence import MIXER_KEYS, SequenceModel, preset
+from .sequence import MIXER_KEYS, TASK_FREE_KEYS, SequenceModel, preset
 
 
 class SequenceLanguageModel(SequenceModel):
@@ -125,8 +125,9 @@ def language_model(stream, mixer: str, vocab_size: Optional[int] = None,
 
 language_model.ranges = {"vocab_size": at_least(1)}
 
-mom_lm = preset(language_model, "mom", "mom_lm", MIXER_KEYS["mom"], "Causal language model",
-                needs_stream=True)
+mom_lm = preset(language_model, "mom", "mom_lm",
+                [k for k in MIXER_KEYS["mom"] if k not in TASK_FREE_KEYS],
+                "Causal language model", needs_stream=True)
 gdn_lm = preset(language_model, "gdn", "gdn_lm", MIXER_KEYS["gdn"], "Causal language model",
                 needs_stream=True)
 gla_lm = preset(language_model, "gla", "gla_lm", MIXER_KEYS["gla"], "Causal language model",

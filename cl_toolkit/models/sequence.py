@@ -39,9 +39,11 @@ TASK_FREE_TRAINING = ("oracle", "router")
 # The SequenceModel keys each mixer takes (the others are refused by name, e.g. model.topk
 # for gdn): width and depth, the MoM router, the gated memories.
 WIDTH_KEYS = ["hidden_size", "num_layers", "num_heads", "mlp_ratio"]
+# Task-free routing (the task id in training only) is wired for image classifiers, whose
+# strategies hand the id in training (`Classifier.trains_with_task_id`); not for language models.
+TASK_FREE_KEYS = ["task_free", "routing_loss_weight", "route_per", "task_free_training"]
 ROUTER_KEYS = ["num_memories", "topk", "shared_memory", "memory_type", "aux_loss_weight",
-               "task_routing", "num_tasks", "memories_per_task", "freeze_shared",
-               "task_free", "routing_loss_weight", "route_per", "task_free_training"]
+               "task_routing", "num_tasks", "memories_per_task", "freeze_shared", *TASK_FREE_KEYS]
 MEMORY_KEYS = ["use_short_conv", "chunk_size", "backend"]
 MIXER_KEYS = {"mom": WIDTH_KEYS + ROUTER_KEYS + MEMORY_KEYS, "gdn": WIDTH_KEYS + MEMORY_KEYS,
               "gla": WIDTH_KEYS + MEMORY_KEYS, "transformer": WIDTH_KEYS}
