@@ -50,6 +50,9 @@ BUILTINS: dict[str, dict[str, str]] = {
         "mqar": "cl_toolkit.benchmarks.mqar:mqar_stream",
         "kv_interference": "cl_toolkit.benchmarks.kv_interference:kv_interference_stream",
         "fortunes": "cl_toolkit.benchmarks.fortunes:fortunes",
+        "synthetic_market": "cl_toolkit.benchmarks.market:synthetic_market",
+        "qlib_market": "cl_toolkit.benchmarks.qlib_data:qlib_market",
+        "french_portfolios": "cl_toolkit.benchmarks.french:french_portfolios",
     },
     "model": {
         "mlp": "cl_toolkit.models.image:MLP",
@@ -65,6 +68,10 @@ BUILTINS: dict[str, dict[str, str]] = {
         "gdn_lm": "cl_toolkit.models.language:gdn_lm",
         "gla_lm": "cl_toolkit.models.language:gla_lm",
         "transformer_lm": "cl_toolkit.models.language:transformer_lm",
+        "mtmd": "cl_toolkit.models.market:mtmd",
+        "hist": "cl_toolkit.models.market:hist",
+        "gru": "cl_toolkit.models.market:gru",
+        "window_mlp": "cl_toolkit.models.market:window_mlp",
     },
     "task_kind": {
         "classification": "cl_toolkit.task_kinds:Classification",

@@ -14,8 +14,8 @@ Built-in kinds, each ``score`` returning its primary metric first:
 - ``cross_section``: one time step's cross-section of entities per sample (a trading day of
   stocks): features ``x [D, S, F]``, targets ``y [D, S]`` float (NaN: entity absent that day);
   the model predicts ``[D, S]``. Score: the Pearson information coefficient per day between
-  prediction and target, averaged over days (IC); beside it the rank IC (Spearman per day) and
-  ICIR (mean IC / its std over days).
+  prediction and target, averaged over days (IC); beside it the rank IC (Spearman per day),
+  ICIR and rank ICIR (mean / std over days) and precision@k (`precision_at_k`).
 - ``segmentation``: images ``[N, C, H, W]`` or clips ``[N, T, C, H, W]``, integer masks
   ``[N, H, W]`` / ``[N, T, H, W]`` (0 = background, ``IGNORE_INDEX`` = unlabelled); the model
   gives class logits ``[N, K, H, W]`` / ``[N, T, K, H, W]``. Score: Dice per frame and
@@ -62,6 +62,9 @@ class TaskKind:
     name: str = ""
     metric: Metric
     extra_metrics: tuple[Metric, ...] = ()
+    # True where an image or token classifier cannot take the data (market panels, clips with
+    # masks): only a model that lists the kind in its ``task_kinds`` may (cl_toolkit/validation).
+    needs_own_model: bool = False
 
     def check(self, data: TensorData, where: str) -> None:
         """Raise ``ValueError`` naming ``where`` if ``data`` do not have this kind's shape."""
@@ -190,9 +193,14 @@ def daily_ic(pred: torch.Tensor, y: torch.Tensor, rank: bool = False) -> list[fl
 
 class CrossSection(TaskKind):
     name = "cross_section"
+    needs_own_model = True
     metric = Metric("ic", "IC", percent=False)
     extra_metrics = (Metric("rank_ic", "rank IC", percent=False),
-                     Metric("icir", "ICIR", percent=False))
+                     Metric("icir", "ICIR", percent=False),
+                     Metric("rank_icir", "rank ICIR", percent=False),
+                     Metric("precision_at_k", "precision@5"))
+    # k of precision@k (HIST/MTMD report k = 3, 5, 10, 30; one k keeps one column: our choice)
+    precision_k = 5
 
     def check(self, data, where):
         if data.x.dim() != 3 or data.y.shape != data.x.shape[:2] or \
@@ -211,10 +219,36 @@ class CrossSection(TaskKind):
     def score(self, predict, data, batch_size):
         preds = torch.cat([predict(x, t).float().cpu() for x, _, t in data.batches(batch_size)])
         ic, ric = daily_ic(preds, data.y.float()), daily_ic(preds, data.y.float(), rank=True)
-        mean = sum(ic) / len(ic) if ic else float("nan")
-        std = torch.tensor(ic, dtype=torch.float64).std().item() if len(ic) > 1 else float("nan")
-        return {"ic": mean, "rank_ic": sum(ric) / len(ric) if ric else float("nan"),
-                "icir": mean / std if std > 0 else float("nan")}
+        mean, icir = _mean_ir(ic)
+        rmean, ricir = _mean_ir(ric)
+        prec = precision_at_k(preds, data.y.float(), self.precision_k)
+        return {"ic": mean, "rank_ic": rmean, "icir": icir, "rank_icir": ricir,
+                "precision_at_k": sum(prec) / len(prec) if prec else float("nan")}
+
+
+def _mean_ir(values: list[float]) -> tuple[float, float]:
+    """Mean over days and mean / std (the information ratio); NaN where undefined."""
+    mean = sum(values) / len(values) if values else float("nan")
+    std = torch.tensor(values, dtype=torch.float64).std().item() if len(values) > 1 \
+        else float("nan")
+    return mean, (mean / std if std > 0 else float("nan"))
+
+
+def precision_at_k(pred: torch.Tensor, y: torch.Tensor, k: int) -> list[float]:
+    """Per day of ``pred, y [D, S]``: the share of the ``k`` entities ranked highest by
+    ``pred`` (among those present) whose target is above the day's median, i.e. whose
+    rank-normalised target is positive, as the HIST/MTMD code counts on its CSRankNorm'd labels.
+    Days with fewer than ``k`` present entities are left out (market streams refuse them
+    when built)."""
+    out = []
+    for d in range(y.shape[0]):
+        present = ~torch.isnan(y[d])
+        if int(present.sum()) < k:
+            continue
+        p, t = pred[d, present], y[d, present]
+        above = _ranks(t.double()) > (t.numel() + 1) / 2      # rank-normalised target > 0
+        out.append(float(above[torch.topk(p, k).indices].double().mean()))
+    return out
 
 
 def dice_iou(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[list, list]:
@@ -235,6 +269,7 @@ def dice_iou(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[lis
 
 class Segmentation(TaskKind):
     name = "segmentation"
+    needs_own_model = True
     metric = Metric("dice", "Dice")
     extra_metrics = (Metric("iou", "IoU"),)
 

@@ -261,6 +261,26 @@ def check_trainer(node: Any, device: Any) -> None:
     check_settings(node.get("precision", "fp32"), node.get("grad_clip"), torch.device(device))
 
 
+def check_model_kind(model: str, kind: str, benchmark: str) -> None:
+    """Refuse a model for a stream of a task kind it does not take: a model that declares
+    ``task_kinds`` takes those only; one that declares none takes every kind an image or token
+    classifier can (all but those marked ``needs_own_model``, e.g. market cross-sections)."""
+    from .task_kinds import task_kind
+
+    def takes(name: str) -> bool:
+        declared = getattr(registry.resolve("model", name), "task_kinds", None)
+        return kind in declared if declared else not task_kind(kind).needs_own_model
+
+    if takes(model):
+        return
+    fits = [n for n in registry.names("model") if takes(n)]
+    declared = getattr(registry.resolve("model", model), "task_kinds", None)
+    what = f"it takes {', '.join(declared)}" if declared else "it classifies images or tokens"
+    raise ConfigError(f"benchmark {benchmark!r} holds {kind} tasks, which model={model} cannot "
+                      f"take ({what}); use {', '.join(f'model={n}' for n in fits[:6]) or 'a model for them'}"
+                      f"{', ...' if len(fits) > 6 else ''}.")
+
+
 def check_compatible(cfg: dict, kind: str | None = None, scenario: str | None = None) -> None:
     """Refuse a strategy that does not support the stream's task kind or scenario, and a probe
     whose required capabilities the strategy lacks; read from the classes' declarations, so
@@ -277,6 +297,11 @@ def check_compatible(cfg: dict, kind: str | None = None, scenario: str | None = 
             f"strategy={name} cannot learn {kind} tasks (benchmark={cfg['benchmark']['name']}); "
             f"it supports {', '.join(strategy.task_kinds)}. Strategies for {kind} tasks: "
             f"{', '.join(registry.strategies_declaring('task_kinds', {kind})) or 'none built in'}.")
+    model = cfg.get("model")
+    if isinstance(model, dict) and "name" in model:
+        declared = getattr(registry.resolve("model", model["name"]), "task_kinds", None)
+        if kind is not None or declared:  # an undeclared builder holds images or tokens
+            check_model_kind(model["name"], kind or "classification", cfg["benchmark"]["name"])
     if scenario is not None and scenario not in strategy.scenarios:
         raise ConfigError(
             f"strategy={name} does not support the {scenario} scenario (benchmark="

@@ -88,7 +88,7 @@ def test_cross_section_kind_trains_and_scores_by_ic():
     strategy.setup(stream, Linear(3), RunContext())
     strategy.learn(stream[0])
     s0 = runner.evaluate_scores(strategy, stream[0], 4, torch.device("cpu"))
-    assert list(s0) == ["ic", "rank_ic", "icir"]
+    assert list(s0) == ["ic", "rank_ic", "icir", "rank_icir", "precision_at_k"]
     assert s0["ic"] > 0.9  # learned period 0
     # independent oracle: the mean of per-day numpy correlations of the model's predictions
     with torch.no_grad():
