@@ -122,13 +122,21 @@ def _register_configs() -> None:
 
 
 def _summary(results: dict, run_dir) -> str:
+    """One line: ACC, BWT and forgetting in the score's own units (% for percent scores such
+    as accuracy; as they are for the IC, say), named after the score when it is not accuracy."""
     m = results.get("metrics", {})
+    metric = results.get("metric") or {}
+    percent = metric.get("percent", True)
 
-    def pct(key):
-        return "n/a" if m.get(key) is None else f"{100 * m[key]:.2f}%"
+    def show(key):
+        if m.get(key) is None:
+            return "n/a"
+        return f"{100 * m[key]:.2f}%" if percent else f"{m[key]:.4f}"
 
-    return (f"ACC {pct('acc')}  BWT {pct('bwt')}  forgetting {pct('forgetting')} (max-based)  "
-            f"-> {Path(run_dir) / 'results.json'}")
+    acc = "ACC" if metric.get("key", "accuracy") == "accuracy" else \
+        f"Avg {metric.get('label', metric['key'])}"
+    return (f"{acc} {show('acc')}  BWT {show('bwt')}  forgetting {show('forgetting')} "
+            f"(max-based)  -> {Path(run_dir) / 'results.json'}")
 
 
 def _print_error(exc: BaseException, label: str = "") -> None:

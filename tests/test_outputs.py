@@ -141,3 +141,14 @@ def test_progress_inside_an_epoch_and_the_closing_line(tmp_path):
     assert f"ACC {100 * m['acc']:.2f}%" in line and f"BWT {100 * m['bwt']:.2f}%" in line
     assert f"forgetting {100 * m['forgetting']:.2f}%" in line
     assert line.endswith(str(tmp_path / "results.json"))
+
+
+def test_summary_line_shows_a_non_percent_score_as_it_is():
+    from cl_toolkit.cli import _summary
+
+    ic = {"metric": {"key": "ic", "label": "IC", "percent": False},
+          "metrics": {"acc": 0.05, "bwt": -0.0125, "forgetting": 0.02}}
+    line = _summary(ic, "/r")
+    assert line.startswith("Avg IC 0.0500  BWT -0.0125  forgetting 0.0200") and "%" not in line
+    acc = {"metrics": {"acc": 0.5, "bwt": None, "forgetting": 0.25}}  # no metric: accuracy
+    assert _summary(acc, "/r").startswith("ACC 50.00%  BWT n/a  forgetting 25.00%")
