@@ -15,6 +15,8 @@ Lopez-Paz & Ranzato, GEM (https://arxiv.org/abs/1706.08840) and Chaudhry et al.,
 - FWT  = mean_{j>0} (R[j-1, j] - b[j])
 - forgetting (max-based) = mean_{j<T-1} (max_{j<=l<T-1} R[l, j] - R[T-1, j])
 - learning accuracy = mean_j R[j, j]
+- next-task score = mean_{j>0} R[j-1, j]: each task just before it is learned (FWT without
+  the untrained baseline; for a stream of calendar periods, the next-period score)
 - transient forgetting = mean_{j<T-1} of task j's largest drop after it was learned,
   max_{j<=m<=l<T} (R[m, j] - R[l, j]); beside it, per task, the worst score after it was
   learned, min_{j<=l<T} R[l, j]. A final-row average can hide an old task that fell to chance
@@ -37,7 +39,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-SCALARS = ("acc", "bwt", "fwt", "forgetting", "learning_acc", "transient_forgetting")
+SCALARS = ("acc", "bwt", "fwt", "forgetting", "learning_acc", "transient_forgetting",
+           "next_task")
 CLASS_IL_FWT = ("class-il: a model never trained on task j's classes does not predict them "
                 "(R[j-1, j] is about 0 whatever was learned), so R[j-1, j] - b[j] measures the "
                 "untrained model, not transfer")
@@ -117,6 +120,13 @@ def largest_drop_per_task(R) -> list[float]:
     return out
 
 
+def next_task(R) -> float | None:
+    """``mean_{j>0} R[j-1, j]`` (None with T=1)."""
+    R = _matrix(R)
+    T = R.shape[0]
+    return None if T < 2 else float(np.mean([R[j - 1, j] for j in range(1, T)]))
+
+
 def transient_forgetting(R) -> float | None:
     """Mean over the tasks learned before the last of their largest drop (None with T=1)."""
     drops = largest_drop_per_task(R)[:-1]
@@ -138,7 +148,7 @@ def summary(R, b: Sequence[float] | None = None,
     if not higher_is_better:
         out = summary(-np.asarray(R, dtype=np.float64),
                       None if b is None else -np.asarray(b, dtype=np.float64), not_applicable)
-        for key in ("acc", "learning_acc"):
+        for key in ("acc", "learning_acc", "next_task"):
             out[key] = None if out[key] is None else -out[key]
         out["running_acc"] = [-v for v in out["running_acc"]]
         out["worst_after_learning"] = [-v for v in out["worst_after_learning"]]
@@ -155,6 +165,7 @@ def summary(R, b: Sequence[float] | None = None,
         "running_acc": running_accuracy(R),
         "forgetting_per_task": forgetting_per_task(R),
         "transient_forgetting": transient_forgetting(R),
+        "next_task": next_task(R),
         "largest_drop_per_task": largest_drop_per_task(R),
         "worst_after_learning": worst_after_learning(R),
     }

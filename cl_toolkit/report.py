@@ -62,6 +62,7 @@ from .task_kinds import Metric
 
 COLUMNS = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forgetting (max)"),
            ("transient_forgetting", "Transient forgetting"), ("learning_acc", "Learning acc")]
+NEXT_TASK = ("next_task", "Next-task")  # shown for scores that ask for it (Metric.next_task)
 STATISTIC = "mean ± sample std (ddof=1) over n runs (seeds / task orders); n = 1: the value"
 ACCURACY = Metric("accuracy", "accuracy")
 
@@ -81,7 +82,7 @@ def metric_of(r: dict, key: str | None = None) -> Metric:
         return default
     name = str(node.get("key", default.key))
     return Metric(name, str(node.get("label", name)), bool(node.get("higher_is_better", True)),
-                  bool(node.get("percent", default.percent)))
+                  bool(node.get("percent", default.percent)), bool(node.get("next_task", False)))
 
 
 def _scale(metric: Metric) -> tuple[float, int, str]:
@@ -95,10 +96,12 @@ def _capital(text: str) -> str:
 
 def columns(metric: Metric) -> list[tuple[str, str]]:
     """(metrics key, header) of the table's score columns, named after the score."""
+    cols = COLUMNS[:1] + ([NEXT_TASK] if metric.next_task else []) + COLUMNS[1:]
     if metric.key == ACCURACY.key:
-        return COLUMNS
-    named = {"acc": f"Avg {metric.label}", "learning_acc": f"Learning {metric.label}"}
-    return [(key, named.get(key, name)) for key, name in COLUMNS]
+        return cols
+    named = {"acc": f"Avg {metric.label}", "learning_acc": f"Learning {metric.label}",
+             "next_task": f"Next-task {metric.label}"}
+    return [(key, named.get(key, name)) for key, name in cols]
 
 
 def section_of(r: dict) -> tuple[str, str, int, str, str]:
@@ -334,7 +337,7 @@ def summarize(groups: dict[str, list[dict]]) -> list[dict]:
                "errors": [r.get("_sweep_error") for r, s in zip(all_runs, status)
                           if s == "failed"],
                "only_partial": not done, "n_a": {}, "group": runs}
-        for key, _ in COLUMNS:
+        for key, _ in COLUMNS + [NEXT_TASK]:
             row[key] = mean_std([r["metrics"].get(key) for r in runs])
             if row[key] is None:
                 reason = _not_applicable(runs, key)
@@ -368,8 +371,9 @@ def reference_rows(groups: dict[str, list[dict]]) -> list[dict]:
         row = {"method": label, "runs": len(accs), "done": len(accs), "partial": 0,
                "failed": 0, "errors": [], "only_partial": False, "memory_mb": None,
                "train_s": None, "group": [],
-               "n_a": {k: "a reference model, not a continual run" for k, _ in COLUMNS[1:]}}
-        row.update({key: None for key, _ in COLUMNS})
+               "n_a": {k: "a reference model, not a continual run"
+                       for k, _ in COLUMNS[1:] + [NEXT_TASK]}}
+        row.update({key: None for key, _ in COLUMNS + [NEXT_TASK]})
         row["acc"] = mean_std(accs)
         rows.append(row)
     return rows
@@ -394,7 +398,7 @@ def _footnotes(rows: list[dict]) -> tuple[dict, list[str]]:
 def _cells(r: dict, notes: dict, metric: Metric = ACCURACY) -> list[str]:
     scale, digits, _ = _scale(metric)
     cells = [r["method"], _runs_cell(r)]
-    for key, _ in COLUMNS:
+    for key, _ in columns(metric):
         cells.append(f"n/a [{notes[r['n_a'][key]]}]" if r[key] is None and key in r["n_a"]
                      else fmt(r[key], scale, digits))
     return cells + [fmt(r["memory_mb"], 1.0), fmt(r["train_s"], 1.0, 1)]
@@ -703,7 +707,7 @@ def _csv_rows(results: list[dict]) -> tuple[list[str], list[dict]]:
                "strategy": r["config"]["strategy"]["name"], "row": r.get("_row", ""),
                "seed": r["config"].get("seed"),
                "status": _run_status(r), "run_dir": r.get("_dir", "")}
-        for key, _ in COLUMNS:
+        for key, _ in COLUMNS + [NEXT_TASK]:
             value = r["metrics"].get(key)
             row[key] = "" if value is None else value
             row[f"{key}_na"] = (r.get("not_applicable") or {}).get(key, "") if value is None \

@@ -50,6 +50,9 @@ class Metric:
     label: str
     higher_is_better: bool = True
     percent: bool = True
+    # Report the next-task score, mean_{j>0} R[j-1, j]: each task scored just before it is
+    # learned (for a stream of calendar periods, the next-period IC practitioners trade on).
+    next_task: bool = False
 
     def describe(self) -> dict:
         return asdict(self)
@@ -194,7 +197,7 @@ def daily_ic(pred: torch.Tensor, y: torch.Tensor, rank: bool = False) -> list[fl
 class CrossSection(TaskKind):
     name = "cross_section"
     needs_own_model = True
-    metric = Metric("ic", "IC", percent=False)
+    metric = Metric("ic", "IC", percent=False, next_task=True)
     extra_metrics = (Metric("rank_ic", "rank IC", percent=False),
                      Metric("icir", "ICIR", percent=False),
                      Metric("rank_icir", "rank ICIR", percent=False),

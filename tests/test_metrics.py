@@ -108,3 +108,11 @@ def test_transient_forgetting_of_a_lower_is_better_score():
     s = metrics.summary(E, higher_is_better=False)
     assert s["transient_forgetting"] == pytest.approx(0.4)
     assert s["worst_after_learning"] == [0.4, 0.1]
+
+
+def test_next_task_score_is_each_task_just_before_it_is_learned():
+    R = [[0.9, 0.2, 0.1], [0.8, 0.9, 0.4], [0.7, 0.8, 0.9]]
+    assert metrics.next_task(R) == pytest.approx((0.2 + 0.4) / 2)
+    assert metrics.next_task([[0.5]]) is None
+    lower = metrics.summary(R, higher_is_better=False)  # stays in the score's own units
+    assert lower["next_task"] == pytest.approx(0.3)

@@ -341,3 +341,23 @@ def test_results_written_before_transient_forgetting_say_so():
     row = summarize({"naive": [r]})[0]
     assert row["transient_forgetting"] is None
     assert "written before" in row["n_a"]["transient_forgetting"]
+
+
+def test_next_task_score_is_a_column_where_the_score_asks_for_it(tmp_path):
+    """The IC as the runner describes it (Metric.next_task) gets a "Next-task IC" column:
+    mean_{j>0} R[j-1, j], hand-computed: seed 0 (0.01 + 0.02) / 2, seed 1 (0.03 + 0.01) / 2."""
+    from cl_toolkit.task_kinds import CrossSection
+
+    ic = CrossSection.metric.describe()
+    runs = [scored(ic, 0, [[0.05, 0.01, 0.0], [0.03, 0.06, 0.02], [0.0, 0.0, 0.04]], [0.0] * 3),
+            scored(ic, 1, [[0.05, 0.03, 0.0], [0.03, 0.06, 0.01], [0.0, 0.0, 0.04]], [0.0] * 3)]
+    write_results(tmp_path / "runs", runs)
+    write_report([str(tmp_path / "runs")], str(tmp_path / "out"))
+    md = (tmp_path / "out" / "report.md").read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| Method | n |"))
+    row = next(line for line in md.splitlines() if line.startswith("| naive | 2 |"))
+    cells = dict(zip(head.split(" | "), row.split(" | ")))
+    assert cells["Next-task IC"] == "0.018 ± 0.004"  # mean(0.015, 0.02), sample std 0.0035
+    rows = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
+    assert sorted(round(float(r["next_task"]), 6) for r in rows) == [0.015, 0.02]
+    assert "Next-task IC" in (tmp_path / "out" / "report.tex").read_text()
