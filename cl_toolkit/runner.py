@@ -292,8 +292,8 @@ def _run(cfg: dict, run_dir: str | Path, progress: Any, hooks) -> dict:
         if extra_keys:
             state["extras"] = {k: {"before": [s[k] for s in before], "matrix": []}
                                for k in extra_keys}
-        for k, row in model_task_scores(strategy, eval_bs, device).items():
-            state.setdefault("extras", {})[k] = {"before": row, "matrix": []}
+        for k, values in model_task_scores(strategy, eval_bs, device).items():
+            state.setdefault("extras", {})[k] = {"before": values, "matrix": []}
 
     state["warmup_s"] = state.get("warmup_s", 0.0) + warmup_s
     if progress is not None:
@@ -312,8 +312,9 @@ def _run(cfg: dict, run_dir: str | Path, progress: Any, hooks) -> dict:
         if stream.analyses:
             state.setdefault("extras", {}).update(
                 run_analyses(strategy, stream, task, eval_bs, device))
-        for k, row in model_task_scores(strategy, eval_bs, device).items():
-            state["extras"][k]["matrix"].append(row)
+        for k, values in model_task_scores(strategy, eval_bs, device).items():
+            state.setdefault("extras", {}).setdefault(k, {"before": values, "matrix": []})[
+                "matrix"].append(values)  # setdefault: a checkpoint from before the figure
         t2 = time.perf_counter()
         ctx.hooks.call("after_task", strategy=strategy, task=task)
         state["matrix"].append(row)

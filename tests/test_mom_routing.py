@@ -245,8 +245,10 @@ def test_a_task_free_run_records_router_inference_and_the_oracle_bound(tmp_path)
                       "model.task_routing=true", "model.memories_per_task=2", "model.topk=1",
                       "model.task_free=true", "model.routing_loss_weight=1.0", "smoke=true",
                       "quiet=true", "strategy.epochs=1")
-    extras = run(cfg, tmp_path)["extras"]
+    results = run(cfg, tmp_path)
+    extras = results["extras"]
     T = len(extras["router_task_inference"]["before"])
+    assert len(results["matrix"]) == T
     for key in ("router_task_inference", "oracle_routing"):
         assert len(extras[key]["matrix"]) == T
         assert all(0.0 <= v <= 1.0 for row in extras[key]["matrix"] for v in row)
@@ -331,3 +333,19 @@ def test_router_trained_task_free_routes_by_itself_in_training_too():
 def test_task_free_training_mode_is_checked_by_name():
     with pytest.raises(ConfigError, match="model.task_free_training"):
         check_config(compose_cfg("model=mom", "model.task_free_training=teacher"))
+
+
+def test_a_model_s_own_figures_never_replace_the_score_matrix(tmp_path, monkeypatch):
+    """A figure the model reports (`task_scores`) lands in extras; the matrix keeps the
+    scores. Sentinel values (0.125, never an accuracy of these 3-sample smoke tests) must
+    appear in the extra and nowhere in the matrix."""
+    from cl_toolkit.models.sequence import SequenceModel
+    from cl_toolkit.runner import run
+
+    monkeypatch.setattr(SequenceModel, "task_scores",
+                        lambda self, clf, stream, score: {"sentinel": [0.125] * len(stream)})
+    cfg = compose_cfg("benchmark=split_digits", "model=mom", "smoke=true", "quiet=true",
+                      "strategy.epochs=1")
+    results = run(cfg, tmp_path)
+    assert all(row == [0.125] * len(row) for row in results["extras"]["sentinel"]["matrix"])
+    assert all(v != 0.125 for row in results["matrix"] for v in row)
