@@ -17,8 +17,8 @@ an unstudied control set of the same kind with foils of its own. Then, for every
 3. retention: ``max(schedule)`` further ``train_step`` updates on the retention corpus
    (``python_source``: byte windows of Python's standard-library source, text unlike the
    stimuli; ``stream``: windows of the current task's training data; batches of
-   ``retention_batch_size``, null: the strategy's), the same batches in every branch,
-   measuring after each point of ``schedule`` (0: straight after the study);
+   ``retention_batch_size``, null: the strategy's), at ``study_lr`` too, the same batches in
+   every branch, measuring after each point of ``schedule`` (0: straight after the study);
 4. restore the snapshot, so the run continues exactly as it would without the probe (its
    checkpoints never hold a branch).
 
@@ -179,6 +179,12 @@ class RetentionProbe(Probe):
             raise ConfigError(f"probe.exposures lists a count twice: {list(exposures)}; give "
                               f"each once, e.g. {sorted(set(exposures))}.")
         self.exposures = [int(k) for k in exposures]
+        if not isinstance(stimuli, (list, tuple)):
+            raise ConfigError(f"probe.stimuli must be a list of stimulus kinds, e.g. "
+                              f"[fortunes, random]; got {stimuli!r}. Kinds: {', '.join(STIMULI)}.")
+        if files is not None and not isinstance(files, (list, tuple)):
+            raise ConfigError(f"probe.files must be a list of fortunes file names, e.g. "
+                              f"[wisdom, science], or null; got {files!r}.")
         self.stimuli = list(stimuli)
         if not self.stimuli:
             raise ConfigError(f"probe.stimuli is empty; use any of {', '.join(STIMULI)}.")
