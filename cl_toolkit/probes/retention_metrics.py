@@ -22,10 +22,6 @@ def log_spaced(limit: int) -> list[int]:
     return points
 
 
-def on_log_schedule(n: int) -> bool:
-    return n in log_spaced(n)
-
-
 def recognition(loss_studied: torch.Tensor, loss_foil: torch.Tensor) -> float:
     """Share of pairs whose studied sequence has the lower loss; ties count half."""
     wins = (loss_studied < loss_foil).float() + 0.5 * (loss_studied == loss_foil).float()
