@@ -808,3 +808,19 @@ def test_study_lr_needs_an_optimizer_it_can_set():
     probe.setup(stream, RunContext())
     with pytest.raises(ConfigError, match="probe.study_lr=0.1 needs.*probe.study_lr=null"):
         probe.after_batch(strategy=Recorder(BigramLM(256)), task=stream[0])
+
+
+def test_renderer_keeps_runs_of_different_settings_apart(tmp_path):
+    """Same model, same seed, two probe settings: two rows, never one averaged "seed"."""
+    from cl_toolkit.renderers.retention import render
+
+    def result(lr, rec):
+        before = [point("studied", None, None, 0.5), point("control", None, None, 0.5)]
+        points = [point("studied", 0, rec=rec), point("control", 0, rec=0.5)]
+        return {"config": {"seed": 0, "model": {"name": "gdn_lm"},
+                           "probe": {"name": "retention", "study_lr": lr}},
+                "extras": {"retention": {"before": before, "points": points}}}
+
+    md, _ = render([result(0.001, 0.9), result(0.01, 0.6)], tmp_path)
+    assert "| gdn_lm (probe.study_lr=0.001) | random | 3 | +0 | +40 | 1 |" in md
+    assert "| gdn_lm (probe.study_lr=0.01) | random | 3 | +0 | +10 | 1 |" in md

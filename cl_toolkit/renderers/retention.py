@@ -16,9 +16,12 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
+import re
 from pathlib import Path
 
 from ..probes.retention_metrics import mean_ci
+from ..runs import flat_config, show
 from . import legend_outside
 
 MEASURES = ("recognition", "recall_exact", "recall_token", "recall_rouge")
@@ -88,16 +91,31 @@ def _per_run(extra: dict) -> tuple[dict, dict]:
     return effects, control
 
 
+def _labels(runs: list[dict]) -> list[str]:
+    """A row label per run: its model's name, plus the config keys whose values differ between
+    that model's runs (seeds aside), so runs with different settings are never averaged as if
+    they were seeds of one setting."""
+    flats = [flat_config(r) if r.get("config") else {} for r in runs]
+    models = [(r.get("config") or {}).get("model", {}).get("name", "?") for r in runs]
+    labels = []
+    for model, flat in zip(models, flats):
+        same = [f for m, f in zip(models, flats) if m == model]
+        differ = sorted(k for k in {k for f in same for k in f}
+                        if len({json.dumps(f.get(k), default=str) for f in same}) > 1)
+        labels.append(model + (f" ({', '.join(f'{k}={show(flat.get(k))}' for k in differ)})"
+                               if differ else ""))
+    return labels
+
+
 def _curves(runs: list[dict]) -> dict:
-    """``{(model, stimuli, k): {at: {measure: [one value per seed]}}}``: k = 0 the control as
-    measured, k > 0 studied minus control (see the module)."""
+    """``{(row, stimuli, k): {at: {measure: [one value per seed]}}}``: k = 0 the control as
+    measured, k > 0 studied minus control (see the module); rows as `_labels` names them."""
     by_seed: dict = {}
-    for r in runs:
+    for r, model in zip(runs, _labels(runs)):
         extra = (r.get("extras") or {}).get("retention")
         if not extra:
             continue
         config = r.get("config") or {}
-        model = (config.get("model") or {}).get("name", "?")
         seed = config.get("seed", 0)
         effects, control = _per_run(extra)
         rows = {**{(kind, k): c for (kind, k), c in effects.items()},
@@ -203,7 +221,7 @@ def render(runs: list[dict], out_dir) -> tuple[str, str]:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
-        name = f"retention_{model}.png"
+        name = f"retention_{re.sub(r'[^A-Za-z0-9_.-]+', '_', model).strip('_')}.png"
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / name).write_bytes(buf.getvalue())
         md += [f"![retention {model}]({name})", ""]
