@@ -28,8 +28,8 @@ After every task the analysis ``kv_interference`` scores fresh sequences:
 - ``by_keys``: against ``probe_keys`` at a fixed ``keys_updates`` updates per key (PI-LLM's keys
   test: K varies, U per key does not);
 - ``by_keys_fixed_total``: against ``probe_keys_fixed_total`` at K x U = ``total_updates``;
-- at the training sizes (every (K, U) a task was trained on, in ``order``): ``train_accuracy``,
-  their mean, and ``learned = train_accuracy >= learned_gate``. A run that did not learn its
+- at the training sizes (every (K, U) a task was trained on, in ``order``, left-padded to the
+  length it had in training): ``train_accuracy``, their mean, and ``learned = train_accuracy >= learned_gate``. A run that did not learn its
   training distribution says nothing about interference;
 - ``extrapolated``: the probe points of each curve outside the training box (K and U beyond
   the smallest / largest trained);
@@ -248,6 +248,8 @@ def kv_interference_stream(vocab_size: int = 48, key_tokens: int = 8, num_keys: 
     else:
         plan = [(f"K{k}", [(int(k), total_updates // int(k))]) for k in train_keys]
     trained = [kv for _, groups in plan for kv in groups]
+    # the length a trained (K, U) had in training: its task's longest, left-padded to it
+    train_length = {kv: max(seq_len(*p) for p in groups) for _, groups in plan for kv in groups}
     u_probe = [(K, int(u)) for u in probe_updates]
     k_probe = [(int(k), keys_updates) for k in probe_keys]
     t_probe = [(int(k), total_updates // int(k)) for k in probe_keys_fixed_total]
@@ -265,11 +267,14 @@ def kv_interference_stream(vocab_size: int = 48, key_tokens: int = 8, num_keys: 
         (K x U fixed); accuracy at the training sizes and the gate."""
         pg = torch.Generator().manual_seed(seed + 7919)
 
-        def curve(pts, in_order=order):
+        def curve(pts, in_order=order, as_trained=False):
             rows = []
             for k, u in pts:
                 x, _, truth = sample(probe_size, vocab_size, key_tokens, k, u, pg, in_order)
-                rows.append(score(predict(x).gather(1, truth["query_pos"]), truth["history"]))
+                pad = train_length[k, u] - x.shape[1] if as_trained else 0
+                x = torch.nn.functional.pad(x, (pad, 0), value=PAD)
+                rows.append(score(predict(x).gather(1, truth["query_pos"] + pad),
+                                  truth["history"]))
             if not rows:
                 return {}
             out = {key: [r[key] for r in rows] for key in rows[0]}
@@ -282,7 +287,7 @@ def kv_interference_stream(vocab_size: int = 48, key_tokens: int = 8, num_keys: 
             return {"auc_log_updates": auc_log(ups, curve_["accuracy"]),
                     "auc_log15_updates": auc_log15(ups, curve_["accuracy"])}
 
-        at_train = curve(trained)
+        at_train = curve(trained, as_trained=True)  # padded as in training
         train_acc = sum(at_train["accuracy"]) / len(trained)
         updates = [u for _, u in u_probe]
         out = {"num_keys": K, "order": order, "split": split,

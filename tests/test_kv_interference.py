@@ -380,3 +380,21 @@ def test_check_refuses_a_chance_curve_of_the_wrong_length():
     extra["learned"] = "yes"
     with pytest.raises(TypeError, match="not true / false"):
         check_kv_interference(extra)
+
+
+def test_the_gate_scores_the_training_sizes_as_they_were_trained_left_padded():
+    """In a mixture task every sequence was left-padded to the longest (U = 4). A model right
+    only at that length passes the gate when the gate pads as training did (it would score
+    2/3 on unpadded sequences: U = 2 answered with its first value)."""
+    L = kv.seq_len(2, 4)
+
+    def only_at_training_length(x):
+        return (last_value if x.shape[1] == L else first_value)(x)
+
+    stream = kv.kv_interference_stream(vocab_size=V, key_tokens=P, num_keys=2,
+                                       train_updates=[1, 2, 4], train_size=4, test_size=4,
+                                       probe_updates=[1, 2, 4], probe_keys=[],
+                                       probe_keys_fixed_total=[], probe_size=8)
+    out = stream.analyses["kv_interference"](only_at_training_length)
+    assert out["train_point_accuracy"] == [1.0, 1.0, 1.0] and out["learned"] is True
+    assert out["by_updates"]["accuracy"][1] == 0.0  # the probe curves stay unpadded
