@@ -5,7 +5,7 @@ markdown table per stream (mean +- 95 % t-interval over seeds), with transient f
 for the routed rows, the router's task inference after every task.
 
     python -m perf.mom_evidence --run --streams digits_til digits_cil --seeds 0 1 2 \
-        --out /tmp/i23/evidence
+        --out runs/mom_evidence
 
 Routed rows: 2 memories per task, top-1 (``ROUTED``): the router chooses inside the block.
 At hidden 64 that model has 257k parameters, so the routed rows shrink to hidden 48 with the
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         run_one(Path(argv[1]), argv[3:] if argv[2:3] == ["--"] else argv[2:])
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("/tmp/i23/evidence"))
+    ap.add_argument("--out", type=Path, default=Path("runs/mom_evidence"))
     ap.add_argument("--streams", nargs="+", default=["digits_til", "digits_cil"],
                     choices=list(STREAMS))
     ap.add_argument("--rows", nargs="+", default=None, choices=list(ROWS),

@@ -9,7 +9,7 @@ Figures, all in IC units (daily Pearson IC averaged over a period's test days):
   care about);
 - BWT and forgetting (max-based) of the IC matrix; final rank IC; memory bytes of the model.
 
-    python -m perf.mtmd_evidence /tmp/i24/evidence [--markdown out.md]
+    python -m perf.mtmd_evidence runs/multirun [--markdown out.md]
 """
 from __future__ import annotations
 

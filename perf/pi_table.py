@@ -3,7 +3,7 @@ override that differs between runs), mean ± 95 % t-interval over seeds of the g
 the training sizes), both AUCs, accuracy against U in each update order probed, against K at a
 fixed U per key and at a fixed K x U, with the chance guessers' values beside them.
 
-    python -m perf.pi_table /tmp/i23/pi/headline_random [more dirs] [--by model.hidden_size]
+    python -m perf.pi_table runs/multirun [more dirs] [--by model.hidden_size]
 
 Reads every ``results.json`` under the directories (``extras["kv_interference"]``, written by
 ``cl_toolkit.benchmarks.kv_interference``). Runs that did not pass their gate are counted in

@@ -10,6 +10,7 @@ import torch
 from cl_toolkit.benchmarks import kv_interference as kv
 from cl_toolkit.errors import ConfigError
 from cl_toolkit.stream import IGNORE_INDEX
+from test_report_sections import table
 
 N_ = IGNORE_INDEX
 V, P = 64, 8  # vocabulary, key tokens: keys 1..8, values 9..63
@@ -312,17 +313,6 @@ def analysed(model, predict, seed=0, gate=0.9, **kw):
             "extras": {"kv_interference": extra}}
 
 
-def md_table(md, title):
-    lines = md[md.index(title):].splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("| "))
-    rows = []
-    for ln in lines[start:]:
-        if not ln.startswith("|"):
-            break
-        rows.append([c.strip() for c in ln.strip().strip("|").split(" | ")])
-    return rows[0], {r[0]: r for r in rows[2:]}
-
-
 def test_report_draws_only_runs_that_learned_with_chance_rows_and_both_aucs(tmp_path):
     from cl_toolkit.renderers.tokens import check_kv_interference, render_kv_interference
 
@@ -331,12 +321,12 @@ def test_report_draws_only_runs_that_learned_with_chance_rows_and_both_aucs(tmp_
     for r in runs:
         check_kv_interference(r["extras"]["kv_interference"])
     md, page = render_kv_interference(runs, tmp_path)
-    head, rows = md_table(md, "### Learned the task?")
+    head, rows = table(md, "### Learned the task?")
     assert rows["gdn_lm"][2:] == ["100.0 ± 0.0", "90", "2 of 2"]
     assert rows["gla_lm"][2:] == ["50.0", "90", "0 of 1"]
     assert ("gla_lm (1 of 1 runs): did not learn its training distribution (acc 50.0 % < "
             "gate 90 %)") in md and "did not learn its training distribution" in page
-    head, rows = md_table(md, "### Proactive interference: accuracy (%) against updates")
+    head, rows = table(md, "### Proactive interference: accuracy (%) against updates")
     assert head == ["run", "n", "AUC log U", "AUC log1.5 (PI-LLM)", "U=1", "U=2", "U=4*"]
     assert "gla_lm" not in rows  # not drawn as a PI curve
     assert rows["gdn_lm"][2:] == ["100.0 ± 0.0"] * 5
@@ -346,14 +336,14 @@ def test_report_draws_only_runs_that_learned_with_chance_rows_and_both_aucs(tmp_
     assert ctx[2] == f"{100 * (0.375 + 0.1875) / 2:.1f}"  # trapezoids on log U, / log 4
     assert ctx[3] == f"{100 * (0.5 + 0.25 + 2 * 0.125) / 4:.1f}"  # weights 1, 1, 2
     assert rows["chance: a random value of the queried key"][4:] == ["100.0", "50.0", "25.0"]
-    head, rows = md_table(md, "### Accuracy (%) against U in the sequential")
+    head, rows = table(md, "### Accuracy (%) against U in the sequential")
     assert head[-3:] == ["U=1*", "U=2*", "U=4*"] and "gla_lm" not in rows
-    head, rows = md_table(md, "### Accuracy (%) against the number of keys K at a fixed")
+    head, rows = table(md, "### Accuracy (%) against the number of keys K at a fixed")
     assert "U = 2" in md and head == ["run", "n", "K=1*", "K=2", "K=4*"]
     assert rows["chance: a random value of the sequence"][2:] == ["50.0", "25.0", "12.5"]
-    head, rows = md_table(md, "### Accuracy (%) against the number of keys K at K x U = 4")
+    head, rows = table(md, "### Accuracy (%) against the number of keys K at K x U = 4")
     assert head == ["run", "n", "K=2", "K=4*"]
-    head, rows = md_table(md, "### Errors at each row's largest U")
+    head, rows = table(md, "### Errors at each row's largest U")
     # a random value of the sequence at K = 2, U = 4: stale 3/8, other key 1/2, each update 1/8
     assert rows["chance: a random value of the sequence"][1:] == ["4", "37.5", "50.0", "0.0",
                                                                   "12.5", "12.5"]
