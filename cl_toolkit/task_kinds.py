@@ -24,9 +24,12 @@ Built-in kinds, each ``score`` returning its primary metric first:
 """
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -82,6 +85,10 @@ class TaskKind:
         """Rows of inputs like ``x`` per evaluation batch (token tasks cap it so that the
         logits fit in memory)."""
         return batch_size
+
+    def predicted(self, output: torch.Tensor) -> torch.Tensor:
+        """The predicted class ids of a model output (what a stream's analyses read)."""
+        return output.argmax(-1)
 
     def keys(self) -> list[str]:
         return [self.metric.key] + [m.key for m in self.extra_metrics]
@@ -256,25 +263,94 @@ def precision_at_k(pred: torch.Tensor, y: torch.Tensor, k: int) -> list[float]:
 
 def dice_iou(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[list, list]:
     """Dice and IoU of every (frame, foreground class) of ``pred, y [M, H, W]`` (class ids;
-    ``IGNORE_INDEX`` pixels of ``y`` count for neither); a class absent from both prediction
-    and truth in a frame is skipped."""
+    ``IGNORE_INDEX`` pixels of ``y`` count for neither), as ``[M]`` lists per class with NaN
+    where a class is absent from both prediction and truth in a frame (no score, skipped)."""
     valid = y != IGNORE_INDEX
     dice, iou = [], []
     for c in range(1, num_classes):
         p, g = (pred == c) & valid, (y == c) & valid
         inter = (p & g).flatten(1).sum(1).double()
         sp, sg = p.flatten(1).sum(1).double(), g.flatten(1).sum(1).double()
-        seen = (sp + sg) > 0
-        dice += (2 * inter / (sp + sg))[seen].tolist()
-        iou += (inter / (sp + sg - inter))[seen].tolist()
+        dice.append((2 * inter / (sp + sg)).tolist())            # 0/0 = NaN: skipped
+        iou.append((inter / (sp + sg - inter)).tolist())
     return dice, iou
+
+
+def hd95(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[list[float]]:
+    """The 95th-percentile symmetric Hausdorff distance in pixels of every (frame, foreground
+    class) of ``pred, y [M, H, W]``: the distances from each boundary pixel of one mask to the
+    other mask's boundary, both directions pooled, as MONAI's ``compute_hausdorff_distance``
+    with ``percentile=95`` does. NaN where the class is absent from both; where it is absent
+    from one only, the image diagonal (our choice: the largest distance the frame allows, so a
+    missed ventricle costs instead of vanishing from the mean). Pixels with ``IGNORE_INDEX``
+    truth are background in both masks; a frame whose truth is all ``IGNORE_INDEX`` is NaN."""
+    from scipy import ndimage
+
+    out = []
+    diagonal = math.hypot(*y.shape[-2:])
+    for c in range(1, num_classes):
+        per = []
+        for p, g, v in zip(pred == c, y == c, y != IGNORE_INDEX):
+            p, g = (p & v).numpy(), g.numpy()
+            if not v.any() or (not p.any() and not g.any()):
+                per.append(float("nan"))
+            elif not p.any() or not g.any():
+                per.append(diagonal)
+            else:
+                bp, bg = _boundary(p, ndimage), _boundary(g, ndimage)
+                to_g = ndimage.distance_transform_edt(~bg)[bp]
+                to_p = ndimage.distance_transform_edt(~bp)[bg]
+                per.append(float(np.percentile(np.concatenate([to_g, to_p]), 95)))
+        out.append(per)
+    return out
+
+
+def _boundary(mask, ndimage):
+    """Pixels of ``mask`` with a 4-neighbour outside it (the frame's edge counts as outside)."""
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def change_error(pred: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Temporal consistency of clips ``pred, y [N, T, H, W]``: for every pair of consecutive
+    frames, the share of pixels whose class changes in the prediction minus the share that
+    changes in the truth, in absolute value (0: the masks move as much as the truth does;
+    flicker or a frozen mask raise it). Pixels unlabelled in either frame are left out, and so
+    are pairs with no labelled pixel (EchoNet labels two frames per clip). Our definition: the
+    GDKVM paper names temporal consistency but gives no formula."""
+    valid = (y[:, 1:] != IGNORE_INDEX) & (y[:, :-1] != IGNORE_INDEX)
+    n = valid.flatten(2).sum(2)
+    moved_p = ((pred[:, 1:] != pred[:, :-1]) & valid).flatten(2).sum(2)
+    moved_y = ((y[:, 1:] != y[:, :-1]) & valid).flatten(2).sum(2)
+    keep = n > 0
+    return ((moved_p - moved_y).abs()[keep].double() / n[keep]).tolist()
+
+
+def _clip_means(per_frame: list[list[float]], clips: int) -> list[float]:
+    """Per clip: the mean over its frames and foreground classes of a per-(frame, class) score
+    (``per_frame``: one ``[clips * T]`` list per class; NaN entries skipped); clips with no
+    score at all are left out."""
+    values = torch.tensor(per_frame, dtype=torch.float64).reshape(len(per_frame), clips, -1)
+    values = values.permute(1, 0, 2).reshape(clips, -1)
+    seen = ~torch.isnan(values)
+    count = seen.sum(1)
+    sums = torch.where(seen, values, torch.zeros_like(values)).sum(1)
+    return (sums[count > 0] / count[count > 0]).tolist()
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 class Segmentation(TaskKind):
     name = "segmentation"
     needs_own_model = True
     metric = Metric("dice", "Dice")
-    extra_metrics = (Metric("iou", "IoU"),)
+    extra_metrics = (Metric("iou", "IoU"),
+                     Metric("hd95", "HD95 (px)", higher_is_better=False, percent=False),
+                     Metric("temporal_error", "temporal error", higher_is_better=False),
+                     Metric("fps", "frames/s", percent=False))
+    # frame pixels of one evaluation batch (a clip's activations scale with T x H x W)
+    eval_pixels = 2 ** 20
 
     def check(self, data, where):
         if data.y.is_floating_point() or data.y.dim() not in (3, 4) or \
@@ -291,17 +367,36 @@ class Segmentation(TaskKind):
             output, y = output.flatten(0, 1), y.flatten(0, 1)
         return F.cross_entropy(output, y, ignore_index=IGNORE_INDEX)
 
+    def predicted(self, output):
+        return output.argmax(-3)
+
+    def rows_per_batch(self, x, batch_size, stream):
+        """So that one batch holds at most ``eval_pixels`` frame pixels."""
+        return max(1, min(batch_size, self.eval_pixels // max(x[0, ..., 0, :, :].numel(), 1)))
+
     @torch.no_grad()
     def score(self, predict, data, batch_size):
-        dice, iou = [], []
+        """Dice and IoU per clip (the mean over its frames and foreground classes), averaged
+        over clips (an image is a clip of one frame); HD95 over (frame, class) pairs;
+        ``temporal_error`` (`change_error`, clips only); frames per second of ``predict``
+        (wall clock, so it varies between runs)."""
+        dice, iou, hd, moved, frames, seconds = [], [], [], [], 0, 0.0
         for x, y, t in data.batches(batch_size):
-            out = predict(x, t).cpu()
-            k = out.shape[-3]
-            pred = out.argmax(-3)
-            d, i = dice_iou(pred.reshape(-1, *y.shape[-2:]), y.reshape(-1, *y.shape[-2:]), k)
-            dice, iou = dice + d, iou + i
-        return {"dice": sum(dice) / len(dice) if dice else float("nan"),
-                "iou": sum(iou) / len(iou) if iou else float("nan")}
+            t0 = time.perf_counter()
+            out = predict(x, t)
+            seconds += time.perf_counter() - t0
+            pred = self.predicted(out).cpu()
+            flat_p, flat_y = pred.reshape(-1, *y.shape[-2:]), y.reshape(-1, *y.shape[-2:])
+            frames += flat_y.shape[0]
+            d, i = dice_iou(flat_p, flat_y, out.shape[-3])
+            dice += _clip_means(d, y.shape[0])
+            iou += _clip_means(i, y.shape[0])
+            hd += [v for per in hd95(flat_p, flat_y, out.shape[-3]) for v in per if v == v]
+            if y.dim() == 4 and y.shape[1] > 1:
+                moved += change_error(pred, y)
+        return {"dice": _mean(dice), "iou": _mean(iou), "hd95": _mean(hd),
+                "temporal_error": _mean(moved), "fps": frames / seconds if seconds else
+                float("nan")}
 
 
 def task_kind(name: str) -> TaskKind:

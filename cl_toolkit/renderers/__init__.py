@@ -18,9 +18,14 @@ run before it writes anything and refuses a malformed run with that reason (exit
 failing halfway.
 
 Built-in: `cl_toolkit.renderers.tokens` (``mqar``, ``kv_interference``, ``exact_match``) and
-`cl_toolkit.renderers.retention` (``retention``).
+`cl_toolkit.renderers.retention` (``retention``), `cl_toolkit.renderers.segmentation`
+(``segmentation_examples``).
 """
 from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
 
 
 def legend_outside(ax, fontsize: int = 7) -> None:
@@ -29,3 +34,19 @@ def legend_outside(ax, fontsize: int = 7) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0),
                   borderaxespad=0.0, frameon=False)
+
+
+def save_png(fig, out_dir: Path, name: str, wide: bool = False) -> tuple[str, str]:
+    """Markdown and html references to ``fig`` saved as ``out_dir/name`` (closed after); the
+    html embeds the PNG, so the page stands alone. ``wide``: shown across the page."""
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    (out_dir / name).write_bytes(buf.getvalue())
+    data = base64.b64encode(buf.getvalue()).decode()
+    style = ' style="max-width:98%"' if wide else ""
+    return (f"![{name}]({name})",
+            f'<img alt="{name}"{style} src="data:image/png;base64,{data}">')
