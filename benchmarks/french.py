@@ -4,12 +4,19 @@ French's monthly data, 1949-2017, as ``linearmodels.datasets.french``).
 Entities: the 12 industry, 9 size-value and 9 size-momentum portfolios (30 "stocks"); a month's
 cross-section is a sample; target: the next month's return. Features: each portfolio's own
 returns over the last ``window`` months and its return minus the market's (our choice: two
-features; the dataset has no prices or volumes). Concepts (HIST/MTMD's predefined concepts):
+features; the dataset has no prices or volumes), robust z-scored per column on the first era's
+training months (`robust_zscore`, our choice, as the Qlib loader does: raw monthly returns are
+of size ~0.05; ``normalise=false`` keeps them raw). Concepts (HIST/MTMD's predefined concepts):
 the portfolio's group (industry / size-value / size-momentum) and its size, value and momentum
 buckets, multi-hot. Tasks: consecutive eras of equal length. A tiny cross-section (30 entities,
 strongly correlated): IC figures on it are noisy; read them with that caveat.
 """
 from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +24,8 @@ import torch
 from cl_toolkit.errors import ConfigError, DatasetNotFoundError
 from cl_toolkit.validation import at_least, between
 
-from .market import MARKET_SCENARIO, MarketStream, check_panel, split_periods
+from .market import (MARKET_SCENARIO, MarketStream, check_panel, first_train_days,
+                     robust_zscore, split_periods)
 
 INDUSTRIES = ("NoDur", "Durbl", "Manuf", "Enrgy", "Chems", "BusEq", "Telcm", "Utils", "Shops",
               "Hlth", "Money", "Other")
@@ -42,7 +50,7 @@ def concept_matrix() -> torch.Tensor:
 
 
 def french_panel(columns: dict, dates: list[str], window: int = 12, num_tasks: int = 4,
-                 test_fraction: float = 0.3) -> MarketStream:
+                 test_fraction: float = 0.3, normalise: bool = True) -> MarketStream:
     """The stream from the dataset's columns (``{name: monthly returns}``, must hold the 30
     portfolios and ``MktRF`` + ``RF``); separate from the download so tests can feed it."""
     missing = [c for c in PORTFOLIOS + ("MktRF", "RF") if c not in columns]
@@ -59,6 +67,8 @@ def french_panel(columns: dict, dates: list[str], window: int = 12, num_tasks: i
     rel = own - np.lib.stride_tricks.sliding_window_view(mkt, window)[:T - window][:, None]
     x = torch.from_numpy(np.concatenate([own, rel], 2).astype(np.float32))
     y = torch.from_numpy(r[window:].astype(np.float32))
+    if normalise:
+        x = robust_zscore(x, first_train_days(x.shape[0], num_tasks, test_fraction))
     x = check_panel(x, y, concept_matrix(), num_features=2, window=window, history=T)
     days = dates[window:]
     edges = [round(i * len(days) / num_tasks) for i in range(num_tasks)]
@@ -70,17 +80,24 @@ def french_panel(columns: dict, dates: list[str], window: int = 12, num_tasks: i
 
 
 def french_portfolios(window: int = 12, num_tasks: int = 4, test_fraction: float = 0.3,
-                      scenario: str = "domain-il", seed: int = 0) -> MarketStream:
-    """The stream from ``linearmodels.datasets.french`` (see the module doc)."""
-    try:
-        from linearmodels.datasets import french
-    except ImportError as exc:
+                      normalise: bool = True, scenario: str = "domain-il",
+                      seed: int = 0) -> MarketStream:
+    """The stream from the file of ``linearmodels.datasets.french`` (see the module doc). The
+    file is read with the standard library, without importing linearmodels (statsmodels and
+    pandas cost seconds to import); `french.load()` reads the same CSV."""
+    spec = importlib.util.find_spec("linearmodels")  # locates the package, does not import it
+    path = None if spec is None or spec.origin is None else \
+        Path(spec.origin).parent / "datasets" / "french" / "french.csv.bz2"
+    if path is None or not path.exists():
         raise DatasetNotFoundError("benchmark=french_portfolios needs linearmodels, which "
-                                   "ships the data: pip install 'cl_toolkit[market]'.") from exc
-    df = french.load()
-    dates = [str(d)[:7] for d in df["dates"]]
-    return french_panel({c: df[c].to_numpy() for c in df.columns if c != "dates"}, dates,
-                        window, num_tasks, test_fraction)
+                                   "ships the data: pip install 'cl_toolkit[market]'.")
+    with bz2.open(path, "rt", newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    header = rows[0]
+    cols = {c: np.array([float(r[i]) for r in rows[1:]]) for i, c in enumerate(header)
+            if c != "dates"}
+    dates = [r[header.index("dates")][:7] for r in rows[1:]]
+    return french_panel(cols, dates, window, num_tasks, test_fraction, normalise)
 
 
 french_portfolios.task_kind = "cross_section"

@@ -84,6 +84,27 @@ def check_panel(x: torch.Tensor, y: torch.Tensor, concepts: torch.Tensor | None,
     return x
 
 
+def robust_zscore(x: torch.Tensor, fit_days: int) -> torch.Tensor:
+    """``x [D, S, C]`` with each column c centred on its median and divided by 1.4826 x its
+    median absolute deviation (1 where that is 0), then clipped to [-3, 3]: Qlib's
+    RobustZScoreNorm with clip_outlier, which HIST/MTMD's data handler applies. The statistics
+    pool every (day, stock) of the first ``fit_days`` days only, i.e. the first period's
+    training days, so no later day leaks into the features. NaN is ignored and kept."""
+    fit = x[:max(1, fit_days)].reshape(-1, x.shape[2])
+    # nanquantile, not nanmedian: of an even count the median is the mean of the middle two
+    # (numpy's, which Qlib uses); torch's nanmedian returns the lower one
+    med = fit.nanquantile(0.5, dim=0)
+    mad = (fit - med).abs().nanquantile(0.5, dim=0) * 1.4826
+    return ((x - med) / torch.where(mad > 0, mad, torch.ones_like(mad))).clamp(-3, 3)
+
+
+def first_train_days(days: int, num_tasks: int, test_fraction: float) -> int:
+    """How many days the first period of `split_periods` trains on (what `robust_zscore`
+    may fit on)."""
+    hi = round(days / num_tasks)
+    return hi - max(1, round(hi * test_fraction))
+
+
 def split_periods(x: torch.Tensor, y: torch.Tensor, num_tasks: int, test_fraction: float,
                   names: list[str] | None = None) -> list[Task]:
     """Consecutive calendar periods, one task each; the last ``test_fraction`` of each period's

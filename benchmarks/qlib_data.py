@@ -27,7 +27,8 @@ import torch
 from cl_toolkit.errors import ConfigError, DatasetNotFoundError
 from cl_toolkit.validation import at_least, between
 
-from .market import MARKET_SCENARIO, MarketStream, check_panel, split_periods
+from .market import (MARKET_SCENARIO, MarketStream, check_panel, first_train_days,
+                     robust_zscore, split_periods)
 
 ALPHA_FIELDS = ("close", "open", "high", "low", "vwap", "volume")
 HOW_TO_GET = ("Get it with Qlib: pip install pyqlib && python -m qlib.run.get_data qlib_data "
@@ -130,10 +131,7 @@ def qlib_market(data_dir: str | None = None, market: str = "csi300",
     y[~np.isfinite(y)] = np.nan
     x = torch.from_numpy(x.reshape(x.shape[0], x.shape[1], -1).astype(np.float32))
     y = torch.from_numpy(y.astype(np.float32))
-    fit = x[:max(1, round(x.shape[0] / num_tasks * (1 - test_fraction)))]
-    med = fit.nanmedian(0).values.nanmedian(0).values
-    mad = (fit - med).abs().nanmedian(0).values.nanmedian(0).values * 1.4826
-    x = ((x - med) / torch.where(mad > 0, mad, torch.ones_like(mad))).clamp(-3, 3)
+    x = robust_zscore(x, first_train_days(x.shape[0], num_tasks, test_fraction))
     concepts = read_concepts(concepts_file, symbols) if concepts_file else None
     x = check_panel(x, y, concepts, num_features=len(fields), window=window, fillna=fillna,
                     names=("benchmark", "benchmark.concepts_file"))

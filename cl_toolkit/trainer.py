@@ -9,7 +9,12 @@ everything around them, so that they cannot drift apart between methods:
 - mixed precision (``precision=bf16|fp16``, autocast on a GPU; fp16 with a gradient scaler) and
   gradient clipping (``grad_clip``, the global L2 norm), set by the top-level ``trainer`` keys;
 - the hooks (``before_epoch``, ``after_batch``, ``after_epoch``) that step logging and probes
-  see, and progress reporting.
+  see, and progress reporting;
+- the epoch boundary for the model itself: a model with an ``end_epoch(epoch, epochs)`` method
+  is told after the last step of every epoch of a fit (before the ``after_epoch`` hooks), so
+  that what it does per epoch (e.g. the market models' averaging of the last epochs'
+  parameters) follows the real epochs whatever data a strategy passes (replayed samples, the
+  union of tasks). Optional: a model without it is untouched.
 
 `Trainer.step` is the single place where a training loss is back-propagated. It is also what a
 strategy's ``train_step`` (the contract a probe uses) calls, so a probe's extra steps get the
@@ -140,6 +145,9 @@ class Trainer:
                     if call and ctx.hooks.after_batch:
                         call("after_batch", strategy=strategy, task=task, epoch=epoch,
                              step=step, loss=value)
+                end_epoch = getattr(model, "end_epoch", None)
+                if end_epoch is not None:
+                    end_epoch(epoch, epochs)
                 if call:
                     call("after_epoch", strategy=strategy, task=task, epoch=epoch)
                     ctx.advance("epoch", epochs)

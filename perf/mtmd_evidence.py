@@ -7,9 +7,14 @@ Figures, all in IC units (daily Pearson IC averaged over a period's test days):
 - just-learned IC: mean of R[t, t], each period right after learning it;
 - next-period IC: mean of R[t, t + 1], the period not yet seen (the forward figure practitioners
   care about);
-- BWT and forgetting (max-based) of the IC matrix; final rank IC; memory bytes of the model.
+- BWT and forgetting (max-based) of the IC matrix; final rank IC; memory bytes of the model;
+- days 95%: the half-width of a 95% interval of the final IC from its day-to-day variation
+  within one run (1.96 x the standard error of the mean over the test days, each period's
+  daily IC std recovered as IC / ICIR), averaged over seeds. The seed interval only covers the
+  initialisation of one model on one fixed market; on a real stream every seed sees the same
+  days, and this is the sampling noise of those days (large on a tiny cross-section).
 
-    python -m perf.mtmd_evidence runs/multirun [--markdown out.md]
+    python -m perf.mtmd_evidence runs/multirun [--markdown out.md] [--paired mtmd:hist ...]
 """
 from __future__ import annotations
 
@@ -35,6 +40,22 @@ def label(cfg: dict) -> str:
     return name if strategy == "naive" else f"{name}, {strategy}"
 
 
+def day_half_width(r: dict) -> float:
+    """1.96 x the standard error of the final IC over the test days (see the module doc);
+    NaN without the ICIR matrix or the test-day counts."""
+    R, icir = r["matrix"], r.get("extras", {}).get("icir", {}).get("matrix")
+    days = [t.get("test") for t in r["stream"].get("tasks", [])]
+    T = len(R)
+    if not icir or len(days) != T or not all(days):
+        return float("nan")
+    var = 0.0
+    for ic, ir, n in zip(R[-1], icir[-1], days):
+        if ir is None or not math.isfinite(ir) or ir == 0:
+            return float("nan")
+        var += (ic / ir) ** 2 / n
+    return 1.96 * math.sqrt(var) / T
+
+
 def figures(r: dict) -> dict[str, float]:
     R = r["matrix"]
     T = len(R)
@@ -48,6 +69,7 @@ def figures(r: dict) -> dict[str, float]:
         "forgetting": r["metrics"]["forgetting"],
         "final rank IC": sum(rank[-1]) / len(rank[-1]) if rank else float("nan"),
         "memory bytes": float(r.get("memory_bytes", [0])[-1]),
+        "days 95%": day_half_width(r),
     }
 
 
@@ -62,22 +84,52 @@ def ci95(values: list[float]) -> tuple[float, float]:
     return mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
 
 
-def table(paths: list[str]) -> str:
-    rows: dict[str, list[dict]] = defaultdict(list)
+def collect(paths: list[str]) -> dict[str, dict]:
+    """``{row label: {seed: figures}}`` of the finished market runs under ``paths``."""
+    rows: dict[str, dict] = defaultdict(dict)  # keyed by seed (the file if none)
     for p in paths:
         for f in sorted(Path(p).rglob("results.json")):
             r = json.loads(f.read_text())
             if r.get("status") != "done" or r["stream"].get("kind") != "cross_section":
                 continue
-            rows[label(r["config"])].append(figures(r))
+            rows[label(r["config"])][r["config"].get("seed", str(f))] = figures(r)
+    return rows
+
+
+def paired(paths: list[str], pairs: list[str]) -> str:
+    """Per-seed differences ``A - B`` (same seed: same data and, on the synthetic market, the
+    same market), mean ± 95% CI; ``pairs`` as ``"A:B"`` row labels."""
+    rows = collect(paths)
+    keys = ["final IC", "just-learned IC", "next-period IC", "forgetting"]
+    out = ["| comparison | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for pair in pairs:
+        a, b = pair.split(":")
+        seeds = sorted(set(rows.get(a, {})) & set(rows.get(b, {})))
+        if not seeds:
+            raise SystemExit(f"--paired {pair}: no seed has both rows; rows: {sorted(rows)}")
+        cells = []
+        for k in keys:
+            mean, half = ci95([rows[a][s][k] - rows[b][s][k] for s in seeds])
+            cells.append(f"{mean:+.3f} ± {half:.3f}")
+        out.append(f"| {a} − {b} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def table(paths: list[str]) -> str:
+    rows = {name: list(by_seed.values()) for name, by_seed in collect(paths).items()}
     keys = ["final IC", "just-learned IC", "next-period IC", "BWT", "forgetting",
-            "final rank IC", "memory bytes"]
+            "final rank IC", "memory bytes", "days 95%"]
     out = ["| model | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for name in sorted(rows):
         cells = []
         for k in keys:
             mean, half = ci95([f[k] for f in rows[name]])
-            cells.append(f"{mean:.0f}" if k == "memory bytes" else f"{mean:.3f} ± {half:.3f}")
+            if k == "memory bytes":
+                cells.append(f"{mean:.0f}")
+            elif k == "days 95%":
+                cells.append(f"± {mean:.3f}")
+            else:
+                cells.append(f"{mean:.3f} ± {half:.3f}")
         out.append(f"| {name} | {len(rows[name])} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -86,8 +138,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("paths", nargs="+")
     ap.add_argument("--markdown", help="also write the table to this file")
+    ap.add_argument("--paired", nargs="+", metavar="A:B",
+                    help="instead, per-seed differences of row A minus row B, e.g. mtmd:hist")
     args = ap.parse_args(argv)
-    text = table(args.paths)
+    text = paired(args.paths, args.paired) if args.paired else table(args.paths)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")

@@ -20,7 +20,7 @@ def columns(T=60, seed=0):
 def test_panel_layout_targets_and_concepts():
     cols = columns()
     dates = [f"{1950 + m // 12}-{m % 12 + 1:02d}" for m in range(60)]
-    s = french_panel(cols, dates, window=6, num_tasks=2, test_fraction=0.25)
+    s = french_panel(cols, dates, window=6, num_tasks=2, test_fraction=0.25, normalise=False)
     x = torch.cat([torch.cat([t.train.x, t.test.x]) for t in s])
     y = torch.cat([torch.cat([t.train.y, t.test.y]) for t in s])
     assert x.shape == (54, 30, 12) and s.info["first_month"] == "1950-07"
@@ -45,9 +45,18 @@ def test_bad_input():
         french_panel(cols, [str(m) for m in range(10)], window=3)
 
 
-def test_real_french_data_builds():
+def test_real_french_file_matches_linearmodels_own_loader():
+    """We read linearmodels' file without importing it; its own `french.load()` is the oracle
+    of the targets (month 12 on) and of the first month."""
     pytest.importorskip("linearmodels", reason="optional extra: pip install 'cl_toolkit[market]'")
+    from linearmodels.datasets import french
+
     from cl_toolkit.benchmarks.french import french_portfolios
 
-    s = french_portfolios()
-    assert s.input_shape == (30, 24) and len(s) == 4
+    assert french_portfolios().input_shape == (30, 24)
+    df = french.load()
+    s = french_portfolios(normalise=False)
+    assert len(s) == 4
+    y = torch.cat([torch.cat([t.train.y, t.test.y]) for t in s]).double().numpy()
+    assert np.allclose(y, df[list(PORTFOLIOS)].to_numpy()[12:], atol=1e-6)
+    assert s.info["first_month"] == str(df["dates"].iloc[12])[:7] == "1950-01"

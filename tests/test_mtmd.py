@@ -66,15 +66,16 @@ def test_memory_update_touches_only_the_named_bank_and_never_gets_a_gradient():
 
 
 def _fit(model, data, epochs=1, lr=1e-2):
-    """What the trainer does around a task: train mode, steps, eval mode."""
+    """What the trainer does around a task: train mode, steps, the epoch signal, eval mode."""
     opt = torch.optim.Adam(model.parameters(), lr)
     model.train()
-    for _ in range(epochs):
+    for e in range(epochs):
         for d in range(len(data.x)):
             loss = model(data.x[d:d + 1]).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
+        model.end_epoch(e, epochs)
     model.eval()
 
 
@@ -144,18 +145,53 @@ def test_parameters_are_averaged_over_the_last_epochs(stream):
     opt = torch.optim.SGD(model.parameters(), 0.1)
     ends = []
     model.train()
-    for _ in range(3):
+    for e in range(3):
         for d in range(len(data.x)):
             loss = model(data.x[d:d + 1]).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
         ends.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        model.end_epoch(e, 3)
     model.eval()
     for k, p in model.named_parameters():
         assert torch.allclose(p, (ends[1][k] + ends[2][k]) / 2, atol=1e-6), k
     assert not torch.allclose(dict(model.named_parameters())["fc_out.weight"],
                               ends[2]["fc_out.weight"])
+
+
+@pytest.mark.parametrize("name", ["naive", "replay", "joint"])
+def test_averaging_follows_the_trainers_epochs_under_every_strategy(stream, name):
+    """Through the real trainer and strategy: after each task the parameters are the mean of
+    the parameters the test itself records at the end of the last 2 of 3 epochs (an after_batch
+    hook; an epoch ends at its last step). Replay passes replayed days and joint every task's
+    days, so an epoch is not the task's day count. Fails if the trainer stops calling
+    ``end_epoch`` (the parameters are then the last epoch's)."""
+    from cl_toolkit.strategies.joint import Joint
+    from cl_toolkit.strategies.naive import Naive
+    from cl_toolkit.strategies.replay import Replay
+    from cl_toolkit.strategy import Hooks, RunContext
+
+    ends: dict[int, dict] = {}
+
+    def record(strategy, epoch, **_):
+        ends[epoch] = {k: v.detach().clone() for k, v in strategy.model.named_parameters()}
+
+    kw = dict(epochs=3, batch_size=2, optimizer="sgd", lr=0.05)
+    strategy = {"naive": lambda: Naive(**kw), "joint": lambda: Joint(**kw),
+                "replay": lambda: Replay(buffer_size=3, **kw)}[name]()
+    torch.manual_seed(0)
+    model = mtmd(stream, hidden=8, bank_size=4, average_last=2)
+    strategy.setup(stream, model, RunContext(hooks=Hooks(after_batch=[record])))
+    for task in stream:
+        ends.clear()
+        strategy.learn(task)
+        assert sorted(ends) == [0, 1, 2]
+        for k, p in model.named_parameters():
+            expect = (ends[1][k].double() + ends[2][k].double()) / 2
+            assert torch.allclose(p.double(), expect, atol=1e-6), (task.index, k)
+        assert not torch.allclose(model.fc_out.weight, ends[2]["fc_out.weight"])
+    assert model.fits == 2
 
 
 @pytest.mark.parametrize("build", [mtmd, hist, gru, window_mlp])

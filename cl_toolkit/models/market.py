@@ -12,7 +12,8 @@ MTMD's memory (`MemoryBank`): L2-normalised prototypes kept as buffers (no gradi
 softmax over each query's cosine similarity to the prototypes, the prototype mixture, and the
 query gated element-wise by it. Update (training forward passes only): every query goes to its
 nearest prototype; a prototype moves by the weighted sum of its queries and is re-normalised.
-"Debiasing" is the read plus averaging the parameters of the last ``average_last`` epochs.
+"Debiasing" is the read plus averaging the parameters of the last ``average_last`` epochs (the
+trainer's epochs: it calls ``end_epoch`` after each, `cl_toolkit.trainer`).
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ def _market_layout(stream, model: str) -> tuple[int, int, int]:
     if stream.kind != "cross_section" or "num_features" not in info or "window" not in info:
         raise ConfigError(
             f"model={model} forecasts stock cross-sections and needs a market stream "
-            f"(benchmark=synthetic_market, french_portfolios or qlib_market); benchmark="
-            f"{stream.name} holds {stream.kind} tasks. Use an image or sequence model there "
-            "(model=mlp, cnn, gdn, ...).")
+            f"(benchmark=synthetic_market, french_portfolios, sp500_stocks or qlib_market); "
+            f"benchmark={stream.name} holds {stream.kind} tasks. Use an image or sequence "
+            "model there (model=mlp, cnn, gdn, ...).")
     return stream.input_shape[0], info["num_features"], info["window"]
 
 
@@ -85,22 +86,22 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _WindowModel(nn.Module):
-    """Shared parts: the window reshape and parameter averaging over the last epochs of each
-    fit (a "fit" starts when the model is switched to train mode and ends at eval mode, which is
-    what the trainer does around each task; an "epoch" is the current task's training days
-    passed through the model: our choice, the model sees no epoch boundary. With replay the
-    replayed days count too, so its "epochs" are shorter)."""
+    """Shared parts: the window reshape and averaging of the parameters of the last
+    ``average_last`` epochs of each fit (a task's training), as the HIST/MTMD code does after
+    its epochs. The epochs are the trainer's: it calls `end_epoch` after the last step of every
+    epoch, whatever the batches held (a replay strategy's replayed days, a joint strategy's
+    union of tasks). After the fit's last epoch the parameters become the mean of those kept;
+    buffers (the memory banks, ``fit_count``) are not averaged (our choice: the banks are
+    updated without gradient and stay as the last update left them)."""
 
     uses_task_id = False
 
-    def __init__(self, stream, F_: int, W: int, average_last: int):
+    def __init__(self, F_: int, W: int, average_last: int):
         super().__init__()
         self.F, self.W, self.average_last = F_, W, average_last
-        self.task_days = [len(t.train) for t in stream.tasks]
-        # fits (tasks) seen: a buffer, so that a resumed run knows which bank / task it is in
+        # fits (tasks) finished: a buffer, so that a resumed run knows which bank / task it is in
         self.register_buffer("fit_count", torch.zeros((), dtype=torch.long))
         self._snapshots: list[dict] = []
-        self._days = 0
         self.training = False
 
     def sequence(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,48 +112,34 @@ class _WindowModel(nn.Module):
     def current_bank(self) -> int:
         return 0
 
-    def train(self, mode: bool = True):
-        if mode and not self.training:
-            self._snapshots, self._days = [], 0
-        elif not mode and self.training:
-            self._end_fit()
-        return super().train(mode)
-
-    def _epoch_days(self) -> int:
-        return self.task_days[min(self.fits, len(self.task_days) - 1)]
-
     @property
     def fits(self) -> int:
         return int(self.fit_count)
 
-    def _maybe_snapshot(self) -> None:
-        if self.average_last > 1 and self._days >= (len(self._snapshots) + 1) * \
-                self._epoch_days():
+    def end_epoch(self, epoch: int, epochs: int) -> None:
+        """Epoch ``epoch`` (0-based) of ``epochs`` of the current fit has ended (the trainer's
+        signal). Keeps the parameters of each of the last ``average_last`` epochs; after the
+        last epoch replaces the parameters by their mean and counts the fit."""
+        if epoch == 0:
+            self._snapshots = []
+        if self.average_last > 1 and epoch >= epochs - self.average_last:
             self._snapshots.append({k: v.detach().clone() for k, v in
                                     self.named_parameters()})
-
-    def _end_fit(self) -> None:
-        if self._days == 0:  # a train/eval toggle without a step is no fit
-            return
-        self._maybe_snapshot()
-        last = self._snapshots[-self.average_last:]
-        if len(last) > 1:
-            with torch.no_grad():
-                for k, p in self.named_parameters():
-                    p.copy_(torch.stack([s[k] for s in last]).mean(0))
-        self._snapshots = []
-        self.fit_count += 1
+        if epoch == epochs - 1:
+            if len(self._snapshots) > 1:
+                with torch.no_grad():
+                    for k, p in self.named_parameters():
+                        p.copy_(torch.stack([s[k] for s in self._snapshots]).mean(0))
+            self._snapshots = []
+            self.fit_count += 1
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        if self.training:
-            self._maybe_snapshot()
-            self._days += x.shape[0]
         return self.score(x)
 
 
 class WindowMLP(_WindowModel):
-    def __init__(self, stream, F_, W, hidden, dropout):
-        super().__init__(stream, F_, W, average_last=1)
+    def __init__(self, F_, W, hidden, dropout):
+        super().__init__(F_, W, average_last=1)
         self.net = nn.Sequential(nn.Linear(F_ * W, hidden), nn.LeakyReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, hidden), nn.LeakyReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, 1))
@@ -162,8 +149,8 @@ class WindowMLP(_WindowModel):
 
 
 class GRUModel(_WindowModel):
-    def __init__(self, stream, F_, W, hidden, num_layers, dropout, average_last=1):
-        super().__init__(stream, F_, W, average_last)
+    def __init__(self, F_, W, hidden, num_layers, dropout, average_last=1):
+        super().__init__(F_, W, average_last)
         self.gru = nn.GRU(F_, hidden, num_layers, batch_first=True,
                           dropout=dropout if num_layers > 1 else 0.0)
         self.hidden = hidden
@@ -175,8 +162,8 @@ class GRUModel(_WindowModel):
 
 
 class GRUHead(GRUModel):
-    def __init__(self, stream, F_, W, hidden, num_layers, dropout):
-        super().__init__(stream, F_, W, hidden, num_layers, dropout)
+    def __init__(self, F_, W, hidden, num_layers, dropout):
+        super().__init__(F_, W, hidden, num_layers, dropout)
         self.head = nn.Linear(hidden, 1)
 
     def score(self, x):
@@ -189,7 +176,7 @@ class HIST(GRUModel):
 
     def __init__(self, stream, F_, W, hidden, num_layers, dropout, k_hidden, average_last,
                  memory, bank_size, memory_update, memory_tasks, seed, temperature=1.0):
-        super().__init__(stream, F_, W, hidden, num_layers, dropout, average_last)
+        super().__init__(F_, W, hidden, num_layers, dropout, average_last)
         concepts = getattr(stream, "concepts", None)
         if concepts is None:
             raise ConfigError(f"model=hist/mtmd needs a concept matrix; benchmark={stream.name} "
@@ -306,13 +293,13 @@ def hist(stream, hidden: int = 64, num_layers: int = 2, dropout: float = 0.0, k_
 def gru(stream, hidden: int = 64, num_layers: int = 2, dropout: float = 0.0) -> nn.Module:
     """The backbone's GRU and a linear head: no concepts, no memory."""
     _, F_, W = _market_layout(stream, "gru")
-    return GRUHead(stream, F_, W, hidden, num_layers, dropout)
+    return GRUHead(F_, W, hidden, num_layers, dropout)
 
 
 def window_mlp(stream, hidden: int = 64, dropout: float = 0.0) -> nn.Module:
     """A 2-hidden-layer MLP over each stock's flattened window (no time structure)."""
     _, F_, W = _market_layout(stream, "window_mlp")
-    return WindowMLP(stream, F_, W, hidden, dropout)
+    return WindowMLP(F_, W, hidden, dropout)
 
 
 for _f in (mtmd, hist, gru, window_mlp):
