@@ -58,5 +58,12 @@ else
   timeout "$fla_s" python3 perf/gpu_kernels.py --out "$OUT" --mom-only \
     --fla-mom "${smoke[@]}" --skip-correctness 2>&1 | tee -a "$OUT/gpu_kernels.log"
 fi
+# GDKVM (issue 25): fps of the four video models and GDKVM's memory against STM's by clip
+# length, GDKVM's writes through our Triton chunk kernels; GDKVM_S=120 seconds, 0 skips it.
+gdkvm_s=$(( ${GDKVM_S:-120} < $(left) ? ${GDKVM_S:-120} : $(left) ))
+if [[ "${GDKVM_S:-120}" != 0 ]] && (( gdkvm_s >= 20 )); then
+  timeout "$gdkvm_s" python3 perf/gdkvm_speed.py --device cuda --backend triton --threads 16 \
+    --json "$OUT/gdkvm_speed.json" 2>&1 | tee -a "$OUT/gpu_kernels.log"
+fi
 echo "gpu_kernels.sh: $SECONDS s in all" | tee -a "$OUT/gpu_kernels.log"
 exit "$status"

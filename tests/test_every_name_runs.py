@@ -8,11 +8,14 @@ not on this machine, and then the skip says which.
 """
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from cl_toolkit import registry, runner, smoke
 from cl_toolkit.errors import ClToolkitError, DatasetNotFoundError
+from cl_toolkit.task_kinds import task_kind
 
 # Cases skipped without trying: they always download (the offline message is checked by
 # tests/test_bad_input.py).
@@ -77,18 +80,20 @@ def token_partner(kind: str, name: str) -> list[str]:
     return []
 
 
-def market_partner(kind: str, name: str) -> list[str]:
-    """Streams of another task kind (a builder's ``task_kind``, e.g. cross_section) run with a
-    model that declares that kind in ``task_kinds``, and such models with the first such
-    stream."""
+def own_model_partner(kind: str, name: str) -> list[str]:
+    """Streams of a kind only its own models take (``needs_own_model``: cross_section,
+    segmentation) run with a model that declares that kind in ``task_kinds``, and such models
+    with the first such stream."""
     kind_of = lambda s: getattr(registry.resolve("stream", s), "task_kind", None)  # noqa: E731
     takes = lambda m: getattr(registry.resolve("model", m), "task_kinds", None)  # noqa: E731
     if kind == "model" and takes(name):
-        streams = [s for s in registry.names("stream") if ("stream", s) not in NEEDS_DOWNLOAD
-                   and kind_of(s) in takes(name)]
+        streams = sorted((s for s in registry.names("stream") if ("stream", s) not in
+                          NEEDS_DOWNLOAD and kind_of(s) in takes(name)),
+                         key=lambda s: "root" in inspect.signature(
+                             registry.resolve("stream", s)).parameters)  # data here first
         return [f"benchmark={streams[0]}"] if streams else []
-    if kind == "stream" and kind_of(name) == "cross_section":
-        models = [m for m in registry.names("model") if "cross_section" in (takes(m) or ())]
+    if kind == "stream" and kind_of(name) and task_kind(kind_of(name)).needs_own_model:
+        models = [m for m in registry.names("model") if kind_of(name) in (takes(m) or ())]
         return [f"model={models[0]}"] if models else []
     return []
 
@@ -108,7 +113,7 @@ def test_every_registered_name_composes_builds_and_learns(kind, name, tmp_path, 
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("CLTK_DATA", str(tmp_path / "data"))
     group = registry.config_group(kind)
-    overrides = [f"{group}={name}"] + token_partner(kind, name) + market_partner(kind, name)
+    overrides = [f"{group}={name}"] + token_partner(kind, name) + own_model_partner(kind, name)
     if (kind, name) in NEEDS_DOWNLOAD:
         pytest.skip(NEEDS_DOWNLOAD[kind, name])
     if kind not in ("strategy", "stream", "model"):
