@@ -27,6 +27,10 @@ DEFAULT_FILES = ("wisdom", "science", "people")
 VOCAB_SIZE = 256
 SEPARATOR = b"\n"
 _BUCKETS = {0: "probe", 1: "test"}
+# The text of every byte (for pretrained LMs, cl_toolkit/models/hf_lm.py): its character, byte 0
+# (padding) empty, bytes >= 128 as Latin-1 characters (one per byte, so a multi-byte UTF-8
+# character shows as its bytes; rare in the corpus: our choice).
+TOKEN_TEXT = ("",) + tuple(chr(b) for b in range(1, VOCAB_SIZE))
 
 
 def encode(text: str | bytes) -> torch.Tensor:
@@ -109,7 +113,7 @@ def fortunes(files: Sequence[str] = DEFAULT_FILES, path: str = DEFAULT_PATH, seq
     return TaskStream(name="fortunes", tasks=tasks, scenario="domain-il",
                       num_classes=VOCAB_SIZE, input_shape=(seq_len,), seed=seed,
                       info={"tokenizer": "utf-8 bytes", "files": list(corpus)},
-                      vocab_size=VOCAB_SIZE)
+                      vocab_size=VOCAB_SIZE, token_text=TOKEN_TEXT)
 
 
 def probe_quotations(path: str | Path = DEFAULT_PATH,

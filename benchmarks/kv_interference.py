@@ -82,6 +82,17 @@ def check(vocab_size: int, key_tokens: int, num_keys: int, updates: int) -> None
             "benchmark.vocab_size (or key_tokens), or lower the numbers of keys / updates.")
 
 
+def text_form(vocab_size: int, key_tokens: int) -> tuple[str, ...]:
+    """The text of every token id (for pretrained LMs, cl_toolkit/models/hf_lm.py), as PI-LLM's
+    "key: value" update lines: padding is empty, key k is ``"\\nkey{k}"``, the j-th value
+    ``": {j}"`` (the colon opens the value, so that all keys and all values share their leading
+    LM tokens: fewer multi-token prefixes to score), numbers zero-padded to one width per kind
+    so that no text is a prefix of another (our choice)."""
+    kw, vw = len(str(key_tokens)), len(str(vocab_size - 1 - key_tokens))
+    return ("",) + tuple(f"\nkey{k:0{kw}d}" for k in range(1, key_tokens + 1)) + \
+        tuple(f": {j:0{vw}d}" for j in range(1, vocab_size - key_tokens))
+
+
 def sample(n: int, vocab_size: int, key_tokens: int, num_keys: int, updates: int,
            generator: torch.Generator, order: str = "random"
            ) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -318,11 +329,14 @@ def kv_interference_stream(vocab_size: int = 48, key_tokens: int = 8, num_keys: 
     longest = max(seq_len(k, u) for k, u in points)  # probes included: models must take them
     probes = list(probe_updates) or list(probe_keys) or list(probe_keys_fixed_total)
     return TaskStream("kv_interference", tasks, scenario, vocab_size, (longest,), seed,
-                      info={"split": split, "num_keys": K, "order": order},
-                      vocab_size=vocab_size,
+                      info={"split": split, "num_keys": K, "order": order,
+                            "key_tokens": key_tokens},
+                      vocab_size=vocab_size, token_text=text_form(vocab_size, key_tokens),
                       analyses={"kv_interference": analyse} if probes else {})
 
 
+# What a context policy (cl_toolkit/context) manages here: (key, value) pairs, then the queries
+kv_interference_stream.fragments = "key_value_pairs"
 kv_interference_stream.task_kind = "tokens"  # what the stream holds, known before it is built (see validation)
 kv_interference_stream.ranges = {
     "vocab_size": at_least(1), "key_tokens": at_least(1), "num_keys": at_least(1),

@@ -91,6 +91,15 @@ def check_vocabulary(vocab_size: int, seq_len: int) -> None:
             "sequences.")
 
 
+def text_form(vocab_size: int) -> tuple[str, ...]:
+    """The text of every token id (for pretrained LMs, cl_toolkit/models/hf_lm.py): token 0 (the
+    zero filler) is empty, keys are ``" k{i}"``, values ``" v{j}"``, numbers zero-padded to one
+    width so that no text is a prefix of another (our choice)."""
+    half, w = vocab_size // 2, len(str(vocab_size))
+    return ("",) + tuple(f" k{i:0{w}d}" for i in range(1, half)) + \
+        tuple(f" v{j:0{w}d}" for j in range(vocab_size - half))
+
+
 def mqar_stream(vocab_size: int = 256, seq_len: int = 64, num_pairs: Sequence[int] = (4, 8, 16),
                 split: str = "pairs", n_tasks: int = 3, train_size: int = 2000,
                 test_size: int = 256, power_a: float = 0.01, random_fillers: bool = True,
@@ -147,6 +156,7 @@ def mqar_stream(vocab_size: int = 256, seq_len: int = 64, num_pairs: Sequence[in
 
     return TaskStream("mqar", tasks, scenario, vocab_size, (seq_len,), seed,
                       info={"split": split, "power_a": power_a}, vocab_size=vocab_size,
+                      token_text=text_form(vocab_size),
                       analyses={"mqar": analyse} if probe_pairs else {})
 
 

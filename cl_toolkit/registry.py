@@ -53,6 +53,11 @@ BUILTINS: dict[str, dict[str, str]] = {
         "synthetic_market": "cl_toolkit.benchmarks.market:synthetic_market",
         "qlib_market": "cl_toolkit.benchmarks.qlib_data:qlib_market",
         "french_portfolios": "cl_toolkit.benchmarks.french:french_portfolios",
+        "echo_phantom": "cl_toolkit.benchmarks.echo_phantom:echo_phantom",
+        "moving_fashion_mnist": "cl_toolkit.benchmarks.moving_fashion_mnist:moving_fashion_mnist",
+        "camus": "cl_toolkit.benchmarks.echo_data:camus",
+        "echonet_dynamic": "cl_toolkit.benchmarks.echo_data:echonet_dynamic",
+        "sp500_stocks": "cl_toolkit.benchmarks.sp500:sp500_stocks",
     },
     "model": {
         "mlp": "cl_toolkit.models.image:MLP",
@@ -68,10 +73,15 @@ BUILTINS: dict[str, dict[str, str]] = {
         "gdn_lm": "cl_toolkit.models.language:gdn_lm",
         "gla_lm": "cl_toolkit.models.language:gla_lm",
         "transformer_lm": "cl_toolkit.models.language:transformer_lm",
+        "hf_lm": "cl_toolkit.models.hf_lm:hf_lm",
         "mtmd": "cl_toolkit.models.market:mtmd",
         "hist": "cl_toolkit.models.market:hist",
         "gru": "cl_toolkit.models.market:gru",
         "window_mlp": "cl_toolkit.models.market:window_mlp",
+        "gdkvm": "cl_toolkit.models.video:gdkvm",
+        "linear_kvm": "cl_toolkit.models.video:linear_kvm",
+        "stm": "cl_toolkit.models.video:stm",
+        "frame_unet": "cl_toolkit.models.video:frame_unet",
     },
     "task_kind": {
         "classification": "cl_toolkit.task_kinds:Classification",
@@ -82,12 +92,19 @@ BUILTINS: dict[str, dict[str, str]] = {
     "probe": {
         "retention": "cl_toolkit.probes.retention:RetentionProbe",
     },
+    "context": {
+        "none": "cl_toolkit.context.policies:NoContext",
+        "oracle": "cl_toolkit.context.policies:Oracle",
+        "recency": "cl_toolkit.context.policies:Recency",
+        "learned": "cl_toolkit.context.policies:Learned",
+    },
     # Keyed by the results["extras"] key each draws in the report (see cl_toolkit.renderers).
     "renderer": {
         "exact_match": "cl_toolkit.renderers.tokens:render_exact_match",
         "mqar": "cl_toolkit.renderers.tokens:render_mqar",
         "kv_interference": "cl_toolkit.renderers.tokens:render_kv_interference",
         "retention": "cl_toolkit.renderers.retention:render",
+        "segmentation_examples": "cl_toolkit.renderers.segmentation:render",
     },
 }
 
@@ -96,6 +113,7 @@ GROUPS = {
     "stream": "cl_toolkit.streams",
     "model": "cl_toolkit.models",
     "probe": "cl_toolkit.probes",
+    "context": "cl_toolkit.contexts",
     "renderer": "cl_toolkit.renderers",
     "task_kind": "cl_toolkit.task_kinds",
 }
@@ -104,7 +122,8 @@ GROUPS = {
 # chosen by the results["extras"] key it draws, a task kind by the stream.
 NO_CONFIG_GROUP = frozenset({"renderer", "task_kind"})
 # The Hydra config group of each kind (a kind missing here uses its own name as its group).
-CONFIG_GROUPS = {"strategy": "strategy", "stream": "benchmark", "model": "model"}
+CONFIG_GROUPS = {"strategy": "strategy", "stream": "benchmark", "model": "model",
+                 "context": "context"}
 # Entry-point group whose values name packages of YAML config groups shipped by plugins, e.g.
 #     [project.entry-points."cl_toolkit.configs"]
 #     my_package = "my_package.conf"     # holds strategy/my_method.yaml, benchmark/...

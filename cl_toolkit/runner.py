@@ -23,6 +23,7 @@ import torch
 
 from . import metrics, probes, registry, smoke, tracking
 from .config import semantic_config
+from .context.wrapper import attach as attach_context
 from .errors import ClToolkitError, ConfigError, PluginError, ResumeError
 from .models import Classifier, task_mask
 from .store import (RunStore, code_version, describe_code, remove_partial_files, run_dir_locked,
@@ -69,12 +70,14 @@ def build_model(cfg: dict, stream: TaskStream) -> Classifier:
     target = registry.resolve("model", name)
     if getattr(target, "needs_stream", False):
         # Builders such as CLIP's make their own heads from the stream's class names; language
-        # models take the stream's vocabulary.
-        return registry.build("model", name, stream, **kwargs)
+        # models take the stream's vocabulary. ``context=``: a policy in front (cl_toolkit.context).
+        return attach_context(cfg, stream, registry.build("model", name, stream, **kwargs))
     if stream.is_tokens:
         lms = [n for n in registry.names("model") if n.endswith("_lm")]
         raise ConfigError(f"benchmark {stream.name!r} is a token stream, which model={name} "
                           f"cannot take; use a language model: {', '.join(lms)}.")
+    if cfg.get("context") is not None:
+        attach_context(cfg, stream, None)  # refuses: no (key, value) context to manage here
     heads = kwargs.pop("heads", "single")
     if heads not in ("single", "multi"):
         raise ConfigError(f"model.heads must be 'single' or 'multi'; got {heads!r}.")
@@ -165,13 +168,14 @@ def model_task_scores(strategy: Strategy, batch_size: int, device: torch.device)
 def run_analyses(strategy: Strategy, stream: TaskStream, task: Task, batch_size: int,
                  device: torch.device) -> dict:
     """The stream's analyses of the model after ``task`` (see `cl_toolkit.stream`), keyed as
-    in ``results["extras"]``; each gets a predictor of token ids ``[N, L]``."""
+    in ``results["extras"]``; each gets a predictor of class ids (token ids ``[N, L]``, masks
+    ``[N, T, H, W]``: the kind's `TaskKind.predicted`)."""
     kind = task_kind(stream.kind)
 
     @torch.no_grad()
     def predict(x: torch.Tensor) -> torch.Tensor:
         rows = kind.rows_per_batch(x, batch_size, stream)
-        return torch.cat([strategy.predict(x[s:s + rows].to(device), task).argmax(-1).cpu()
+        return torch.cat([kind.predicted(strategy.predict(x[s:s + rows].to(device), task)).cpu()
                           for s in range(0, x.shape[0], rows)])
 
     model = getattr(strategy, "model", None)

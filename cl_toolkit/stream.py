@@ -137,6 +137,7 @@ class TaskStream:
     vocab_size: int | None = None
     analyses: dict[str, Analysis] = field(default_factory=dict)
     kind: str | None = None
+    token_text: tuple[str, ...] | None = None  # text of each token id (models/hf_lm.py)
 
     def __post_init__(self):
         if self.kind is None:

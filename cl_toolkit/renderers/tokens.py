@@ -270,6 +270,123 @@ def _chance_lines(ax, groups, curve: str, points_of, field: str = "accuracy") ->
 
 
 def render_kv_interference(runs: list[dict], out_dir: Path) -> tuple[str, str]:
+    """The PI section (`_render_pi`), then, where runs differ by ``context`` (a context policy
+    in front of the model, cl_toolkit/context), the curves with and without each policy side
+    by side (`_render_context`)."""
+    md, hm = _render_pi(runs, out_dir)
+    md_c, hm_c = _render_context(runs, out_dir)
+    return md + md_c, hm + hm_c
+
+
+def _policy_label(cfg: dict) -> str:
+    """``none`` (no context layer, or context=none), else the policy and its settings."""
+    node = cfg.get("context") or {"name": "none"}
+    name = node.get("name", "?")
+    extra = []
+    if name == "recency":
+        extra.append(f"k={node.get('keep')}")
+        if node.get("window", 1) != 1:
+            extra.append(f"window={node.get('window')}")
+        if node.get("summarise"):
+            extra.append("summarised")
+    if name == "learned":
+        extra += [f"budget={node.get('budget')}", f"penalty={node.get('penalty')}",
+                  f"{node.get('steps')} steps"]
+    if node.get("during") == "train_and_test":
+        extra.append("train+test")
+    return name + (f" ({', '.join(extra)})" if extra else "")
+
+
+_POLICY_ORDER = {"none": 0, "recency": 1, "oracle": 2, "learned": 3}
+
+
+def _render_context(runs: list[dict], out_dir: Path) -> tuple[str, str]:
+    """Accuracy against U per backbone with and without each context policy (both orders), the
+    share of the context kept, its agreement with the oracle's rule (exactly each key's last
+    update kept) and the operations per sequence; one panel per backbone."""
+    have = [r for r in runs if "kv_interference" in r.get("extras", {})]
+    if not any("context" in r["extras"]["kv_interference"] for r in have):
+        return "", ""
+    table: dict[tuple[str, str], list[dict]] = {}
+    for r in have:
+        key = (str(r["config"].get("model", {}).get("name")), _policy_label(r["config"]))
+        table.setdefault(key, []).append(r["extras"]["kv_interference"])
+    keys = sorted(table, key=lambda k: (k[0], _POLICY_ORDER.get(k[1].split(" ")[0], 9), k[1]))
+
+    def upd(e):
+        return e["updates"]
+
+    ups = _union([table[k] for k in keys], upd)
+    orders = sorted({o for ex in table.values() for e in ex for o in e.get("other_orders", {})})
+    md, hm = [], []
+
+    def emit(title, header, rows):
+        md.append(f"### {title}\n\n{_table(header, rows)}\n")
+        hm.append(f"<h3>{html.escape(title)}</h3>{_html_table(header, rows)}")
+
+    def ctx(e, field):
+        c = e.get("context")
+        return c["by_updates"][field] if c else [1.0 if field == "kept_share" else None] * \
+            len(e["updates"])
+
+    header = ["model", "context", "n", "learned (gate)"] + [f"U={u}" for u in ups]
+    rows = [[m, p, str(len(ex)), f"{sum(_learned(e) for e in ex)} of {len(ex)}"] +
+            [_ms(_at(ex, u, upd, lambda e: e["by_updates"]["accuracy"])) for u in ups]
+            for (m, p), ex in ((k, table[k]) for k in keys)]
+    emit("Context management (Sculptor): accuracy (%) against U with and without each policy,"
+         " training order, mean ± std over seeds", header, rows)
+    for o in orders:
+        rows = [[m, p, str(len(ex)), f"{sum(_learned(e) for e in ex)} of {len(ex)}"] +
+                [_ms(_at([e for e in ex if o in e.get("other_orders", {})], u, upd,
+                         lambda e, o=o: e["other_orders"][o]["by_updates"]["accuracy"]))
+                 for u in ups] for (m, p), ex in ((k, table[k]) for k in keys)]
+        emit(f"Context management: accuracy (%) against U in the {ORDER_WORD.get(o, o)} "
+             "update order (not trained on)", header, rows)
+    header = ["model", "context"] + [f"kept / match U={u}" for u in ups] + \
+        ["hides / searches / summaries per sequence (largest U)"]
+    rows = []
+    for m, p in keys:
+        ex = [e for e in table[m, p] if e.get("context")]
+        if not ex:
+            rows.append([m, p] + ["100 / -"] * len(ups) + ["0 / 0 / 0"])
+            continue
+        top = max(ups)
+        cells = [f"{_ms(_at(ex, u, upd, lambda e: ctx(e, 'kept_share')))} / "
+                 f"{_ms(_at(ex, u, upd, lambda e: ctx(e, 'oracle_match')))}" for u in ups]
+        ops = " / ".join(f"{np.mean(_at(ex, top, upd, lambda e, f=f: ctx(e, f))):.1f}"
+                         for f in ("hides", "searches", "summaries"))
+        rows.append([m, p] + cells + [ops])
+    emit("Context kept (% of the pairs) / rows whose kept pairs are exactly each key's last "
+         "update (% , the oracle's rule), training order", header, rows)
+    models = sorted({m for m, _ in keys})
+    fig, ax = _figure(len(models))
+    for col, m in enumerate(models):
+        a = ax[0, col]
+        for mm, p in keys:
+            if mm != m:
+                continue
+            ex = table[mm, p]
+            x = _union([ex], upd)
+            y = [np.mean(_at(ex, u, upd, lambda e: e["by_updates"]["accuracy"])) for u in x]
+            line, = a.plot(x, y, marker="o", label=p)
+            for o in orders:
+                on = [e for e in ex if o in e.get("other_orders", {})]
+                if on:
+                    y = [np.mean(_at(on, u, upd, lambda e, o=o: e["other_orders"][o][
+                        "by_updates"]["accuracy"])) for u in x]
+                    a.plot(x, y, marker="s", ms=3, ls=":", color=line.get_color(),
+                           label=f"{p} ({o} order)")
+        a.set_xscale("log", base=2)
+        a.set_ylim(-0.02, 1.02)
+        a.grid(alpha=0.3)
+        a.set(xlabel="updates per key U (log)", ylabel="accuracy (last value)", title=m)
+        a.legend(fontsize=6, loc="lower left")
+    md_img, html_img = _save(fig, Path(out_dir), "kv_interference_context.png",
+                             wide=len(models) > 1)
+    return "\n".join(md) + f"\n{md_img}\n", "".join(hm) + html_img
+
+
+def _render_pi(runs: list[dict], out_dir: Path) -> tuple[str, str]:
     """The gate, then (runs that learned their training distribution only) accuracy against
     U in the training order and in every other order probed, against K at a fixed U per key
     and against K at a fixed K x U, the error classes and both AUCs; a column per point any run
