@@ -1,5 +1,5 @@
 # make demo: create .venv if missing, install, run the demo sweep and write its report.
-# make test: same set-up, then the test suite.
+# make test: same set-up, then the test suite (pytest-xdist: one worker per core).
 # make perf-test: the perf scripts' own checks (perf/tests, CPU, toy sizes).
 PYTHON ?= python3
 VENV := .venv
@@ -30,7 +30,7 @@ demo: $(STAMP)
 	@echo "Open $(DEMO_DIR)/report.html"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n auto
 
 perf-test: $(STAMP)
 	$(BIN)/python -m pytest perf/tests

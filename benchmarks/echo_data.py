@@ -316,10 +316,14 @@ def echonet_dynamic(root: str | None = None, height: int = 32, width: int = 32, 
     tracings = _read_csv(base / "VolumeTracings.csv", ("FileName", "X1", "Y1", "X2", "Y2",
                                                         "Frame"))
     traced: dict[str, dict[int, list]] = {}
-    for row in tracings:
-        per_frame = traced.setdefault(_stem(row["FileName"]), {})
-        per_frame.setdefault(int(row["Frame"]), []).append(
-            [float(row[k]) for k in ("X1", "Y1", "X2", "Y2")])
+    for n, row in enumerate(tracings, 2):
+        try:
+            frame, chord = int(row["Frame"]), [float(row[k]) for k in ("X1", "Y1", "X2", "Y2")]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{base / 'VolumeTracings.csv'} line {n}: Frame, X1, Y1, X2, Y2 "
+                              f"must be numbers; got {dict(row)}. Give the data set's own "
+                              "VolumeTracings.csv.") from None
+        traced.setdefault(_stem(row["FileName"]), {}).setdefault(frame, []).append(chord)
     edges = [float("-inf"), *map(float, ef_edges), float("inf")][::-1]
     groups = [(edges[k + 1], edges[k]) for k in range(len(edges) - 1)]      # high EF first
     skipped = {"fewer than two traced frames": 0, "traced frame beyond the video": 0}

@@ -68,9 +68,9 @@ def read_returns(path: Path) -> tuple[list[str], tuple[str, ...], np.ndarray]:
     dates = [r[header.index("date")] for r in rows[1:] if r]
     try:
         ret = np.array([[float(r[c]) for c in cols] for r in rows[1:] if r], dtype=np.float64)
-    except ValueError as exc:
-        raise ConfigError(f"benchmark.data_file={path}: a return is not a number ({exc}); "
-                          "fix or remove that row.") from exc
+    except (ValueError, IndexError) as exc:
+        raise ConfigError(f"benchmark.data_file={path}: a row is short or a return is not a "
+                          f"number ({exc}); fix or remove that row.") from None
     return dates, tickers, ret
 
 

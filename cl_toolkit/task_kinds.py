@@ -279,8 +279,9 @@ def dice_iou(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[lis
 def hd95(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[list[float]]:
     """The 95th-percentile symmetric Hausdorff distance in pixels of every (frame, foreground
     class) of ``pred, y [M, H, W]``: the distances from each boundary pixel of one mask to the
-    other mask's boundary, both directions pooled, as MONAI's ``compute_hausdorff_distance``
-    with ``percentile=95`` does. NaN where the class is absent from both; where it is absent
+    other mask's boundary, both directions pooled into one percentile, as medpy's ``hd95``
+    computes it (MONAI's ``compute_hausdorff_distance(percentile=95)`` takes the larger of the
+    two one-way percentiles instead, which is never smaller). NaN where the class is absent from both; where it is absent
     from one only, the image diagonal (our choice: the largest distance the frame allows, so a
     missed ventricle costs instead of vanishing from the mean). Pixels with ``IGNORE_INDEX``
     truth are background in both masks; a frame whose truth is all ``IGNORE_INDEX`` is NaN."""
@@ -378,14 +379,15 @@ class Segmentation(TaskKind):
     def score(self, predict, data, batch_size):
         """Dice and IoU per clip (the mean over its frames and foreground classes), averaged
         over clips (an image is a clip of one frame); HD95 over (frame, class) pairs;
-        ``temporal_error`` (`change_error`, clips only); frames per second of ``predict``
-        (wall clock, so it varies between runs)."""
+        ``temporal_error`` (`change_error`, clips only); frames per second of ``predict`` up to
+        its masks on the CPU (wall clock, so it varies between runs; the first batch's one-time
+        costs, e.g. a Triton compile, count too: ``perf/gdkvm_speed.py`` times warm models)."""
         dice, iou, hd, moved, frames, seconds = [], [], [], [], 0, 0.0
         for x, y, t in data.batches(batch_size):
             t0 = time.perf_counter()
             out = predict(x, t)
+            pred = self.predicted(out).cpu()          # waits for a GPU's queued kernels
             seconds += time.perf_counter() - t0
-            pred = self.predicted(out).cpu()
             flat_p, flat_y = pred.reshape(-1, *y.shape[-2:]), y.reshape(-1, *y.shape[-2:])
             frames += flat_y.shape[0]
             d, i = dice_iou(flat_p, flat_y, out.shape[-3])

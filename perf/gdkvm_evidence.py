@@ -40,7 +40,7 @@ def figures(r: dict) -> dict[str, float]:
 
 
 def _cell(values: list[float], scale: float) -> str:
-    values = [v * scale for v in values if v == v]
+    values = [v * scale for v in values if v is not None and v == v]
     if not values:
         return "n/a"
     mean, half = mean_ci(values)

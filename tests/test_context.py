@@ -3,6 +3,7 @@ batched path against them, the policies, the policy-gradient scorer and the runn
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -360,7 +361,8 @@ def test_posthoc_evaluation_equals_a_run_with_the_policy(tmp_path):
     post = evaluate(tmp_path / "base", tmp_path / "post", node)
     a, b = full["extras"]["kv_interference"], post["extras"]["kv_interference"]
     assert a["by_updates"] == b["by_updates"] and a["context"] == b["context"]
-    assert full["matrix"] == post["matrix"]
+    assert full["matrix"] == post["matrix"] and full["metrics"] == post["metrics"]
+    assert full["extras"]["exact_match"]["matrix"] == post["extras"]["exact_match"]["matrix"]
     assert base["extras"]["kv_interference"].get("context") is None
     with pytest.raises(ConfigError, match="context=none"):
         evaluate(tmp_path / "full", tmp_path / "again", node)
@@ -372,3 +374,21 @@ def test_online_scorer_steps_on_every_training_batch_and_train_and_test_reads_th
                                       "during": "train_and_test"}))
     batches = -(-len(stream.tasks[0].train.x) // 16)
     assert wrapped.policy.trained_steps == batches + 2 == len(wrapped.scorer_log)
+
+
+def test_a_checkpoint_carries_the_learned_scorers_optimiser_generator_and_steps():
+    """A resumed run's scorer goes on as the uninterrupted one would: the next step after
+    restoring the state dict equals the next step without the interruption."""
+    cfg = _cfg({"name": "learned", "budget": 0.0, "steps": 3, "rollouts": 2, "during": "test"})
+    stream, wrapped, _ = _learn(cfg)
+    fresh = runner.build_model(cfg, stream)
+    buf = io.BytesIO()                  # through bytes, as a checkpoint on disk (no aliasing)
+    torch.save(wrapped.state_dict(), buf)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=False))
+    assert fresh.policy.trained_steps == wrapped.policy.trained_steps == 3
+    x = stream.tasks[0].train.x[:16]
+    a, b = wrapped._scorer_step(x, None), fresh._scorer_step(x, None)
+    assert a == b
+    for p, q in zip(wrapped.scorer.parameters(), fresh.scorer.parameters()):
+        assert torch.equal(p, q)

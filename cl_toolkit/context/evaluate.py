@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import copy
 import json
+from importlib import resources
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
-from .. import registry, runner, smoke
+from .. import metrics, registry, runner, smoke
 from ..errors import ConfigError
 from ..store import RunStore
 from ..strategy import RunContext
@@ -39,8 +41,8 @@ def policy_node(args: list[str]) -> dict:
     name = next((a.split("=", 1)[1] for a in args if a.startswith("context=")), None)
     if name is None:
         raise ConfigError("name the policy: context=none|recency|oracle|learned")
-    path = Path(__file__).resolve().parents[2] / "conf" / "context" / f"{name}.yaml"
-    node = yaml.safe_load(path.read_text()) if path.exists() else {
+    path = resources.files("cl_toolkit.conf") / "context" / f"{name}.yaml"
+    node = yaml.safe_load(path.read_text()) if path.is_file() else {
         "name": name, **registry.signature_defaults("context", registry.resolve("context", name))}
     for a in args:
         if a.startswith("context."):
@@ -71,7 +73,7 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, node: dict) -> dict:
     model = runner.build_model(cfg, stream)
     state = RunStore(run_dir).load_checkpoint()["strategy"]["model"]
     state = {k.removeprefix("model."): v for k, v in state.items()
-             if not k.startswith("scorer.")}
+             if not k.startswith("scorer.") and k != "_extra_state"}
     model.model.load_state_dict(state)
     strategy = runner.build_strategy(cfg)
     device = torch.device(cfg.get("device", "cpu"))
@@ -87,7 +89,7 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, node: dict) -> dict:
         while len(batches) < model.policy.steps:
             perm = torch.randperm(len(x), generator=g)
             batches += [(x[perm[s:s + bs]].to(device), None)
-                        for s in range(0, len(x) - bs + 1, bs)]
+                        for s in range(0, len(x), bs)]  # a last partial batch too
         model._inputs = batches[:model.policy.steps]
         model.end_epoch(0, 1)
     t1 = time.perf_counter()
@@ -99,6 +101,12 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, node: dict) -> dict:
     out = copy.deepcopy(base)
     out["config"] = cfg
     out["matrix"] = [[s[kind.metric.key] for s in scores]]
+    out["metrics"] = metrics.summary(np.asarray(out["matrix"], dtype=np.float64),
+                                     base["before"][:1], base.get("not_applicable") or {},
+                                     kind.metric.higher_is_better)
+    for m in kind.extra_metrics:
+        if m.key in extras:
+            extras[m.key]["matrix"] = [[s[m.key] for s in scores]]
     out["extras"] = extras
     out["model_params"] = sum(p.numel() for p in model.parameters())
     out["context_eval"] = {

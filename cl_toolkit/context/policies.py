@@ -160,7 +160,8 @@ class Learned(Policy):
     """A `Scorer` over per-update fragments, trained by policy gradient (REINFORCE with a group
     baseline, as GRPO: ``rollouts`` keep-masks sampled per sequence, each fragment kept with
     probability ``sigmoid(logit)``; the advantage of a rollout is its reward minus the mean
-    reward of its group; no ratio clipping or KL: one step per batch, on-policy).
+    reward of its group, divided by the group's standard deviation (+ 1e-3), as GRPO does; no
+    ratio clipping or KL: one step per batch, on-policy).
 
     Reward of a rollout: the share of the sequence's queries the backbone answers right from
     the kept context, minus ``penalty * max(0, share of pairs kept - budget)`` (``budget``: the

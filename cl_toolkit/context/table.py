@@ -10,12 +10,10 @@ outputs); a run without a context layer counts as ``none``.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
-from scipy import stats
-
+from ..probes.retention_metrics import mean_ci
 from ..renderers.tokens import _POLICY_ORDER, _policy_label
 
 
@@ -24,11 +22,8 @@ def ci(values: list[float]) -> str:
     v = [100 * x for x in values if x is not None]
     if not v:
         return "-"
-    m = sum(v) / len(v)
-    if len(v) == 1:
-        return f"{m:.1f}"
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
-    return f"{m:.1f} ± {stats.t.ppf(0.975, len(v) - 1) * sd / math.sqrt(len(v)):.1f}"
+    mean, half = mean_ci(v)
+    return f"{mean:.1f}" if half is None else f"{mean:.1f} ± {half:.1f}"
 
 
 def load(dirs: list[str]) -> dict[tuple[str, str], list[dict]]:
@@ -77,7 +72,7 @@ def tables(rows: dict[tuple[str, str], list[dict]]) -> str:
                      if o in e.get("other_orders", {})])] for (m, p), ex in rows.items()]
         out.append(f"Accuracy (%), {o} order (not trained on)\n\n" + _md(header, body))
     header = ["model", "context"] + [f"kept U={u}" for u in ups] + \
-        [f"rule U={u}" for u in ups] + ["stale U=16"]
+        [f"rule U={u}" for u in ups] + [f"stale U={max(ups)}"]
     body = [[m, p] + [ci([ctx(e, "kept_share", u) for e in ex]) for u in ups] +
             [ci([ctx(e, "oracle_match", u) for e in ex]) for u in ups] +
             [ci([at(e, max(ups), e["by_updates"]["stale"]) for e in ex])]

@@ -99,6 +99,22 @@ class ContextManaged(nn.Module):
                 x, t = inputs[i % len(inputs)]
                 self._scorer_step(x, t)
 
+    def get_extra_state(self) -> dict:
+        """What a checkpoint needs besides the scorer's weights so that a resumed run goes on
+        as if uninterrupted: its optimiser, generator, step count and log."""
+        if not isinstance(self.policy, Learned):
+            return {}
+        return {"optimizer": self.policy.optimizer.state_dict(),
+                "generator": self.policy.generator.get_state(),
+                "trained_steps": self.policy.trained_steps, "scorer_log": self.scorer_log}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state and isinstance(self.policy, Learned):
+            self.policy.optimizer.load_state_dict(state["optimizer"])
+            self.policy.generator.set_state(state["generator"])
+            self.policy.trained_steps = int(state["trained_steps"])
+            self.scorer_log = list(state["scorer_log"])
+
     def memory_bytes(self) -> int:
         fn = getattr(self.model, "memory_bytes", None)
         return int(fn()) if callable(fn) else 0

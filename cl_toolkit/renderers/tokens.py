@@ -17,16 +17,14 @@ a group's runs.
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
 from ..runs import group_runs
-from . import legend_outside
+from . import legend_outside, save_png
 
 
 def _groups(runs: list[dict], key: str) -> dict[str, list[dict]]:
@@ -96,22 +94,6 @@ def _one(groups: dict[str, list[dict]], field: str):
     return json.loads(values.pop()) if len(values) == 1 else None
 
 
-def _save(fig, out_dir: Path, name: str, wide: bool = False) -> tuple[str, str]:
-    """Markdown and html references to the figure saved as ``out_dir/name`` (``wide``: a
-    figure of several panels, shown across the page)."""
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    (out_dir / name).write_bytes(buf.getvalue())
-    data = base64.b64encode(buf.getvalue()).decode()
-    style = ' style="max-width:98%"' if wide else ""
-    return (f"![{name}]({name})",
-            f'<img alt="{name}"{style} src="data:image/png;base64,{data}">')
-
-
 def _figure(ncols: int = 1):
     import matplotlib
 
@@ -141,7 +123,7 @@ def render_mqar(runs: list[dict], out_dir: Path) -> tuple[str, str]:
     ax[0, 0].set(xlabel="key-value pairs", ylabel="accuracy (per query)",
                  title="MQAR: accuracy vs number of pairs")
     legend_outside(ax[0, 0])
-    md_img, html_img = _save(fig, Path(out_dir), "mqar_accuracy.png")
+    md_img, html_img = save_png(fig, Path(out_dir), "mqar_accuracy.png")
     title = "Associative recall (MQAR): accuracy (%) per query after the last task"
     return (f"### {title}\n\n{_table(header, rows)}\n\n{md_img}\n",
             f"<h3>{html.escape(title)}</h3>{_html_table(header, rows)}{html_img}")
@@ -381,7 +363,7 @@ def _render_context(runs: list[dict], out_dir: Path) -> tuple[str, str]:
         a.grid(alpha=0.3)
         a.set(xlabel="updates per key U (log)", ylabel="accuracy (last value)", title=m)
         a.legend(fontsize=6, loc="lower left")
-    md_img, html_img = _save(fig, Path(out_dir), "kv_interference_context.png",
+    md_img, html_img = save_png(fig, Path(out_dir), "kv_interference_context.png",
                              wide=len(models) > 1)
     return "\n".join(md) + f"\n{md_img}\n", "".join(hm) + html_img
 
@@ -618,7 +600,7 @@ def _render_pi(runs: list[dict], out_dir: Path) -> tuple[str, str]:
             handles.setdefault(name, h)
     ax[0, -1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
                      bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
-    md_img, html_img = _save(fig, Path(out_dir), "kv_interference.png", wide=ax.shape[1] > 1)
+    md_img, html_img = save_png(fig, Path(out_dir), "kv_interference.png", wide=ax.shape[1] > 1)
     return "\n".join(md) + f"\n{md_img}\n", "".join(hm) + html_img
 
 
