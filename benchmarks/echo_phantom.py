@@ -18,7 +18,10 @@ applies to every task):
   (``drop_mode=repeat``); its mask stays the true shape at that time, so only a model that
   carries the past can get it right;
 - ``translate_jitter`` (pixels) and ``scale_jitter`` (fraction): probe motion, drawn per frame;
-- ``view``: ``apical4`` or ``apical2``, another tilt of the long axis and another shape.
+- ``view``: ``apical4`` or ``apical2``, another tilt of the long axis and another shape;
+- ``placement`` (one value for the stream): each clip's ventricle sits within ± placement x
+  the image size of the image centre (default 0.06, as an apical view centres it); a larger
+  value takes away the position prior a memoryless model can fall back on in a blank frame.
 
 The default stream's four tasks move from clean to speckled to missing walls and frames to the
 other view (domain-il). Masks are exact: the generating shape sampled at pixel centres.
@@ -74,13 +77,13 @@ class Geometry:
 
 def draw_geometry(n: int, frames: int, height: int, width: int, view: str,
                   translate_jitter: float, scale_jitter: float, cycle_frames: float,
-                  contraction: float, g: torch.Generator) -> Geometry:
-    """Per clip: position (within 6 % of the image centre), size (x 0.9-1.1), cycle phase and
+                  contraction: float, g: torch.Generator, placement: float = 0.06) -> Geometry:
+    """Per clip: position (within ``placement`` x the image size of its centre), size (x 0.9-1.1), cycle phase and
     length (x 0.85-1.15 of ``cycle_frames``); per frame: translation and scale jitter. Every
     draw is made whatever the knobs' values, so the knobs only scale them."""
     v = VIEWS[view]
     size = min(height, width)
-    offset = (torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1) * 0.06 * size
+    offset = (torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1) * placement * size
     scale = 0.9 + 0.2 * torch.rand(n, 1, generator=g, dtype=torch.float64)
     phase = torch.rand(n, 1, generator=g, dtype=torch.float64)
     cycle = cycle_frames * (0.85 + 0.3 * torch.rand(n, 1, generator=g, dtype=torch.float64))
@@ -148,12 +151,13 @@ def phantom_clips(n: int, frames: int, height: int, width: int, *, speckle: floa
                   drop_mode: str = "blank", view: str = "apical4",
                   translate_jitter: float = 1.0, scale_jitter: float = 0.05,
                   cycle_frames: float = 8.0, contraction: float = 0.3,
-                  label_myocardium: bool = False, keys: tuple[int, ...] = (0,)) -> dict:
+                  label_myocardium: bool = False, placement: float = 0.06,
+                  keys: tuple[int, ...] = (0,)) -> dict:
     """``n`` clips: ``x [N, T, 1, H, W]`` float32 (scaled echo intensities), ``y [N, T, H, W]``
     int64, and what generated them (``geometry``, ``dropped [N, T]`` frames, ``walls_off
     [N, 8]`` sectors without echo). ``keys`` seed the components (`seeded`)."""
     geo = draw_geometry(n, frames, height, width, view, translate_jitter, scale_jitter,
-                        cycle_frames, contraction, seeded(*keys, SHAPE))
+                        cycle_frames, contraction, seeded(*keys, SHAPE), placement)
     cavity, myocardium, sector = shape_fields(geo, height, width)
     order = torch.argsort(torch.rand(n, SECTORS, generator=seeded(*keys, WALLS)), dim=1)
     walls_off = torch.zeros(n, SECTORS, dtype=torch.bool)
@@ -205,6 +209,7 @@ def echo_phantom(height: int = 32, width: int = 32, frames: int = 8, train_clips
                  scale_jitter: tuple[float, ...] = (0.05,),
                  drop_mode: str = "blank", cycle_frames: float = 8.0,
                  contraction: float = 0.3, label_myocardium: bool = False,
+                 placement: float = 0.06,
                  scenario: str = "domain-il", seed: int = 0):
     """The phantom stream (module doc): one task per entry of the per-task knob lists
     (``speckle`` ... ``scale_jitter``; a one-value list applies to all tasks), ``train_clips``
@@ -227,7 +232,7 @@ def echo_phantom(height: int = 32, width: int = 32, frames: int = 8, train_clips
     parts, names = [], []
     for i, task_knobs in enumerate(table):
         common = dict(drop_mode=drop_mode, cycle_frames=cycle_frames, contraction=contraction,
-                      label_myocardium=label_myocardium, **task_knobs)
+                      label_myocardium=label_myocardium, placement=placement, **task_knobs)
         train = phantom_clips(train_clips, frames, height, width, keys=(seed, i, 0), **common)
         test = phantom_clips(test_clips, frames, height, width, keys=(seed, i, 1), **common)
         name = _task_name(task_knobs, table[0])
@@ -236,6 +241,7 @@ def echo_phantom(height: int = 32, width: int = 32, frames: int = 8, train_clips
     return video_stream("echo_phantom", parts, num_classes, scenario, seed,
                         info={"knobs": table, "drop_mode": drop_mode, "views": VIEWS,
                               "cycle_frames": cycle_frames, "contraction": contraction,
+                              "placement": placement,
                               "intensity": {"tissue": TISSUE, "blood": BLOOD,
                                             "myocardium": MYOCARDIUM, "mean": MEAN,
                                             "scale": SCALE}},
@@ -261,6 +267,7 @@ echo_phantom.ranges = {
     "speckle": between(0, 1), "blur": at_least(0), "wall_dropout": between(0, 1),
     "frame_dropout": between(0, 1, high_open=True), "translate_jitter": at_least(0),
     "scale_jitter": between(0, 0.5, high_open=True), "cycle_frames": above(0),
-    "contraction": between(0, 0.8), "drop_mode": one_of("blank", "repeat")}
+    "contraction": between(0, 0.8), "drop_mode": one_of("blank", "repeat"),
+    "placement": between(0, 0.25)}
 echo_phantom.smoke = dict(VIDEO_SMOKE)
 echo_phantom.check_config = _check_config

@@ -147,6 +147,16 @@ def test_view_and_jitter_change_the_shape():
         assert torch.allclose(ratio, zoom)
 
 
+def test_placement_spreads_the_clip_centres_and_nothing_else():
+    near = ep.phantom_clips(64, 2, 32, 32, translate_jitter=0.0, keys=(5,))
+    far = ep.phantom_clips(64, 2, 32, 32, translate_jitter=0.0, placement=0.25, keys=(5,))
+    off_near = near["geometry"].centre[:, 0] - 16
+    off_far = far["geometry"].centre[:, 0] - 16
+    assert off_near.abs().max() <= 0.06 * 32 and off_far.abs().max() <= 0.25 * 32
+    assert torch.allclose(off_far, off_near * 0.25 / 0.06)       # same draws, scaled
+    assert torch.equal(near["geometry"].a, far["geometry"].a)
+
+
 def test_phantom_stream_seeds_and_documented_tasks():
     s = ep.echo_phantom(**SMALL, seed=7)
     assert s.kind == "segmentation" and s.scenario == "domain-il" and s.num_classes == 2
