@@ -13,6 +13,7 @@ green, the prediction in red.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import torch
@@ -133,7 +134,9 @@ def render(runs: list[dict], out_dir: Path) -> tuple[str, str]:
                 ax.imshow(_decode(e["image"][j], h, w, image=True), cmap="gray")
                 _contours(ax, _decode(e["truth"][j], h, w), "lime", "solid")
                 _contours(ax, _decode(e["pred"][j], h, w), "red", "dashed")
-                ax.set_title(f"{e['task']} f{t}", fontsize=7)
+                ax.set_title(f"frame {t}", fontsize=7)
+            axes[i, 0].text(-0.08, 0.5, textwrap.fill(e["task"], 16), fontsize=7, ha="right",
+                            va="center", transform=axes[i, 0].transAxes)
         fig.suptitle(row, fontsize=8)
         ref_md, ref_html = save_png(fig, out_dir, f"segmentation_examples_{n}.png", wide=True)
         md += [f"{row}:", "", ref_md, ""]
