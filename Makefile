@@ -1,5 +1,6 @@
 # make demo: create .venv if missing, install, run the demo sweep and write its report.
-# make test: same set-up, then the test suite (pytest-xdist: one worker per core).
+# make test: same set-up, then the test suite (pytest-xdist: one worker per core; a file stays
+# on one worker, so a file whose tests build on each other, as the README examples do, keeps its order).
 # make perf-test: the perf scripts' own checks (perf/tests, CPU, toy sizes).
 PYTHON ?= python3
 VENV := .venv
@@ -30,7 +31,7 @@ demo: $(STAMP)
 	@echo "Open $(DEMO_DIR)/report.html"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -n auto
+	$(BIN)/python -m pytest tests -n auto --dist loadfile
 
 perf-test: $(STAMP)
 	$(BIN)/python -m pytest perf/tests
