@@ -96,17 +96,17 @@ def test_linear_and_stm_memories_match_float64_loops():
         stm(x, trace=tr)
     keys, vals = [], []
     for t, rec in enumerate(tr):
-        q = rec["q"].double()
+        q = rec["key_map"].double()                                 # STM: q . k / sqrt(d)
         if t:
             mk, mv = torch.cat(keys, 1), torch.cat(vals, 1)         # every stored pixel
             out = torch.zeros_like(q)
             for bi in range(B):
                 for h in range(H):
-                    w = torch.softmax(q[bi, :, h] @ mk[bi, :, h].T, dim=-1)
-                    out[bi, :, h] = w @ mv[bi, :, h]
+                    w = torch.softmax(q[bi, :, h] @ mk[bi, :, h].T / d ** 0.5, dim=-1)
+                    out[bi, :, h] = w @ mv[bi, :, h].double()
             assert rel(rec["readout"], out) < 1e-5
         if "k" in rec:
-            keys.append(rec["k"].double())
+            keys.append(rec["key_map"].double())
             vals.append(rec["v"].double())
     assert tr[-1]["q"].shape[1] * 2 == sum(k.shape[1] for k in keys)  # T - 1 frames stored
 

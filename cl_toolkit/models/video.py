@@ -264,7 +264,8 @@ class VideoSegmenter(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None,
                 trace: list | None = None) -> torch.Tensor:
         """``x [B, T, C, H, W]`` -> logits ``[B, T, K, H, W]``. With ``trace`` (a list), one dict
-        per frame is appended: its queries, readout, and (frames written) keys, values, gates,
+        per frame is appended: its unscaled key map (``key_map [B, N, H, d]``), queries, readout,
+        and (frames written) keys, values, gates,
         pooled features and the state after the write, for tests and inspection."""
         if x.dim() != 5 or x.shape[1] < 1 or x.shape[-1] % STRIDE or x.shape[-2] % STRIDE:
             raise ValueError(f"model input: clips x [B, T, C, H, W] with T >= 1 and H, W "
@@ -285,7 +286,7 @@ class VideoSegmenter(nn.Module):
                 q = keys[:, i].contiguous()
                 r = mem.read(state, q)
                 readout = _unheads(r, h, w)
-                rec.update(q=q, readout=r)
+                rec.update(q=q, readout=r, key_map=_heads(kmap[:, i], self.heads))
             logits = self.decode(f1[:, i], f2[:, i], f4[:, i], kmap[:, i], readout)
             out.append(logits)
             if mem is not None and i < T - 1:
