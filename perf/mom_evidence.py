@@ -33,6 +33,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cl_toolkit.probes import retention_metrics
+
 STREAMS = {
     "digits_til": ["experiment=mom_split_digits"],
     "digits_cil": ["experiment=mom_split_digits", "benchmark.scenario=class-il"],
@@ -100,8 +102,6 @@ PLAN = {
     "pfmnist": ["MLP naive", "MoM shared naive", *ORACLE_ROWS[:1], "MoM task-free"],
     "sfmnist": ["MLP naive", "MoM shared naive", *ORACLE_ROWS[:1], "MoM task-free"],
 }
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262}
 
 
 def compose(overrides: list[str]) -> dict:
@@ -198,11 +198,8 @@ def command(stream: str, row: str, seed: int, out: Path, buffer: int) -> list[st
 
 def mean_ci(vals: list[float], digits: int = 3) -> str:
     """mean +- the half-width of the 95 % t-interval (n - 1 degrees of freedom)."""
-    m = statistics.mean(vals)
-    if len(vals) < 2:
-        return f"{m:.{digits}f}"
-    half = T975[len(vals) - 1] * statistics.stdev(vals) / math.sqrt(len(vals))
-    return f"{m:.{digits}f} ± {half:.{digits}f}"
+    m, half = retention_metrics.mean_ci(vals)
+    return f"{m:.{digits}f}" if half is None else f"{m:.{digits}f} ± {half:.{digits}f}"
 
 
 def matrix_metrics(R: list[list[float]]) -> dict:

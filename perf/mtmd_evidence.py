@@ -24,6 +24,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from cl_toolkit.probes.retention_metrics import mean_ci
+
 MEMORY_KEYS = ("memory", "bank_size", "memory_update", "memory_tasks", "temperature")
 MEMORY_DEFAULTS = (True, 96, True, "shared", 1.0)
 
@@ -74,14 +76,9 @@ def figures(r: dict) -> dict[str, float]:
 
 
 def ci95(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    from scipy import stats
-
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    """(mean, 95 % t-interval half-width); NaN half-width for one value."""
+    mean, half = mean_ci(values)
+    return mean, float("nan") if half is None else half
 
 
 def collect(paths: list[str]) -> dict[str, dict]:

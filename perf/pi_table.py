@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from scipy import stats
+from cl_toolkit.probes.retention_metrics import mean_ci
 
 
 def ci(values: list[float]) -> str:
@@ -24,11 +24,8 @@ def ci(values: list[float]) -> str:
     v = [100 * x for x in values]
     if not v:
         return ""
-    m = sum(v) / len(v)
-    if len(v) == 1:
-        return f"{m:.1f}"
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
-    return f"{m:.1f} ± {stats.t.ppf(0.975, len(v) - 1) * sd / math.sqrt(len(v)):.1f}"
+    m, half = mean_ci(v)
+    return f"{m:.1f}" if half is None else f"{m:.1f} ± {half:.1f}"
 
 
 def _get(cfg: dict, dotted: str):
