@@ -161,6 +161,12 @@ def test_recency_and_summarised_windows_on_a_hand_made_context():
     assert ops.render_batch(x, lay, keep)[0].tolist() == want == \
         [0] * 4 + [2, C, 1, D, 3, E, 1, 2, 3]
     assert (int(n["fragments"][0]), int(n["summaries"][0]), int(n["hides"][0])) == (2, 2, 0)
+    # windows of 2 pairs: a summary reduces its own window only, so a key's update that a later
+    # window repeats stays (each window holds distinct keys here: nothing is dropped)
+    keep, _ = Recency(keep=3, window=2, summarise=True).decide(lay)
+    frags = [ops.summarise(f) for f in ops.fragment(ops.split(x[0].tolist(), KT)[0], 2)]
+    assert ops.render_batch(x, lay, keep)[0].tolist() == \
+        ops.render(frags, [1, 2, 3], x.shape[1]) == x[0].tolist()
     keep, _ = NoContext().decide(lay)
     assert torch.equal(ops.render_batch(x, lay, keep), x)
 

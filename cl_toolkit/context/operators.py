@@ -209,10 +209,14 @@ def render_batch(x: torch.Tensor, layout: Layout, keep: torch.Tensor) -> torch.T
     return torch.where(tok.gather(1, order), out, torch.full_like(out, PAD))
 
 
-def later_same_key(layout: Layout) -> torch.Tensor:
-    """``[B, P]``: whether a later pair of the row updates the same key (a stale update)."""
+def later_same_key(layout: Layout, group: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, P]``: whether a later pair of the row updates the same key (a stale update); with
+    ``group [B or 1, P]`` (e.g. each pair's fragment), only a later pair of the same group
+    counts (what summarising that fragment drops)."""
     k, v = layout.keys, layout.valid
     P = k.shape[1]
     later = torch.ones(P, P, dtype=torch.bool, device=k.device).triu(1)  # [j, j'] j' > j
     same = (k[:, :, None] == k[:, None, :]) & v[:, None, :] & later
+    if group is not None:
+        same = same & (group[:, :, None] == group[:, None, :])
     return same.any(2)

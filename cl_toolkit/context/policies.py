@@ -109,11 +109,7 @@ class Recency(Policy):
         n_kept = torch.minimum(n_frag, torch.full_like(n_frag, self.keep))
         summaries = torch.zeros_like(n_frag)
         if self.summarise:
-            same_frag = frag[:, :, None] == frag[:, None, :]
-            later = torch.ones(P, P, dtype=torch.bool, device=j.device).triu(1)
-            stale = ((layout.keys[:, :, None] == layout.keys[:, None, :]) & same_frag & later &
-                     layout.valid[:, None, :]).any(2)
-            keep = keep & ~stale
+            keep = keep & ~later_same_key(layout, frag)
             summaries = n_kept
         return keep, {"fragments": n_frag, "searches": torch.zeros_like(n_frag),
                       "hides": n_frag - n_kept, "summaries": summaries}
